@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Starts the dialogue video service. Installs what is missing first (launch/setup.sh), sets the
+# offline environment, then launches:
+#   demo         one process, CPU or one GPU, tiny random weights made on first use (no downloads)
+#   single       one process on one GPU with the real weights in weights/
+#   distributed  torchrun over NPROC GPUs (default 8): Ulysses over all ranks, FSDP for the DiT,
+#                T5 on rank 0, restarts on a crash (the job store re-queues the interrupted job)
+# Extra arguments go to distributed_app.py (e.g. --server_port 9000 --host 0.0.0.0 --auth user:pass).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+MODE="${1:-demo}"
+shift || true
+bash launch/setup.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
+export PYTHONUNBUFFERED=1
+PY="$ROOT/.venv/bin/python"
+case "$MODE" in
+    demo)
+        exec "$PY" distributed_app.py --preset tiny "$@"
+        ;;
+    single)
+        exec "$PY" distributed_app.py --preset multitalk-14b "$@"
+        ;;
+    distributed)
+        NPROC="${NPROC:-8}"
+        exec "$ROOT/.venv/bin/torchrun" --standalone --nproc-per-node="$NPROC" --max-restarts="${MAX_RESTARTS:-3}" \
+            distributed_app.py --preset multitalk-14b --ulysses_size "$NPROC" --dit_fsdp full "$@"
+        ;;
+    *)
+        echo "usage: bash launch/start_service.sh demo|single|distributed [distributed_app.py flags]" >&2
+        exit 2
+        ;;
+esac
