@@ -1,0 +1,733 @@
+"""Two portraits (or one composed image + boxes) -> one MultiTalk reference scene with person masks.
+
+MultiTalk binds speaker audio to people through three masks of the reference frame: person 1,
+person 2 and background (``research/multitalk.md`` §5.3). Upstream builds them from ``bbox``
+(``[y_min, x_min, y_max, x_max]`` in original pixels) or, without one, from the left and right halves
+with a 5 % margin, then sends image and masks through the same bucket cover-resize + centre-crop.
+This module does the same, and can also compose the scene from two separate portraits:
+
+- ``side_by_side``: each portrait cover-fills its half of the bucket; both are scaled to one common
+  height so people of similarly framed portraits come out at a similar size; the crop keeps the top,
+  where heads are.
+- ``backdrop``: both portraits become feathered panels of equal height, standing on the bottom edge, in
+  front of a shared background (a blurred, stretched mix of both portraits, or a plain colour).
+
+Person 1 is always on the left and person 2 on the right. Unlike upstream (whose masks may overlap),
+our masks are a partition: every pixel belongs to exactly one class, and a pixel inside both boxes goes
+to the box whose centre is nearer (ties to person 1).
+
+Box overlap rule (``scene_from_image``): two boxes are refused when their IoU is above 0.5, or when
+their intersection covers more than 80 % of the smaller box, because then the model cannot tell the
+speakers apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps, UnidentifiedImageError
+
+from inference.buckets import (
+    DEFAULT_SCENE_ASPECT,
+    SUPPORTED_SIZES,
+    bucket_for_aspect,
+    nearest_bucket,
+    resize_and_center_crop,
+    transform_box,
+)
+
+logger = logging.getLogger(__name__)
+
+Box = tuple[int, int, int, int]  # [y0, x0, y1, x1], half-open, pixels
+
+MIN_SHORT_SIDE = 256
+MAX_PIXELS = 40_000_000
+# Pillow format name -> name shown to users.
+ALLOWED_FORMATS: dict[str, str] = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP"}
+LAYOUTS = ("side_by_side", "backdrop")
+BACKDROPS = ("blur", "plain")
+LATENT_STRIDE = 8  # Wan VAE spatial stride
+DEFAULT_MARGIN = 0.05  # upstream face_scale for the default half-image boxes
+MAX_IOU = 0.5
+MAX_CONTAINMENT = 0.8
+DEFAULT_NAMES = ("Speaker 1", "Speaker 2")
+
+# Side-by-side: fraction of the vertical excess cut from the top (0 keeps the very top). A little
+# headroom goes so faces get larger, most of the cut falls on the body below.
+_VERTICAL_ANCHOR = 0.1
+# Backdrop: panel height as a fraction of the frame, gap between a panel and its half's edges (of W),
+# feather width as a fraction of the panel's shorter side.
+_PANEL_HEIGHT = 0.92
+_PANEL_GAP = 0.02
+_FEATHER = 0.06
+
+_TINTS = ((255, 140, 0), (0, 150, 255))
+_TINT_ALPHA = 0.38
+
+
+class SceneError(ValueError):
+    """Bad scene input. ``field`` names the input ("left_image", "right_image", "scene_image", "boxes",
+    "layout", "size", "aspect", "backdrop", "names")."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image loading
+# ----------------------------------------------------------------------------------------------------
+
+
+def _allowed_text() -> str:
+    return (
+        f"allowed: {', '.join(ALLOWED_FORMATS.values())} images with a short side of at least "
+        f"{MIN_SHORT_SIDE} px and at most {MAX_PIXELS // 1_000_000} megapixels"
+    )
+
+
+def _check_dimensions(width: int, height: int, field: str, what: str) -> None:
+    if width * height > MAX_PIXELS:
+        raise SceneError(
+            field,
+            f"{what} is {width}x{height} ({width * height / 1e6:.1f} megapixels), larger than "
+            f"{MAX_PIXELS // 1_000_000} megapixels; {_allowed_text()}",
+        )
+    if min(width, height) < MIN_SHORT_SIDE:
+        raise SceneError(
+            field,
+            f"{what} is {width}x{height}, its short side is under {MIN_SHORT_SIDE} px; {_allowed_text()}",
+        )
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB; transparency is composited over white (what a viewer would show)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16-bit / float greyscale: Pillow's convert would clip at 255, so rescale to 8 bits first.
+        arr = np.asarray(img, dtype=np.float64)
+        top = (
+            65535.0 if img.mode.startswith("I") and arr.max(initial=0) > 255 else max(arr.max(initial=0), 1.0)
+        )
+        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(source: str | Path | bytes, field: str) -> Image.Image:
+    """Read a JPEG/PNG/WebP portrait as RGB with its EXIF orientation applied.
+
+    Dimensions are checked from the header before the pixels are decoded, so an oversized or
+    decompression-bomb file is refused cheaply. Raises :class:`SceneError` with ``field``.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise SceneError(field, f"the uploaded image is empty (0 bytes); {_allowed_text()}")
+        what = "the uploaded image"
+        opener: Callable[[], Any] = lambda: io.BytesIO(data)  # noqa: E731
+    elif isinstance(source, (str, Path)):
+        path = Path(source)
+        what = f"image {path.name!r}"
+        if not path.is_file():
+            raise SceneError(field, f"image file not found: {str(path)!r}")
+        opener = lambda: path.open("rb")  # noqa: E731
+    else:
+        raise SceneError(field, f"expected a file path or image bytes, got {type(source).__name__}")
+
+    try:
+        fp = opener()
+    except OSError as exc:
+        raise SceneError(field, f"cannot read {what}: {exc.strerror or exc}") from None
+    with fp, warnings.catch_warnings():
+        # Pillow only warns between 89 and 179 megapixels; treat that as the error it is here.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(fp, formats=list(ALLOWED_FORMATS))
+        except UnidentifiedImageError:
+            raise SceneError(
+                field, f"{what} is not a supported image ({_detect_format(opener)}); {_allowed_text()}"
+            ) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise SceneError(field, f"{what} declares too many pixels; {_allowed_text()}") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise SceneError(field, f"{what} is unreadable or corrupt ({exc}); {_allowed_text()}") from None
+        width, height = img.size
+        _check_dimensions(width, height, field, what)
+        try:
+            img.load()  # the first frame of an animated PNG/WebP is the portrait
+            img = ImageOps.exif_transpose(img)
+            img.load()
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+            raise SceneError(field, f"{what} is unreadable or corrupt ({exc}); {_allowed_text()}") from None
+    return _to_rgb(img)
+
+
+def _detect_format(opener: Callable[[], Any]) -> str:
+    """Name the real format of a refused file, for the error message."""
+    try:
+        with opener() as fp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(fp) as other:
+                return f"it is {other.format}"
+    except Exception:  # any failure here only means "not an image we know"
+        return "unrecognised or corrupt data"
+
+
+def _as_rgb_image(image: Image.Image | str | Path | bytes, field: str) -> Image.Image:
+    if isinstance(image, Image.Image):
+        _check_dimensions(image.width, image.height, field, "the image")
+        return _to_rgb(image)
+    return load_image(image, field)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scene
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Scene:
+    """A reference image at a MultiTalk bucket plus where each person is.
+
+    ``image``: RGB, ``W x H`` = bucket. ``bucket``: ``(H, W)``. ``boxes``: person 1, person 2 as
+    ``[y0, x0, y1, x1]`` in scene pixels (half-open). ``masks``: uint8 ``[3, H, W]`` (person 1, person 2,
+    background), a partition. ``latent_masks``: float32 ``[3, H/8, W/8]``, nearest-downsampled, also a
+    partition. ``overlay``: RGB preview with tinted regions, boxes and labels.
+    """
+
+    image: Image.Image
+    bucket: tuple[int, int]
+    boxes: tuple[Box, Box]
+    masks: np.ndarray
+    latent_masks: np.ndarray
+    overlay: Image.Image
+    size: int
+    layout: str
+    names: tuple[str, str]
+
+    def __post_init__(self) -> None:
+        h, w = self.bucket
+        if (self.image.height, self.image.width) != (h, w):
+            raise ValueError(f"image is {self.image.width}x{self.image.height}, bucket is {w}x{h}")
+        if self.masks.shape != (3, h, w) or self.masks.dtype != np.uint8:
+            raise ValueError(f"masks must be uint8 [3, {h}, {w}], got {self.masks.dtype} {self.masks.shape}")
+        lat = (3, h // LATENT_STRIDE, w // LATENT_STRIDE)
+        if self.latent_masks.shape != lat or self.latent_masks.dtype != np.float32:
+            raise ValueError(f"latent_masks must be float32 {list(lat)}, got {self.latent_masks.shape}")
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        return self.bucket[0] // LATENT_STRIDE, self.bucket[1] // LATENT_STRIDE
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready description (bucket, boxes, size, ...); boxes follow upstream's bbox order."""
+        return {
+            "size": self.size,
+            "bucket": [int(v) for v in self.bucket],
+            "latent_size": [int(v) for v in self.latent_size],
+            "boxes": [[int(v) for v in box] for box in self.boxes],
+            "box_format": "[y_min, x_min, y_max, x_max] in scene pixels, half-open",
+            "layout": self.layout,
+            "names": list(self.names),
+        }
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``reference.png``, ``overlay.png``, ``masks.npz`` and ``scene.json`` (last), each atomically."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / "reference.png", lambda f: self.image.save(f, format="PNG"))
+        _atomic_write(out / "overlay.png", lambda f: self.overlay.save(f, format="PNG"))
+        _atomic_write(
+            out / "masks.npz",
+            lambda f: np.savez_compressed(f, masks=self.masks, latent_masks=self.latent_masks),
+        )
+        text = json.dumps(self.to_json(), indent=2).encode()
+        _atomic_write(out / "scene.json", lambda f: f.write(text))
+        return out
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> Scene:
+        """Read back a folder written by :meth:`save`."""
+        out = Path(out_dir)
+        meta = json.loads((out / "scene.json").read_text())
+        with Image.open(out / "reference.png") as im:
+            image = im.convert("RGB")
+        with Image.open(out / "overlay.png") as im:
+            overlay = im.convert("RGB")
+        with np.load(out / "masks.npz") as npz:
+            masks, latent_masks = npz["masks"], npz["latent_masks"]
+        b1, b2 = (tuple(int(v) for v in box) for box in meta["boxes"])
+        return cls(
+            image=image,
+            bucket=(int(meta["bucket"][0]), int(meta["bucket"][1])),
+            boxes=(b1, b2),  # type: ignore[arg-type]
+            masks=masks,
+            latent_masks=latent_masks,
+            overlay=overlay,
+            size=int(meta["size"]),
+            layout=str(meta["layout"]),
+            names=(str(meta["names"][0]), str(meta["names"][1])),
+        )
+
+
+def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------
+# Masks and overlay
+# ----------------------------------------------------------------------------------------------------
+
+
+def partition_masks(boxes: tuple[Box, Box], hw: tuple[int, int]) -> np.ndarray:
+    """uint8 ``[3, H, W]`` person 1 / person 2 / background; overlap goes to the nearer box centre."""
+    h, w = hw
+    rows = np.arange(h, dtype=np.float64)[:, None] + 0.5
+    cols = np.arange(w, dtype=np.float64)[None, :] + 0.5
+    inside = []
+    dist = []
+    for y0, x0, y1, x1 in boxes:
+        inside.append((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1))
+        dist.append((rows - (y0 + y1) / 2) ** 2 + (cols - (x0 + x1) / 2) ** 2)
+    p1 = inside[0] & ~(inside[1] & (dist[1] < dist[0]))
+    p2 = inside[1] & ~p1
+    bg = ~(p1 | p2)
+    return np.stack([p1, p2, bg]).astype(np.uint8)
+
+
+def latent_masks_from(masks: np.ndarray) -> np.ndarray:
+    """Nearest downsample by the VAE stride (PyTorch 'nearest' picks row ``8 i``): ``[3, H, W] -> [3, H/8, W/8]``."""
+    return np.ascontiguousarray(masks[:, ::LATENT_STRIDE, ::LATENT_STRIDE]).astype(np.float32)
+
+
+def _font(px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", px)
+    except OSError:
+        return ImageFont.load_default(size=px)
+
+
+def render_overlay(
+    image: Image.Image, masks: np.ndarray, boxes: tuple[Box, Box], names: tuple[str, str]
+) -> Image.Image:
+    """Preview: person regions tinted, boxes outlined, labels ``"1 · name"`` and ``"2 · name"``."""
+    arr = np.asarray(image, dtype=np.float32).copy()
+    for k, tint in enumerate(_TINTS):
+        sel = masks[k].astype(bool)
+        arr[sel] = arr[sel] * (1 - _TINT_ALPHA) + np.asarray(tint, dtype=np.float32) * _TINT_ALPHA
+    arr[masks[2].astype(bool)] *= 0.8  # dim the background so the people stand out
+    out = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+    draw = ImageDraw.Draw(out)
+    h, w = image.height, image.width
+    line = max(2, round(min(h, w) / 160))
+    font = _font(max(12, round(h / 22)))
+    for k, ((y0, x0, y1, x1), tint) in enumerate(zip(boxes, _TINTS, strict=True)):
+        draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=tint, width=line)
+        label = f"{k + 1} \u00b7 {names[k]}"
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        pad = line + 2
+        tx = min(max(x0 + line, 0), max(0, w - (right - left) - 2 * pad))
+        ty = min(max(y0 + line, 0), max(0, h - (bottom - top) - 2 * pad))
+        draw.rectangle((tx, ty, tx + (right - left) + 2 * pad, ty + (bottom - top) + 2 * pad), fill=tint)
+        draw.text((tx + pad - left, ty + pad - top), label, fill=(255, 255, 255), font=font)
+    return out
+
+
+def _check_names(names: Sequence[str]) -> tuple[str, str]:
+    if isinstance(names, str) or len(names) != 2:
+        raise SceneError("names", f"expected two speaker names, got {names!r}")
+    clean = tuple(str(n).strip() for n in names)
+    if not all(clean) or any(len(n) > 64 for n in clean):
+        raise SceneError("names", f"speaker names must be 1 to 64 characters, got {list(names)!r}")
+    return clean[0], clean[1]
+
+
+def _build_scene(
+    image: Image.Image, boxes: tuple[Box, Box], *, size: int, layout: str, names: tuple[str, str]
+) -> Scene:
+    h, w = image.height, image.width
+    masks = partition_masks(boxes, (h, w))
+    latent = latent_masks_from(masks)
+    for k, what in enumerate(("the box of person 1", "the box of person 2")):
+        if not latent[k].any():
+            raise SceneError(
+                "boxes",
+                f"{what} is too small after fitting the image to the {w}x{h} bucket: it must cover at least "
+                f"one {LATENT_STRIDE}x{LATENT_STRIDE} latent cell ({boxes[k]} in scene pixels)",
+            )
+    if not latent[2].any():
+        raise SceneError(
+            "boxes", "the two boxes cover the whole image; leave some background around the people"
+        )
+    overlay = render_overlay(image, masks, boxes, names)
+    return Scene(
+        image=image,
+        bucket=(h, w),
+        boxes=boxes,
+        masks=masks,
+        latent_masks=latent,
+        overlay=overlay,
+        size=size,
+        layout=layout,
+        names=names,
+    )
+
+
+def _margin_boxes(h: int, w: int) -> tuple[Box, Box]:
+    """Upstream's default: rows and columns of each half with a 5 % margin (int() truncation as upstream)."""
+    half = w // 2
+    y0, y1 = int(h * DEFAULT_MARGIN), int(h * (1 - DEFAULT_MARGIN))
+    lx0, lx1 = int(half * DEFAULT_MARGIN), int(half * (1 - DEFAULT_MARGIN))
+    rx0, rx1 = int(half * DEFAULT_MARGIN + half), int(half * (1 - DEFAULT_MARGIN) + half)
+    return (y0, lx0, y1, lx1), (y0, rx0, y1, rx1)
+
+
+def _check_size(size: int) -> int:
+    if isinstance(size, bool) or size not in SUPPORTED_SIZES:
+        raise SceneError("size", f"size must be one of {list(SUPPORTED_SIZES)}, got {size!r}")
+    return int(size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Composition from two portraits
+# ----------------------------------------------------------------------------------------------------
+
+
+def _scale_to_height(img: Image.Image, height: int) -> Image.Image:
+    width = max(1, math.ceil(img.width * height / img.height))
+    return img.resize((width, height), resample=Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def _fill_half(img: Image.Image, height: int, half_w: int, bucket_h: int) -> Image.Image:
+    """Scale to ``height`` (>= bucket_h, wide enough to cover ``half_w``), centre horizontally, keep the top."""
+    scaled = _scale_to_height(img, height)
+    left = (scaled.width - half_w) // 2
+    top = round(_VERTICAL_ANCHOR * (height - bucket_h))
+    return scaled.crop((left, top, left + half_w, top + bucket_h))
+
+
+def _side_by_side(
+    portraits: tuple[Image.Image, Image.Image], hw: tuple[int, int]
+) -> tuple[Image.Image, tuple[Box, Box]]:
+    h, w = hw
+    half = w // 2
+    # One common height for both, the smallest that lets each cover its half: equal scale of people.
+    common = max(h, *(math.ceil(p.height * half / p.width) for p in portraits))
+    canvas = Image.new("RGB", (w, h))
+    for k, p in enumerate(portraits):
+        canvas.paste(_fill_half(p, common, half, h), (k * half, 0))
+    return canvas, _margin_boxes(h, w)
+
+
+def _backdrop_background(
+    portraits: tuple[Image.Image, Image.Image], hw: tuple[int, int], mode: str
+) -> Image.Image:
+    h, w = hw
+    half = w // 2
+    if mode == "plain":
+        # A muted version of the portraits' mean colour keeps the light consistent with the people.
+        mean = np.mean(
+            [np.asarray(p.resize((32, 32)), dtype=np.float64).mean(axis=(0, 1)) for p in portraits], axis=0
+        )
+        colour = tuple(int(round(0.45 * c + 0.55 * 96)) for c in mean)
+        return Image.new("RGB", (w, h), colour)
+    # Each portrait's outer quarters (usually background, not the person) stretched over its half,
+    # cross-faded across the middle, then heavily blurred: colours and light of both photos, no faces.
+    halves = []
+    for p in portraits:
+        q = max(1, p.width // 4)
+        edges = Image.new("RGB", (2 * q, p.height))
+        edges.paste(p.crop((0, 0, q, p.height)), (0, 0))
+        edges.paste(p.crop((p.width - q, 0, p.width, p.height)), (q, 0))
+        halves.append(np.asarray(edges.resize((half, h), Image.Resampling.BILINEAR), dtype=np.float32))
+    band = max(2, w // 8)
+    ramp = np.clip((np.arange(w, dtype=np.float32) - (half - band / 2)) / band, 0.0, 1.0)[None, :, None]
+    left_ext = np.concatenate([halves[0], np.repeat(halves[0][:, -1:], w - half, axis=1)], axis=1)
+    right_ext = np.concatenate([np.repeat(halves[1][:, :1], half, axis=1), halves[1]], axis=1)
+    mix = left_ext * (1 - ramp) + right_ext * ramp
+    blurred = Image.fromarray(np.clip(mix * 0.85, 0, 255).astype(np.uint8), mode="RGB")
+    return blurred.filter(ImageFilter.GaussianBlur(radius=max(h, w) / 30))
+
+
+def _feather_alpha(width: int, height: int, feather: int) -> Image.Image:
+    """Alpha ``[height, width]``: smooth ramps on left, right and top edges; the bottom stays opaque."""
+    f = max(1, feather)
+    xs = np.arange(width, dtype=np.float32) + 0.5
+    ys = np.arange(height, dtype=np.float32) + 0.5
+    ax = np.clip(np.minimum(xs, width - xs) / f, 0, 1)
+    ay = np.clip(ys / f, 0, 1)
+    a = ay[:, None] * ax[None, :]
+    a = a * a * (3 - 2 * a)  # smoothstep
+    return Image.fromarray(np.round(a * 255).astype(np.uint8), mode="L")
+
+
+def _backdrop(
+    portraits: tuple[Image.Image, Image.Image], hw: tuple[int, int], mode: str
+) -> tuple[Image.Image, tuple[Box, Box]]:
+    h, w = hw
+    half = w // 2
+    canvas = _backdrop_background(portraits, hw, mode)
+    panel_h = round(h * _PANEL_HEIGHT)
+    gap = max(2, round(w * _PANEL_GAP))
+    max_w = half - 2 * gap
+    boxes = []
+    for k, p in enumerate(portraits):
+        # Same panel height for both people; a portrait too wide for its half is centre-cropped.
+        src = p
+        if p.width * panel_h > max_w * p.height:
+            keep = max(1, round(max_w * p.height / panel_h))
+            x = (p.width - keep) // 2
+            src = p.crop((x, 0, x + keep, p.height))
+        panel_w = min(max_w, max(1, round(src.width * panel_h / src.height)))
+        panel = src.resize((panel_w, panel_h), resample=Image.Resampling.LANCZOS, reducing_gap=3.0)
+        x0 = k * half + (half - panel_w) // 2
+        y0 = h - panel_h
+        feather = round(min(panel_w, panel_h) * _FEATHER)
+        canvas.paste(panel, (x0, y0), _feather_alpha(panel_w, panel_h, feather))
+        boxes.append((y0, x0, h, x0 + panel_w))
+    return canvas, (boxes[0], boxes[1])
+
+
+def compose_scene(
+    left: Image.Image | str | Path | bytes,
+    right: Image.Image | str | Path | bytes,
+    *,
+    layout: str = "side_by_side",
+    size: int = 480,
+    backdrop: str = "blur",
+    aspect: str | None = None,
+    names: Sequence[str] = DEFAULT_NAMES,
+) -> Scene:
+    """Two portraits of any size -> one scene at a MultiTalk bucket; speaker 1 left, speaker 2 right.
+
+    ``aspect``: ``"W:H"`` (closest bucket) or a bucket key such as ``"0.50"``; default ``"16:9"``
+    (448x896 at 480, 704x1280 at 720). ``backdrop`` only applies to ``layout="backdrop"``.
+    """
+    size = _check_size(size)
+    if layout not in LAYOUTS:
+        raise SceneError("layout", f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    if backdrop not in BACKDROPS:
+        raise SceneError("backdrop", f"backdrop must be one of {list(BACKDROPS)}, got {backdrop!r}")
+    names_t = _check_names(names)
+    try:
+        bucket = bucket_for_aspect(aspect if aspect is not None else DEFAULT_SCENE_ASPECT, size)
+    except ValueError as exc:
+        raise SceneError("aspect", str(exc)) from None
+    portraits = (_as_rgb_image(left, "left_image"), _as_rgb_image(right, "right_image"))
+    if layout == "side_by_side":
+        image, boxes = _side_by_side(portraits, bucket)
+    else:
+        image, boxes = _backdrop(portraits, bucket, backdrop)
+    logger.info("composed %s scene %dx%d from %s and %s", layout, bucket[1], bucket[0],
+                portraits[0].size, portraits[1].size)  # fmt: skip
+    return _build_scene(image, boxes, size=size, layout=layout, names=names_t)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One composed image + boxes
+# ----------------------------------------------------------------------------------------------------
+
+
+def parse_boxes(boxes: Any) -> tuple[tuple[float, float, float, float], tuple[float, float, float, float]]:
+    """Two boxes ``[y_min, x_min, y_max, x_max]`` from a list/tuple of two, a dict with keys
+    ``person1``/``person2`` (upstream's ``bbox``), or JSON text of either."""
+    allowed = (
+        "give two boxes [y_min, x_min, y_max, x_max] in original image pixels, as [[...], [...]] or "
+        '{"person1": [...], "person2": [...]}'
+    )
+    if isinstance(boxes, (str, bytes)):
+        try:
+            boxes = json.loads(boxes)
+        except json.JSONDecodeError as exc:
+            raise SceneError("boxes", f"not valid JSON ({exc.msg}); {allowed}") from None
+    if isinstance(boxes, Mapping):
+        if set(boxes) != {"person1", "person2"}:
+            raise SceneError(
+                "boxes", f"keys must be exactly person1 and person2, got {sorted(boxes)}; {allowed}"
+            )
+        boxes = [boxes["person1"], boxes["person2"]]
+    if not isinstance(boxes, Sequence) or isinstance(boxes, str) or len(boxes) != 2:
+        raise SceneError("boxes", f"expected exactly two boxes; {allowed}")
+    out = []
+    for k, box in enumerate(boxes):
+        if not isinstance(box, Sequence) or isinstance(box, str) or len(box) != 4:
+            raise SceneError("boxes", f"box of person {k + 1} must be 4 numbers, got {box!r}; {allowed}")
+        try:
+            vals = tuple(float(v) for v in box)
+        except (TypeError, ValueError):
+            raise SceneError("boxes", f"box of person {k + 1} must be 4 numbers, got {box!r}") from None
+        if any(isinstance(v, bool) for v in box) or not all(math.isfinite(v) for v in vals):
+            raise SceneError("boxes", f"box of person {k + 1} must be 4 finite numbers, got {box!r}")
+        out.append(vals)
+    return out[0], out[1]  # type: ignore[return-value]
+
+
+def _area(b: Sequence[float]) -> float:
+    return max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+
+
+def box_overlap(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """``(IoU, intersection / smaller area)`` of two ``[y0, x0, y1, x1]`` boxes."""
+    inter = _area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
+    union = _area(a) + _area(b) - inter
+    smaller = min(_area(a), _area(b))
+    return (inter / union if union > 0 else 0.0), (inter / smaller if smaller > 0 else 0.0)
+
+
+def _validate_boxes(boxes: tuple[Sequence[float], Sequence[float]], h: int, w: int) -> tuple[Box, Box]:
+    ints = []
+    for k, box in enumerate(boxes):
+        y0, x0, y1, x1 = (int(v) for v in box)  # upstream truncates with int()
+        who = f"box of person {k + 1} {list(box)}"
+        if min(y0, x0) < 0 or y1 > h or x1 > w:
+            raise SceneError(
+                "boxes",
+                f"{who} lies outside the {w}x{h} image; boxes are [y_min, x_min, y_max, x_max] in original "
+                f"pixels with 0 <= y_min < y_max <= {h} and 0 <= x_min < x_max <= {w}",
+            )
+        if y1 <= y0 or x1 <= x0:
+            raise SceneError("boxes", f"{who} is empty or inverted; need y_min < y_max and x_min < x_max "
+                                      "(order [y_min, x_min, y_max, x_max])")  # fmt: skip
+        ints.append((y0, x0, y1, x1))
+    iou, contain = box_overlap(ints[0], ints[1])
+    if iou > MAX_IOU or contain > MAX_CONTAINMENT:
+        raise SceneError(
+            "boxes",
+            f"the two boxes overlap too much to tell the speakers apart (IoU {iou:.2f}, {contain:.0%} of the "
+            f"smaller box is shared); allowed: IoU <= {MAX_IOU} and at most {MAX_CONTAINMENT:.0%} of the "
+            "smaller box inside the other",
+        )
+    return ints[0], ints[1]
+
+
+def scene_from_image(
+    image: Image.Image | str | Path | bytes,
+    boxes: Any = None,
+    *,
+    size: int = 480,
+    names: Sequence[str] = DEFAULT_NAMES,
+) -> Scene:
+    """One composed image -> scene at the nearest bucket; ``boxes`` in upstream's bbox convention
+    ``[y_min, x_min, y_max, x_max]`` in original pixels (after EXIF rotation), or ``None`` for the left
+    and right halves with a 5 % margin. Boxes go through the same cover-resize + centre-crop as the image.
+    """
+    size = _check_size(size)
+    names_t = _check_names(names)
+    src = _as_rgb_image(image, "scene_image")
+    h, w = src.height, src.width
+    orig_boxes = _margin_boxes(h, w) if boxes is None else _validate_boxes(parse_boxes(boxes), h, w)
+    bucket = nearest_bucket(h, w, size)
+    scene_img = resize_and_center_crop(src, bucket)
+    scene_boxes = []
+    for k, box in enumerate(orig_boxes):
+        tb = transform_box(box, (h, w), bucket)
+        if tb[2] <= tb[0] or tb[3] <= tb[1]:
+            raise SceneError(
+                "boxes",
+                f"box of person {k + 1} {list(box)} falls in the part of the image cropped away to fit the "
+                f"{bucket[1]}x{bucket[0]} bucket; move it towards the centre",
+            )
+        scene_boxes.append(tb)
+    return _build_scene(
+        scene_img,
+        (scene_boxes[0], scene_boxes[1]),
+        size=size,
+        layout="halves" if boxes is None else "given",
+        names=names_t,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------
+
+
+def _read_boxes_arg(value: str) -> Any:
+    path = Path(value)
+    if len(value) < 4096 and path.suffix == ".json" and path.is_file():
+        return path.read_text()
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m inference.scene",
+        description="Compose a two-person MultiTalk reference scene and write reference.png, overlay.png, "
+        "masks.npz and scene.json.",
+    )
+    src = parser.add_argument_group("input (either --left and --right, or --scene)")
+    src.add_argument("--left", help="portrait of speaker 1 (placed on the left)")
+    src.add_argument("--right", help="portrait of speaker 2 (placed on the right)")
+    src.add_argument("--scene", help="one image that already shows both people")
+    parser.add_argument(
+        "--boxes",
+        help="with --scene: JSON [[y0,x0,y1,x1],[y0,x0,y1,x1]] or {person1,person2}, or a .json file",
+    )
+    parser.add_argument("--layout", choices=LAYOUTS, default="side_by_side")
+    parser.add_argument("--backdrop", choices=BACKDROPS, default="blur")
+    parser.add_argument("--aspect", default=None, help="'W:H' or a bucket key such as 0.50 (default 16:9)")
+    parser.add_argument("--size", type=int, choices=SUPPORTED_SIZES, default=480)
+    parser.add_argument("--names", nargs=2, default=list(DEFAULT_NAMES), metavar=("NAME1", "NAME2"))
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+
+    if args.scene is not None and (args.left or args.right):
+        parser.error("give either --left/--right or --scene, not both")
+    if args.scene is None and not (args.left and args.right):
+        parser.error("give both --left and --right, or --scene")
+    if args.boxes is not None and args.scene is None:
+        parser.error("--boxes only applies with --scene")
+    try:
+        if args.scene is not None:
+            boxes = None if args.boxes is None else _read_boxes_arg(args.boxes)
+            scene = scene_from_image(args.scene, boxes, size=args.size, names=args.names)
+        else:
+            scene = compose_scene(
+                args.left, args.right, layout=args.layout, size=args.size, backdrop=args.backdrop,
+                aspect=args.aspect, names=args.names,
+            )  # fmt: skip
+        out = scene.save(args.out)
+    except SceneError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except OSError as exc:
+        sys.stderr.write(f"error: cannot write to {args.out!r}: {exc}\n")
+        return 2
+    sys.stdout.write(json.dumps({"out": str(out), **scene.to_json()}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
