@@ -1,0 +1,790 @@
+"""Durable job store: SQLite (WAL) rows + one folder per job under ``outputs/<id>/``.
+
+The store is the only shared state between the web front end (submits, reads, cancels) and the
+engine (claims, reports progress, writes outputs). Both may live in different threads or different
+processes; every write is one short ``BEGIN IMMEDIATE`` transaction, so SQLite's file lock makes them
+atomic across processes and ``busy_timeout`` turns contention into waiting instead of errors.
+
+Job life cycle::
+
+    queued ──claim_next──► preparing ──► rendering ──► encoding ──► done
+       │                       │              │             │
+       └──► cancelled          └──────────────┴─────────────┴──► failed | cancelled
+
+An engine drives a job like this::
+
+    job = store.claim_next(worker="rank0")           # queued -> preparing, attempts += 1
+    store.update_progress(job.id, 5, "synthesising speech")
+    store.add_timing(job.id, "tts_time", 3.2)
+    store.set_state(job.id, "rendering")
+    ...  if store.is_cancel_requested(job.id): store.set_state(job.id, "cancelled"); return
+    store.set_state(job.id, "encoding")
+    # write files into store.job_dir(job.id), then
+    store.set_outputs(job.id, ["video.mp4", "subtitles.srt"])
+    store.set_state(job.id, "done")                  # or set_state(id, "failed", error="...")
+
+A job found in preparing/rendering/encoding at start-up was interrupted by a crash:
+``recover_interrupted()`` puts it back in the queue once, and fails it the second time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+# Input names are chosen by the API (e.g. "left_image.png"); the regex keeps them plain file names.
+INPUT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}(\.[a-z0-9]{1,8})?$")
+# Output names are chosen by the engine; no separators, no leading dot, so never "..".
+OUTPUT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+TIMING_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+STAGE_MAX_CHARS = 200
+ERROR_MAX_CHARS = 4000
+INPUTS_DIRNAME = "inputs"
+# An output folder without a database row is left alone for this long: another process may be
+# between writing the inputs of a submission and inserting its row.
+ORPHAN_GRACE_S = 3600.0
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    PREPARING = "preparing"
+    RENDERING = "rendering"
+    ENCODING = "encoding"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATES = frozenset({JobState.PREPARING, JobState.RENDERING, JobState.ENCODING})
+TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+
+# Transitions allowed through set_state(). queued -> preparing happens only through claim_next()
+# (atomic), and active -> queued only through recover_interrupted().
+_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.CANCELLED, JobState.FAILED}),
+    JobState.PREPARING: frozenset({JobState.RENDERING, JobState.FAILED, JobState.CANCELLED}),
+    JobState.RENDERING: frozenset({JobState.ENCODING, JobState.FAILED, JobState.CANCELLED}),
+    JobState.ENCODING: frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED}),
+    JobState.DONE: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+class JobStoreError(Exception):
+    """Base class of the store's errors."""
+
+
+class InvalidJobIdError(JobStoreError, ValueError):
+    """An id from outside is not a 32-character lowercase hex uuid."""
+
+    def __init__(self, value: object, field: str = "id") -> None:
+        self.field = field
+        shown = repr(value) if len(str(value)) <= 80 else repr(str(value)[:80]) + "..."
+        super().__init__(f"{field}: {shown} is not a job id (32 lowercase hex characters)")
+
+
+class JobNotFoundError(JobStoreError, KeyError):
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.field = "id"
+        super().__init__(job_id)
+
+    def __str__(self) -> str:
+        return f"no job with id {self.job_id}"
+
+
+class InvalidTransitionError(JobStoreError, ValueError):
+    """A state change the state machine does not allow (e.g. done -> rendering)."""
+
+    def __init__(self, job_id: str, current: str, target: str, detail: str = "") -> None:
+        self.job_id, self.current, self.target = job_id, current, target
+        self.field = "state"
+        allowed = ", ".join(sorted(_TRANSITIONS[JobState(current)])) or "none (final state)"
+        msg = f"job {job_id}: cannot go from {current} to {target}; allowed from {current}: {allowed}"
+        super().__init__(msg + (f" ({detail})" if detail else ""))
+
+
+class QueueFullError(JobStoreError):
+    def __init__(self, max_queue: int) -> None:
+        self.max_queue = max_queue
+        super().__init__(f"the queue is full ({max_queue} jobs waiting); try again later")
+
+
+class DiskFullError(JobStoreError):
+    def __init__(self, free_bytes: int, needed_bytes: int, min_free_bytes: int) -> None:
+        self.free_bytes, self.needed_bytes, self.min_free_bytes = free_bytes, needed_bytes, min_free_bytes
+        super().__init__(
+            f"not enough free disk space for a new job: {free_bytes / 2**20:.0f} MiB free, the inputs need "
+            f"{needed_bytes / 2**20:.1f} MiB and {min_free_bytes / 2**20:.0f} MiB must stay free"
+        )
+
+
+class OutputNotFoundError(JobStoreError, KeyError):
+    def __init__(self, job_id: str, name: str, known: list[str], reason: str = "") -> None:
+        self.job_id, self.name, self.known = job_id, name, known
+        self.field = "file"
+        self.reason = reason
+
+    def __str__(self) -> str:
+        if self.reason:
+            return self.reason
+        listed = ", ".join(self.known) if self.known else "none yet"
+        return f"job {self.job_id} has no output file {self.name!r}; its outputs: {listed}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the store, decoded. Timestamps are Unix seconds (float) or None."""
+
+    id: str
+    state: JobState
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    spec: dict[str, Any]
+    settings: dict[str, Any]
+    inputs: tuple[str, ...]
+    progress: float
+    stage: str
+    timings: dict[str, float]
+    error: str | None
+    outputs: tuple[str, ...]
+    attempts: int
+    cancel_requested: bool
+    worker: str | None
+    purged_at: float | None
+    # 1-based place in the queue (1 = runs next); None unless queued.
+    queue_position: int | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+
+def validate_job_id(value: object, field: str = "id") -> str:
+    """Return ``value`` if it is a well-formed job id, else raise InvalidJobIdError."""
+    if not isinstance(value, str) or not JOB_ID_RE.fullmatch(value):
+        raise InvalidJobIdError(value, field)
+    return value
+
+
+def _disk_free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, allow_nan=False)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    spec TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    inputs TEXT NOT NULL,
+    progress REAL NOT NULL DEFAULT 0,
+    stage TEXT NOT NULL DEFAULT '',
+    timings TEXT NOT NULL DEFAULT '{}',
+    error TEXT,
+    outputs TEXT NOT NULL DEFAULT '[]',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    purged_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_state_seq ON jobs(state, seq);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_SCHEMA_VERSION = 1
+
+
+class JobStore:
+    """SQLite-backed job store; safe to share between threads and to open from several processes.
+
+    Args:
+        db_path: the SQLite file (created with its parent folder when missing).
+        outputs_dir: root of the per-job folders ``<outputs_dir>/<id>/`` (inputs under ``inputs/``).
+        max_queue: most jobs that may wait in ``queued`` at once; ``submit`` raises QueueFullError beyond.
+        retention_days: finished jobs' folders older than this are removed by ``cleanup``.
+        min_free_bytes: ``submit`` raises DiskFullError when the outputs disk would drop below this.
+        max_attempts: how many times a job may be started; a job interrupted by a restart after its
+            last attempt is failed instead of re-queued.
+        clock: time source (Unix seconds); injectable for tests.
+        free_space: ``path -> free bytes`` of the disk holding ``path``; injectable for tests.
+        busy_timeout_ms: how long a write waits for another writer's lock before failing.
+    """
+
+    def __init__(
+        self,
+        db_path: str | os.PathLike[str],
+        outputs_dir: str | os.PathLike[str],
+        *,
+        max_queue: int = 50,
+        retention_days: float = 7.0,
+        min_free_bytes: int = 2 * 2**30,
+        max_attempts: int = 2,
+        clock: Callable[[], float] = time.time,
+        free_space: Callable[[Path], int] = _disk_free_bytes,
+        busy_timeout_ms: int = 10_000,
+    ) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if not retention_days > 0:
+            raise ValueError(f"retention_days must be > 0, got {retention_days}")
+        if min_free_bytes < 0:
+            raise ValueError(f"min_free_bytes must be >= 0, got {min_free_bytes}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        self.db_path = Path(db_path).resolve()
+        self.outputs_dir = Path(outputs_dir).resolve()
+        self.max_queue = max_queue
+        self.retention_days = retention_days
+        self.min_free_bytes = min_free_bytes
+        self.max_attempts = max_attempts
+        self._clock = clock
+        self._free_space = free_space
+        self._busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._all_conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.outputs_dir.mkdir(parents=True, exist_ok=True)
+        self._init_schema()
+
+    # ------------------------------------------------------------------ connection handling
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            # One connection per thread: sqlite3 connections must not be used by two threads at
+            # once, and a per-thread connection needs no Python-side lock.
+            # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock is taken
+            # before the first read of a read-modify-write (no lost updates, no upgrade deadlock).
+            conn = sqlite3.connect(
+                self.db_path,
+                timeout=self._busy_timeout_ms / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._conns_lock:
+                self._all_conns.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close every connection this store opened (from any thread)."""
+        with self._conns_lock:
+            conns, self._all_conns = self._all_conns, []
+        for conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        self._local = threading.local()
+
+    def _init_schema(self) -> None:
+        with self._write() as conn:
+            for stmt in _SCHEMA.strip().split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+            elif version != _SCHEMA_VERSION:
+                raise JobStoreError(
+                    f"{self.db_path}: job database schema version {version}, this code reads version "
+                    f"{_SCHEMA_VERSION}; move the old file away or upgrade the service"
+                )
+
+    # ------------------------------------------------------------------ paths
+
+    def job_dir(self, job_id: str) -> Path:
+        """``<outputs_dir>/<id>``: where the engine writes a job's output files."""
+        return self.outputs_dir / validate_job_id(job_id)
+
+    def input_path(self, job_id: str, name: str) -> Path:
+        """Path of one stored input file of a job (name as listed in ``Job.inputs``)."""
+        job = self.get(job_id)
+        if name not in job.inputs:
+            raise KeyError(f"job {job_id} has no input {name!r}; its inputs: {', '.join(job.inputs)}")
+        return self.job_dir(job_id) / INPUTS_DIRNAME / name
+
+    def output_path(self, job_id: str, name: str) -> Path:
+        """Resolve an output file of a job; only names the engine registered via ``set_outputs``.
+
+        Raises OutputNotFoundError for unknown names, purged jobs or files gone from disk; the
+        result is checked to lie inside the job folder (no symlink escapes).
+        """
+        job = self.get(job_id)
+        if job.purged_at is not None:
+            raise OutputNotFoundError(
+                job_id, name, [], reason=f"the outputs of job {job_id} were removed by the retention clean-up"
+            )
+        if not isinstance(name, str) or name not in job.outputs or not OUTPUT_NAME_RE.fullmatch(name):
+            raise OutputNotFoundError(job_id, str(name), list(job.outputs))
+        base = self.job_dir(job_id).resolve()
+        path = (base / name).resolve()
+        if path.parent != base or not path.is_file():
+            raise OutputNotFoundError(
+                job_id,
+                name,
+                list(job.outputs),
+                reason=f"output file {name!r} of job {job_id} is missing on disk",
+            )
+        return path
+
+    # ------------------------------------------------------------------ submit / read
+
+    def submit(self, spec: Mapping[str, Any], settings: Mapping[str, Any], files: Mapping[str, bytes]) -> Job:
+        """Store a new queued job with its input files.
+
+        Args:
+            spec: what to make (JSON-serialisable), e.g. ``{"kind": "dialogue", ...}``.
+            settings: generation settings (JSON-serialisable).
+            files: input file name -> bytes; names must match ``INPUT_NAME_RE`` (e.g. ``left_image.png``)
+                and are written to ``outputs/<id>/inputs/<name>``.
+
+        Raises:
+            ValueError: a file name that is not a plain allowed name, or spec/settings not JSON.
+            DiskFullError: the outputs disk would have less than ``min_free_bytes`` free.
+            QueueFullError: ``max_queue`` jobs are already waiting.
+        """
+        for name, data in files.items():
+            if not isinstance(name, str) or not INPUT_NAME_RE.fullmatch(name):
+                raise ValueError(f"input file name {name!r} is not allowed (pattern {INPUT_NAME_RE.pattern})")
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise ValueError(f"input file {name!r} must be bytes, got {type(data).__name__}")
+        spec_json, settings_json = _dumps(dict(spec)), _dumps(dict(settings))
+        needed = sum(len(d) for d in files.values())
+        free = int(self._free_space(self.outputs_dir))
+        if free - needed < self.min_free_bytes:
+            raise DiskFullError(free, needed, self.min_free_bytes)
+        # Cheap early check so a full queue does not cost a file write; the authoritative check is
+        # repeated inside the insert transaction.
+        if self._count_queued() >= self.max_queue:
+            raise QueueFullError(self.max_queue)
+
+        job_id = uuid.uuid4().hex
+        job_dir = self.outputs_dir / job_id
+        inputs_dir = job_dir / INPUTS_DIRNAME
+        inserted = False
+        try:
+            inputs_dir.mkdir(parents=True, exist_ok=False)
+            for name, data in files.items():
+                _atomic_write(inputs_dir / name, bytes(data))
+            now = self._clock()
+            with self._write() as conn:
+                (queued,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
+                if queued >= self.max_queue:
+                    raise QueueFullError(self.max_queue)
+                conn.execute(
+                    "INSERT INTO jobs (id, state, created_at, updated_at, spec, settings, inputs, stage) "
+                    "VALUES (?, 'queued', ?, ?, ?, ?, ?, 'waiting in queue')",
+                    (job_id, now, now, spec_json, settings_json, _dumps(sorted(files))),
+                )
+            inserted = True
+        finally:
+            if not inserted:
+                shutil.rmtree(job_dir, ignore_errors=True)
+        logger.info("job %s submitted (%d input files, %d bytes)", job_id, len(files), needed)
+        return self.get(job_id)
+
+    def _count_queued(self) -> int:
+        return self._conn().execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
+
+    def get(self, job_id: str) -> Job:
+        validate_job_id(job_id)
+        conn = self._conn()
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFoundError(job_id)
+        position = None
+        if row["state"] == JobState.QUEUED:
+            (ahead,) = conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND seq < ?", (row["seq"],)
+            ).fetchone()
+            position = ahead + 1
+        return _row_to_job(row, position)
+
+    def exists(self, job_id: str) -> bool:
+        validate_job_id(job_id)
+        return self._conn().execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
+
+    def list(self, limit: int = 50, offset: int = 0, *, state: str | None = None) -> list[Job]:
+        """Jobs newest first. ``state`` filters to one state."""
+        if limit < 0 or offset < 0:
+            raise ValueError(f"limit and offset must be >= 0, got limit={limit} offset={offset}")
+        conn = self._conn()
+        if state is None:
+            rows = conn.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (limit, offset))
+        else:
+            state = JobState(state)
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ? OFFSET ?",
+                (state, limit, offset),
+            )
+        rows = rows.fetchall()
+        positions = self._queue_positions() if any(r["state"] == JobState.QUEUED for r in rows) else {}
+        return [_row_to_job(r, positions.get(r["id"])) for r in rows]
+
+    def count(self, *, state: str | None = None) -> int:
+        conn = self._conn()
+        if state is None:
+            return conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+        return conn.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState(state),)).fetchone()[0]
+
+    def _queue_positions(self) -> dict[str, int]:
+        rows = self._conn().execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq").fetchall()
+        return {r["id"]: i + 1 for i, r in enumerate(rows)}
+
+    def queue(self) -> list[Job]:
+        """Queued jobs in the order they will run (oldest first), with queue_position 1..n."""
+        rows = self._conn().execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY seq").fetchall()
+        return [_row_to_job(r, i + 1) for i, r in enumerate(rows)]
+
+    def active(self) -> list[Job]:
+        """Jobs being worked on (preparing/rendering/encoding), oldest first."""
+        rows = (
+            self._conn()
+            .execute("SELECT * FROM jobs WHERE state IN ('preparing', 'rendering', 'encoding') ORDER BY seq")
+            .fetchall()
+        )
+        return [_row_to_job(r, None) for r in rows]
+
+    # ------------------------------------------------------------------ engine side
+
+    def claim_next(self, worker: str | None = None) -> Job | None:
+        """Atomically take the oldest queued job (queued -> preparing, attempts += 1); None if empty.
+
+        Safe when several threads or processes claim at once: each job is handed out exactly once.
+        """
+        now = self._clock()
+        with self._write() as conn:
+            row = conn.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
+            if row is None:
+                return None
+            job_id = row["id"]
+            conn.execute(
+                "UPDATE jobs SET state = 'preparing', started_at = ?, updated_at = ?, attempts = attempts + 1, "
+                "progress = 0, stage = 'preparing', worker = ? WHERE id = ?",
+                (now, now, worker, job_id),
+            )
+        logger.info("job %s claimed by %s", job_id, worker or "engine")
+        return self.get(job_id)
+
+    def update_progress(self, job_id: str, progress: float, stage: str | None = None) -> None:
+        """Set progress (0-100) and optionally the stage text of an active job."""
+        validate_job_id(job_id)
+        if not isinstance(progress, int | float) or not math.isfinite(progress) or not 0 <= progress <= 100:
+            raise ValueError(f"progress must be a number in [0, 100], got {progress!r}")
+        with self._write() as conn:
+            row = self._locked_row(conn, job_id)
+            if JobState(row["state"]) not in ACTIVE_STATES:
+                raise InvalidTransitionError(
+                    job_id, row["state"], row["state"], "progress only for active jobs"
+                )
+            new_stage = row["stage"] if stage is None else str(stage)[:STAGE_MAX_CHARS]
+            conn.execute(
+                "UPDATE jobs SET progress = ?, stage = ?, updated_at = ? WHERE id = ?",
+                (float(progress), new_stage, self._clock(), job_id),
+            )
+
+    def set_state(self, job_id: str, state: str, error: str | None = None) -> Job:
+        """Move a job along the state machine; illegal transitions raise InvalidTransitionError.
+
+        ``error`` is stored with ``failed`` (required there) and ignored otherwise. Entering a final
+        state sets ``finished_at``; ``done`` sets progress to 100.
+        """
+        validate_job_id(job_id)
+        target = JobState(state)
+        if target == JobState.FAILED and not error:
+            raise ValueError("set_state(..., 'failed') needs an error message saying why")
+        now = self._clock()
+        with self._write() as conn:
+            row = self._locked_row(conn, job_id)
+            current = JobState(row["state"])
+            if target not in _TRANSITIONS[current]:
+                raise InvalidTransitionError(job_id, current, target)
+            sets = ["state = ?", "updated_at = ?"]
+            args: list[Any] = [target, now]
+            if target in TERMINAL_STATES:
+                sets.append("finished_at = ?")
+                args.append(now)
+            if target == JobState.DONE:
+                sets += ["progress = 100", "stage = 'done'"]
+            elif target == JobState.FAILED:
+                sets += ["error = ?", "stage = 'failed'"]
+                args.append(str(error)[:ERROR_MAX_CHARS])
+            elif target == JobState.CANCELLED:
+                sets.append("stage = 'cancelled'")
+            else:
+                sets.append("stage = ?")
+                args.append(target.value)
+            conn.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
+        logger.info("job %s: %s -> %s%s", job_id, current, target, f" ({error})" if error else "")
+        return self.get(job_id)
+
+    def add_timing(self, job_id: str, name: str, seconds: float) -> None:
+        """Add ``seconds`` to the named per-stage timing (accumulates, so per-clip times can be summed).
+
+        Conventional names: tts_time, audio_encode_time, text_encode_time, image_encode_time,
+        video_time, decode_time, mux_time, total_time.
+        """
+        validate_job_id(job_id)
+        if not isinstance(name, str) or not TIMING_NAME_RE.fullmatch(name):
+            raise ValueError(f"timing name {name!r} must match {TIMING_NAME_RE.pattern}")
+        if not isinstance(seconds, int | float) or not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"timing {name}: seconds must be a finite number >= 0, got {seconds!r}")
+        with self._write() as conn:
+            row = self._locked_row(conn, job_id)
+            timings = json.loads(row["timings"])
+            timings[name] = round(float(timings.get(name, 0.0)) + float(seconds), 6)
+            conn.execute(
+                "UPDATE jobs SET timings = ?, updated_at = ? WHERE id = ?",
+                (_dumps(timings), self._clock(), job_id),
+            )
+
+    def set_outputs(self, job_id: str, files: list[str] | tuple[str, ...]) -> None:
+        """Register the output files the engine wrote into ``job_dir(id)`` (plain names, must exist)."""
+        validate_job_id(job_id)
+        base = self.job_dir(job_id).resolve()
+        names: list[str] = []
+        for name in files:
+            if not isinstance(name, str) or not OUTPUT_NAME_RE.fullmatch(name):
+                raise ValueError(
+                    f"output name {name!r} must be a plain file name matching {OUTPUT_NAME_RE.pattern}"
+                )
+            path = base / name
+            if path.is_symlink() or not path.is_file():
+                raise ValueError(f"output {name!r} of job {job_id} is not a regular file in {base}")
+            if name not in names:
+                names.append(name)
+        with self._write() as conn:
+            self._locked_row(conn, job_id)
+            conn.execute(
+                "UPDATE jobs SET outputs = ?, updated_at = ? WHERE id = ?",
+                (_dumps(names), self._clock(), job_id),
+            )
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Cancel a job: a queued job is cancelled at once; an active one gets ``cancel_requested``.
+
+        The engine polls ``is_cancel_requested`` between steps and then calls
+        ``set_state(id, "cancelled")``. Raises InvalidTransitionError for finished jobs.
+        """
+        validate_job_id(job_id)
+        now = self._clock()
+        with self._write() as conn:
+            row = self._locked_row(conn, job_id)
+            current = JobState(row["state"])
+            if current == JobState.QUEUED:
+                conn.execute(
+                    "UPDATE jobs SET state = 'cancelled', stage = 'cancelled', cancel_requested = 1, "
+                    "finished_at = ?, updated_at = ? WHERE id = ?",
+                    (now, now, job_id),
+                )
+            elif current in ACTIVE_STATES:
+                conn.execute(
+                    "UPDATE jobs SET cancel_requested = 1, stage = ?, updated_at = ? WHERE id = ?",
+                    ((row["stage"] + " (cancelling)")[:STAGE_MAX_CHARS], now, job_id),
+                )
+            else:
+                raise InvalidTransitionError(
+                    job_id, current, JobState.CANCELLED, "the job has already finished"
+                )
+        logger.info("job %s: cancel requested (was %s)", job_id, current)
+        return self.get(job_id)
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        validate_job_id(job_id)
+        row = self._conn().execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFoundError(job_id)
+        return bool(row[0])
+
+    def _locked_row(self, conn: sqlite3.Connection, job_id: str) -> sqlite3.Row:
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFoundError(job_id)
+        return row
+
+    # ------------------------------------------------------------------ maintenance
+
+    def recover_interrupted(self) -> list[Job]:
+        """Re-queue or fail jobs a crash left in preparing/rendering/encoding. Call once at start-up,
+        before any engine claims work (it treats every active job as orphaned).
+
+        A job with attempts left goes back to the queue at its original place (it runs next); one
+        that used all ``max_attempts`` is failed with a reason; one whose cancel was requested is
+        cancelled. Returns the changed jobs.
+        """
+        now = self._clock()
+        changed: list[str] = []
+        with self._write() as conn:
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE state IN ('preparing', 'rendering', 'encoding') ORDER BY seq"
+            ).fetchall()
+            for row in rows:
+                job_id, was = row["id"], row["state"]
+                if row["cancel_requested"]:
+                    conn.execute(
+                        "UPDATE jobs SET state = 'cancelled', stage = 'cancelled', finished_at = ?, updated_at = ? "
+                        "WHERE id = ?",
+                        (now, now, job_id),
+                    )
+                    logger.warning(
+                        "job %s: interrupted in %s with a pending cancel -> cancelled", job_id, was
+                    )
+                elif row["attempts"] >= self.max_attempts:
+                    times = {1: "once", 2: "twice"}.get(row["attempts"], f"{row['attempts']} times")
+                    reason = f"interrupted {times} by a service restart (last in {was}); not retried again"
+                    conn.execute(
+                        "UPDATE jobs SET state = 'failed', stage = 'failed', error = ?, finished_at = ?, "
+                        "updated_at = ? WHERE id = ?",
+                        (reason, now, now, job_id),
+                    )
+                    logger.warning("job %s: %s", job_id, reason)
+                else:
+                    conn.execute(
+                        "UPDATE jobs SET state = 'queued', progress = 0, stage = ?, worker = NULL, "
+                        "started_at = NULL, outputs = '[]', timings = '{}', updated_at = ? WHERE id = ?",
+                        (f"re-queued after a service restart (was {was})", now, job_id),
+                    )
+                    logger.warning(
+                        "job %s: interrupted in %s -> re-queued (attempt %d done)",
+                        job_id,
+                        was,
+                        row["attempts"],
+                    )
+                changed.append(job_id)
+        return [self.get(j) for j in changed]
+
+    def cleanup(self, now: float | None = None) -> list[str]:
+        """Remove the folders of finished jobs older than ``retention_days`` (rows stay, marked purged)
+        and orphan folders with no row. Returns the ids whose outputs were removed."""
+        now = self._clock() if now is None else now
+        cutoff = now - self.retention_days * 86400.0
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT id FROM jobs WHERE state IN ('done', 'failed', 'cancelled') AND purged_at IS NULL "
+                "AND finished_at IS NOT NULL AND finished_at < ? ORDER BY seq",
+                (cutoff,),
+            )
+            .fetchall()
+        )
+        purged: list[str] = []
+        for row in rows:
+            job_id = row["id"]
+            shutil.rmtree(self.outputs_dir / job_id, ignore_errors=True)
+            with self._write() as conn:
+                conn.execute(
+                    "UPDATE jobs SET purged_at = ?, outputs = '[]', updated_at = ? WHERE id = ? AND purged_at IS NULL",
+                    (now, now, job_id),
+                )
+            purged.append(job_id)
+        # Folders named like a job id with no row: left by a submission that died half-way.
+        for path in self.outputs_dir.iterdir():
+            if not (path.is_dir() and JOB_ID_RE.fullmatch(path.name)) or self.exists(path.name):
+                continue
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > ORPHAN_GRACE_S:
+                    shutil.rmtree(path, ignore_errors=True)
+                    logger.info("removed orphan job folder %s", path)
+        if purged:
+            logger.info("retention clean-up removed the outputs of %d jobs", len(purged))
+        return purged
+
+    def check_writable(self) -> tuple[bool, str]:
+        """Health probe: one write transaction on the database and one file write in outputs_dir."""
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('health_probe', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (str(self._clock()),),
+                )
+            with tempfile.NamedTemporaryFile(dir=self.outputs_dir, prefix=".probe-", delete=True) as fh:
+                fh.write(b"ok")
+                fh.flush()
+        except (sqlite3.Error, OSError) as exc:
+            return False, f"job store not writable: {exc}"
+        return True, "ok"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "xb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _row_to_job(row: sqlite3.Row, queue_position: int | None) -> Job:
+    return Job(
+        id=row["id"],
+        state=JobState(row["state"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        spec=json.loads(row["spec"]),
+        settings=json.loads(row["settings"]),
+        inputs=tuple(json.loads(row["inputs"])),
+        progress=float(row["progress"]),
+        stage=row["stage"],
+        timings={k: float(v) for k, v in json.loads(row["timings"]).items()},
+        error=row["error"],
+        outputs=tuple(json.loads(row["outputs"])),
+        attempts=int(row["attempts"]),
+        cancel_requested=bool(row["cancel_requested"]),
+        worker=row["worker"],
+        purged_at=row["purged_at"],
+        queue_position=queue_position,
+    )
