@@ -16,6 +16,10 @@ Person 1 is always on the left and person 2 on the right. Unlike upstream (whose
 our masks are a partition: every pixel belongs to exactly one class, and a pixel inside both boxes goes
 to the box whose centre is nearer (ties to person 1).
 
+Accepted images: JPEG, PNG or WebP, short side >= 256 px, at most 40 megapixels, long side at most
+4x the short side (the bucket tables end at 1:4 and 4:1). EXIF orientation is applied on load, and
+boxes refer to the image as displayed (after that rotation).
+
 Box overlap rule (``scene_from_image``): two boxes are refused when their IoU is above 0.5, or when
 their intersection covers more than 80 % of the smaller box, because then the model cannot tell the
 speakers apart.
@@ -55,6 +59,7 @@ Box = tuple[int, int, int, int]  # [y0, x0, y1, x1], half-open, pixels
 
 MIN_SHORT_SIDE = 256
 MAX_PIXELS = 40_000_000
+MAX_ASPECT = 4.0  # long side / short side; the bucket tables end at 1:4 and 4:1
 # Pillow format name -> name shown to users.
 ALLOWED_FORMATS: dict[str, str] = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP"}
 LAYOUTS = ("side_by_side", "backdrop")
@@ -96,7 +101,8 @@ class SceneError(ValueError):
 def _allowed_text() -> str:
     return (
         f"allowed: {', '.join(ALLOWED_FORMATS.values())} images with a short side of at least "
-        f"{MIN_SHORT_SIDE} px and at most {MAX_PIXELS // 1_000_000} megapixels"
+        f"{MIN_SHORT_SIDE} px, at most {MAX_PIXELS // 1_000_000} megapixels and an aspect ratio between "
+        f"1:{MAX_ASPECT:g} and {MAX_ASPECT:g}:1"
     )
 
 
@@ -111,6 +117,12 @@ def _check_dimensions(width: int, height: int, field: str, what: str) -> None:
         raise SceneError(
             field,
             f"{what} is {width}x{height}, its short side is under {MIN_SHORT_SIDE} px; {_allowed_text()}",
+        )
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise SceneError(
+            field,
+            f"{what} is {width}x{height}, its long side is more than {MAX_ASPECT:g} times its short side; "
+            f"{_allowed_text()}",
         )
 
 
@@ -215,7 +227,9 @@ class Scene:
     ``image``: RGB, ``W x H`` = bucket. ``bucket``: ``(H, W)``. ``boxes``: person 1, person 2 as
     ``[y0, x0, y1, x1]`` in scene pixels (half-open). ``masks``: uint8 ``[3, H, W]`` (person 1, person 2,
     background), a partition. ``latent_masks``: float32 ``[3, H/8, W/8]``, nearest-downsampled, also a
-    partition. ``overlay``: RGB preview with tinted regions, boxes and labels.
+    partition. ``overlay``: RGB preview with tinted regions, boxes and labels. ``size``: 480 or 720.
+    ``layout``: "side_by_side" / "backdrop" (composed), "halves" / "given" (``scene_from_image``
+    with default or given boxes). ``names``: the two speaker labels.
     """
 
     image: Image.Image
@@ -296,6 +310,7 @@ class Scene:
 def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary output files
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -425,17 +440,22 @@ def _check_size(size: int) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _scale_to_height(img: Image.Image, height: int) -> Image.Image:
-    width = max(1, math.ceil(img.width * height / img.height))
-    return img.resize((width, height), resample=Image.Resampling.LANCZOS, reducing_gap=3.0)
-
-
 def _fill_half(img: Image.Image, height: int, half_w: int, bucket_h: int) -> Image.Image:
-    """Scale to ``height`` (>= bucket_h, wide enough to cover ``half_w``), centre horizontally, keep the top."""
-    scaled = _scale_to_height(img, height)
-    left = (scaled.width - half_w) // 2
-    top = round(_VERTICAL_ANCHOR * (height - bucket_h))
-    return scaled.crop((left, top, left + half_w, top + bucket_h))
+    """Scale to ``height`` (>= bucket_h, wide enough to cover ``half_w``), centre horizontally, keep the top.
+
+    Only the visible source window is resampled (``resize(box=...)``), so a large common height never
+    materialises a huge intermediate image.
+    """
+    s = height / img.height
+    win_w, win_h = half_w / s, bucket_h / s
+    left = (img.width - win_w) / 2
+    top = _VERTICAL_ANCHOR * (height - bucket_h) / s
+    return img.resize(
+        (half_w, bucket_h),
+        resample=Image.Resampling.LANCZOS,
+        box=(left, top, left + win_w, top + win_h),
+        reducing_gap=3.0,
+    )
 
 
 def _side_by_side(
@@ -550,8 +570,8 @@ def compose_scene(
         image, boxes = _side_by_side(portraits, bucket)
     else:
         image, boxes = _backdrop(portraits, bucket, backdrop)
-    logger.info("composed %s scene %dx%d from %s and %s", layout, bucket[1], bucket[0],
-                portraits[0].size, portraits[1].size)  # fmt: skip
+    sizes = [p.size for p in portraits]
+    logger.info("composed %s scene %dx%d from portraits %s", layout, bucket[1], bucket[0], sizes)
     return _build_scene(image, boxes, size=size, layout=layout, names=names_t)
 
 
@@ -618,8 +638,11 @@ def _validate_boxes(boxes: tuple[Sequence[float], Sequence[float]], h: int, w: i
                 f"pixels with 0 <= y_min < y_max <= {h} and 0 <= x_min < x_max <= {w}",
             )
         if y1 <= y0 or x1 <= x0:
-            raise SceneError("boxes", f"{who} is empty or inverted; need y_min < y_max and x_min < x_max "
-                                      "(order [y_min, x_min, y_max, x_max])")  # fmt: skip
+            raise SceneError(
+                "boxes",
+                f"{who} is empty or inverted; need y_min < y_max and x_min < x_max "
+                "(order [y_min, x_min, y_max, x_max])",
+            )
         ints.append((y0, x0, y1, x1))
     iou, contain = box_overlap(ints[0], ints[1])
     if iou > MAX_IOU or contain > MAX_CONTAINMENT:
@@ -715,9 +738,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             scene = scene_from_image(args.scene, boxes, size=args.size, names=args.names)
         else:
             scene = compose_scene(
-                args.left, args.right, layout=args.layout, size=args.size, backdrop=args.backdrop,
-                aspect=args.aspect, names=args.names,
-            )  # fmt: skip
+                args.left,
+                args.right,
+                layout=args.layout,
+                size=args.size,
+                backdrop=args.backdrop,
+                aspect=args.aspect,
+                names=args.names,
+            )
         out = scene.save(args.out)
     except SceneError as exc:
         sys.stderr.write(f"error: {exc}\n")

@@ -15,6 +15,7 @@ The ffmpeg binary is ``imageio_ffmpeg.get_ffmpeg_exe()`` (no system ffmpeg neede
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import subprocess
 import tempfile
@@ -227,6 +228,7 @@ def _check_subtitles(subtitles: Mapping[str, str] | None) -> dict[str, str]:
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary output files
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
             f.flush()
@@ -259,7 +261,7 @@ def write_video(
     out = Path(out_path)
     if not out.parent.is_dir():
         raise VideoIOError("out_path", f"folder does not exist: {str(out.parent)!r}")
-    if not (isinstance(fps, (int, float)) and 1 <= fps <= 240):
+    if isinstance(fps, bool) or not (isinstance(fps, numbers.Real) and 1 <= fps <= 240):
         raise VideoIOError("fps", f"fps must be a number in [1, 240], got {fps!r}")
     subs = _check_subtitles(subtitles)
     wav = _check_audio(audio, sample_rate)
