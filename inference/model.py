@@ -1,0 +1,857 @@
+"""MultiTalk DiT: Wan2.1-I2V-14B plus the audio adapter and per-block audio cross-attention.
+
+Single-device math written once for 1..P ranks: every sequence-parallel step goes through
+the ``sp`` object (``inference.parallel``; ``NoParallel`` on one process). Attribute names
+equal the official checkpoint keys (Wan shards + ``multitalk.safetensors``), so real weights
+load with a strict check and no key mapping.
+
+Order follows Wan's ``wan/modules/model.py``: helpers, norms, attention, blocks, model.
+Facts (shapes, constants, numerics) come from Wan-Video/Wan2.1 ``wan/modules/model.py`` and
+MeiGen-AI/MultiTalk ``wan/modules/{multitalk_model,attention}.py`` and
+``wan/utils/multitalk_utils.py``; the code is our own.
+
+Shapes: ``B`` batch, ``S`` video tokens (T_lat * N_h * N_w), ``S_loc`` tokens on this rank
+(padded), ``n`` real tokens on this rank, ``C`` dim, ``H`` heads, ``D`` head dim,
+``N_a`` audio tokens per latent frame (context_tokens * persons), ``C_a`` audio token width.
+
+Numerics as upstream: timestep embedding, the 6-way modulation, the gated residuals and the
+head run in fp32 (upstream: ``amp.autocast(float32)``); norms compute in fp32 and return the
+input dtype; RoPE angles come from float64 tables.
+
+CLI: ``python -m inference.model keys --preset multitalk-14b|tiny`` prints ``key<TAB>shape``
+per tensor and the parameter count (built on the meta device, no memory used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from inference.attention import attention, frame_local_attention
+from inference.config import DiTConfig
+from inference.parallel import HeadFn, NoParallel, RopeFn, SequenceParallelism
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ModelInputError", "MultiTalkDiT", "pack_audio_windows", "rope_3d_tables", "routing_positions"]
+
+ROPE_THETA = 10000.0
+# Upstream's min-max normalisation epsilon in ``normalize_and_scale``.
+ROUTING_EPS = 1e-8
+
+
+class ModelInputError(ValueError):
+    """A forward input has the wrong shape or an unsupported value; ``field`` names the argument."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
+    """Timestep sinusoid as Wan: [cos | sin] of t * 10000^(-i/half), computed in float64.
+
+    Args:
+        dim: even embedding width. position: [B] timesteps in [0, 1000].
+
+    Returns:
+        [B, dim] float32.
+    """
+    half = dim // 2
+    position = position.to(torch.float64)
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=position.device).div(half))
+    sinusoid = torch.outer(position, freqs)
+    return torch.cat([torch.cos(sinusoid), torch.sin(sinusoid)], dim=1).float()
+
+
+def _axis_angles(positions: int, width: int, device: torch.device | None) -> torch.Tensor:
+    """RoPE angles for one axis of real width ``width``: [positions, width/2] float64."""
+    inv = 1.0 / torch.pow(
+        ROPE_THETA, torch.arange(0, width, 2, dtype=torch.float64, device=device).div(width)
+    )
+    return torch.outer(torch.arange(positions, dtype=torch.float64, device=device), inv)
+
+
+def rope_3d_tables(
+    head_dim: int, grid: tuple[int, int, int], device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of Wan's 3-D RoPE for a (f, h, w) token grid, frame-major token order.
+
+    The head's D/2 complex pairs split into (t, h, w) sections of
+    (D - 4*(D//6))/2, D//6, D//6 pairs (22/21/21 at D = 128), each with its own frequency
+    ladder theta^(-2i/width) as in Wan's ``rope_params``.
+
+    Returns:
+        cos, sin: [f*h*w, D/2] float32.
+    """
+    f, h, w = grid
+    d = head_dim
+    widths = (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
+    at = _axis_angles(f, widths[0], device)
+    ah = _axis_angles(h, widths[1], device)
+    aw = _axis_angles(w, widths[2], device)
+    angles = torch.cat(
+        [
+            at[:, None, None, :].expand(f, h, w, -1),
+            ah[None, :, None, :].expand(f, h, w, -1),
+            aw[None, None, :, :].expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, d // 2)
+    return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by the given angles (complex multiply), in fp32.
+
+    Args:
+        x: [..., S, H, D]. cos, sin: [S, D/2] or [B, S, D/2] (broadcast over heads).
+
+    Returns:
+        x's shape and dtype.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def rope_1d_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of MultiTalk's 1-D L-RoPE (base 10000, interleaved pairs) at float positions.
+
+    Args:
+        positions: [...] float positions. Returns: cos, sin: [..., D/2] float32.
+    """
+    inv = 1.0 / (
+        ROPE_THETA ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    )
+    angles = positions.float()[..., None] * inv
+    return torch.cos(angles), torch.sin(angles)
+
+
+def _linear_fp32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` computed in fp32 whatever the weight dtype (upstream's fp32 autocast islands)."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias)
+
+
+def pack_audio_windows(audio: torch.Tensor, vae_scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split per-video-frame audio windows into the first latent frame and packed later frames.
+
+    Frame 0 keeps its whole window. Frames 1.. form groups of ``vae_scale`` (one latent frame
+    each); per group the first frame keeps window[:mid+1], the middle frames their centre
+    entry, the last frame window[mid:]. With window 5 and vae_scale 4 that is 3+1+1+3 = 8
+    entries: [a0 a1 a2 b2 c2 d2 d3 d4].
+
+    Args:
+        audio: [..., T_frames, W, L, C] with T_frames = 1 + vae_scale * (T_lat - 1).
+
+    Returns:
+        first: [..., 1, W, L, C]; later: [..., T_lat - 1, W + vae_scale - 1, L, C].
+    """
+    t_frames, window = audio.shape[-4], audio.shape[-3]
+    if (t_frames - 1) % vae_scale:
+        raise ModelInputError(
+            "audio", f"{t_frames} video frames is not 1 + {vae_scale}*k (frames must be 4n+1)"
+        )
+    mid = window // 2
+    first = audio[..., :1, :, :, :]
+    groups = audio[..., 1:, :, :, :].unflatten(-4, (-1, vae_scale))  # [..., T_lat-1, vae_scale, W, L, C]
+    head = groups[..., 0, : mid + 1, :, :]  # [..., T_lat-1, mid+1, L, C]
+    middle = groups[..., 1:-1, mid, :, :]  # [..., T_lat-1, vae_scale-2, L, C]
+    tail = groups[..., -1, mid:, :, :]  # [..., T_lat-1, W-mid, L, C]
+    return first, torch.cat([head, middle, tail], dim=-3)
+
+
+def routing_head_fn(token_masks: torch.Tensor) -> HeadFn:
+    """Per-head partial speaker routing map over the reference (first latent) frame.
+
+    For each query token and head, ``softmax(q . k_ref^T / sqrt(D))`` over the first frame's
+    tokens, averaged inside each class mask (person 1, person 2, background), summed over
+    the given heads. Computed as attention with the 0/1 masks as values, so the [S, N_ref]
+    probability matrix is never materialised (flash / memory-efficient kernels on GPU).
+
+    Args:
+        token_masks: [n_class, N_ref] bool, N_ref = tokens of one latent frame.
+
+    Returns:
+        head_fn(q, k, head_start) -> [B * n_class, S] float32 (q, k: [B, S, h, D] after RoPE).
+    """
+    n_class, n_ref = token_masks.shape
+    # Upstream divides by the mask size; an empty class would give NaN there, here a zero row.
+    sizes = token_masks.float().sum(1).clamp(min=1.0)  # [n_class]
+
+    def head_fn(q: torch.Tensor, k: torch.Tensor, head_start: int) -> torch.Tensor:
+        b, s, h, d = q.shape
+        # Values padded to D columns so the fast SDPA kernels (equal q/v head dims) apply.
+        values = torch.zeros(n_ref, d, dtype=q.dtype, device=q.device)
+        values[:, :n_class] = token_masks.t().to(device=q.device, dtype=q.dtype)
+        out = attention(q, k[:, :n_ref], values[None, :, None, :].expand(b, n_ref, h, d))
+        stat = out[..., :n_class].float().sum(2) / sizes.to(q.device)  # [B, S, n_class]
+        return stat.transpose(1, 2).reshape(b * n_class, s)
+
+    return head_fn
+
+
+def routing_positions(
+    ref_map: torch.Tensor,
+    sp: SequenceParallelism,
+    class_range: int,
+    class_interval: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """L-RoPE query positions from the routing map (MultiTalk's two-person speaker binding).
+
+    Person-1 scores are min-max normalised (global min/max over all ranks' tokens) into
+    [0, class_interval], person-2 scores into [class_range - class_interval, class_range],
+    background is class_range // 2; each token takes the value of its argmax class.
+
+    Args:
+        ref_map: [B, 3, n] routing scores of this rank's real tokens (n may be 0).
+        dtype: activation dtype; positions are rounded to it as upstream computes them in it.
+
+    Returns:
+        [B, n] float32 positions.
+    """
+    b, n_class, n = ref_map.shape
+    if n:
+        local_max, local_min = ref_map.amax(-1), ref_map.amin(-1)
+    else:
+        # A rank holding only padding still joins the collectives.
+        local_max = ref_map.new_full((b, n_class), -math.inf)
+        local_min = ref_map.new_full((b, n_class), math.inf)
+    gmax, gmin = sp.all_reduce_max(local_max), sp.all_reduce_min(local_min)  # [B, 3]
+    lo1, hi1 = 0.0, float(class_interval)
+    lo2, hi2 = float(class_range - class_interval), float(class_range)
+    span = (gmax - gmin + ROUTING_EPS)[..., None]
+    unit = (ref_map - gmin[..., None]) / span  # [B, 3, n] in [0, 1]
+    candidates = torch.stack(
+        [
+            unit[:, 0] * (hi1 - lo1) + lo1,
+            unit[:, 1] * (hi2 - lo2) + lo2,
+            torch.full_like(unit[:, 0], float(class_range // 2)),
+        ],
+        dim=1,
+    )
+    choice = ref_map.argmax(dim=1, keepdim=True)  # [B, 1, n]
+    positions = candidates.gather(1, choice).squeeze(1)
+    return positions.to(dtype).float()
+
+
+def audio_key_positions(
+    kv_per_frame: int, frames: int, class_range: int, class_interval: int
+) -> torch.Tensor:
+    """Audio key positions: person 1's tokens at the centre of [0, interval] (2), person 2's at
+    the centre of [range - interval, range] (22), repeated per frame. Returns [frames * N_a]."""
+    p1 = class_interval / 2.0
+    p2 = class_range - class_interval / 2.0
+    half = kv_per_frame // 2
+    per_frame = torch.tensor([p1] * half + [p2] * (kv_per_frame - half), dtype=torch.float32)
+    return per_frame.repeat(frames)
+
+
+# ---------------------------------------------------------------------------------------
+# norms
+# ---------------------------------------------------------------------------------------
+
+
+class WanRMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in fp32, then scaled by ``weight`` in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., C] -> [..., C]."""
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class WanLayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 and returned in the input dtype (non-affine by default)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = False) -> None:
+        super().__init__(dim, eps=eps, elementwise_affine=elementwise_affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., C] -> [..., C]."""
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------
+
+
+class WanSelfAttention(nn.Module):
+    """Self-attention with q/k RMSNorm over all heads and 3-D RoPE; keys ``q k v o norm_q norm_k``."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        seq_len: int,
+        rope: RopeFn,
+        sp: SequenceParallelism,
+        head_fn: HeadFn | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [B, S_loc, C] -> ([B, S_loc, C], routing stat [n, S_loc] summed over heads, or None)."""
+        b, s = x.shape[:2]
+        shape = (b, s, self.num_heads, self.head_dim)
+        # The RMSNorm spans all heads, so it must run before any head scatter (inside sp).
+        q = self.norm_q(self.q(x)).view(shape)
+        k = self.norm_k(self.k(x)).view(shape)
+        v = self.v(x).view(shape)
+        out, stat = sp.attention(q, k, v, seq_len, rope, head_fn)
+        return self.o(out.flatten(2).to(x.dtype)), stat
+
+
+class WanI2VCrossAttention(nn.Module):
+    """Text + CLIP-image cross-attention with separate image k/v; keys add ``k_img v_img norm_k_img``."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.k_img = nn.Linear(dim, dim)
+        self.v_img = nn.Linear(dim, dim)
+        self.norm_k_img = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_img: torch.Tensor) -> torch.Tensor:
+        """x: [B, S_loc, C]; context: [B, text_len, C] (padding attended, as upstream);
+        context_img: [B, 257, C] -> [B, S_loc, C]."""
+        b, n, d = x.shape[0], self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, -1, n, d)
+        k = self.norm_k(self.k(context)).view(b, -1, n, d)
+        v = self.v(context).view(b, -1, n, d)
+        k_img = self.norm_k_img(self.k_img(context_img)).view(b, -1, n, d)
+        v_img = self.v_img(context_img).view(b, -1, n, d)
+        out = attention(q, k, v).flatten(2) + attention(q, k_img, v_img).flatten(2)
+        return self.o(out)
+
+
+class WanAudioCrossAttention(nn.Module):
+    """MultiTalk's frame-local audio cross-attention (upstream ``SingleStreamMutiAttention``).
+
+    Keys ``q_linear kv_linear proj`` (upstream builds it with qk_norm=False: no norm weights).
+    Video tokens of latent frame t attend only to the audio tokens of frame t. With two
+    persons, L-RoPE rotates q by the token's routing position and the audio keys by their
+    person's position; with one person (and the null-audio CFG passes) no RoPE is used.
+    """
+
+    def __init__(self, dim: int, audio_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(audio_dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        audio: torch.Tensor,
+        start: int,
+        tokens_per_frame: int,
+        q_positions: torch.Tensor | None = None,
+        k_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend a token chunk to its frames' audio tokens.
+
+        Args:
+            x: [B, n, C] the real tokens with global indices [start, start + n), n >= 1.
+            audio: [B, T_lat, N_a, C_a] adapter output for all latent frames.
+            start: global index of x's first token (may be mid-frame).
+            tokens_per_frame: N_h * N_w.
+            q_positions: [B, n] L-RoPE positions of the queries, or None (no RoPE).
+            k_positions: [N_a] L-RoPE positions of one frame's audio keys (with q_positions).
+
+        Returns:
+            [B, n, C].
+        """
+        b, n, _ = x.shape
+        h, d = self.num_heads, self.head_dim
+        f0 = start // tokens_per_frame
+        f1 = (start + n - 1) // tokens_per_frame + 1
+        frames = audio[:, f0:f1]  # only the frames this chunk touches
+        n_a = frames.shape[2]
+        kv = self.kv_linear(frames.flatten(1, 2)).view(b, (f1 - f0) * n_a, 2, h, d)
+        k, v = kv.unbind(2)
+        q = self.q_linear(x).view(b, n, h, d)
+        if q_positions is not None:
+            if k_positions is None:
+                raise ValueError("k_positions are required with q_positions")
+            q = rotate_pairs(q, *rope_1d_tables(q_positions, d))
+            k = rotate_pairs(k, *rope_1d_tables(k_positions.to(k.device).repeat(f1 - f0), d))
+        out = frame_local_attention(q, k, v, start - f0 * tokens_per_frame, tokens_per_frame, n_a)
+        return self.proj(out.flatten(2))
+
+
+# ---------------------------------------------------------------------------------------
+# blocks
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockInputs:
+    """Per-forward values shared by all blocks (replicated on every rank).
+
+    context: [B, text_len, C]; context_img: [B, N_img, C]; audio: [B, T_lat, N_a, C_a];
+    token_start/token_end: this rank's real token range; routing: head_fn for the speaker
+    map (two persons only); k_positions: [N_a] audio key L-RoPE positions (two persons only).
+    """
+
+    seq_len: int
+    tokens_per_frame: int
+    rope: RopeFn
+    sp: SequenceParallelism
+    context: torch.Tensor
+    context_img: torch.Tensor
+    audio: torch.Tensor
+    token_start: int
+    token_end: int
+    routing: HeadFn | None
+    k_positions: torch.Tensor | None
+
+
+class WanAttentionBlock(nn.Module):
+    """One MultiTalk block: modulated self-attn, text/image cross-attn, audio cross-attn, modulated FFN."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.num_heads = cfg.num_heads
+        self.class_range = cfg.class_range
+        self.class_interval = cfg.class_interval
+        self.norm1 = WanLayerNorm(dim, cfg.eps)
+        self.self_attn = WanSelfAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = (
+            WanLayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        )
+        self.cross_attn = WanI2VCrossAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm2 = WanLayerNorm(dim, cfg.eps)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.audio_cross_attn = WanAudioCrossAttention(dim, cfg.output_dim, cfg.num_heads)
+        self.norm_x = (
+            WanLayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.norm_input_visual else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, inp: BlockInputs) -> torch.Tensor:
+        """x: [B, S_loc, C]; e0: [B, 6, C] float32 -> [B, S_loc, C]."""
+        dtype = x.dtype
+        e = (self.modulation.float() + e0).chunk(6, dim=1)  # 6 x [B, 1, C] fp32
+
+        y, stat = self.self_attn(
+            (self.norm1(x).float() * (1 + e[1]) + e[0]).to(dtype), inp.seq_len, inp.rope, inp.sp, inp.routing
+        )
+        x = (x.float() + y.float() * e[2]).to(dtype)
+
+        x = x + self.cross_attn(self.norm3(x), inp.context, inp.context_img)
+
+        n = inp.token_end - inp.token_start
+        if n > 0:
+            q_positions = None
+            if inp.routing is not None:
+                if stat is None:
+                    raise RuntimeError("sp.attention returned no routing map although head_fn was given")
+                b = x.shape[0]
+                ref_map = stat.view(b, -1, stat.shape[-1])[:, :, :n] / self.num_heads  # mean over heads
+                q_positions = routing_positions(ref_map, inp.sp, self.class_range, self.class_interval, dtype)
+            x_a = self.audio_cross_attn(
+                self.norm_x(x[:, :n]),
+                inp.audio,
+                inp.token_start,
+                inp.tokens_per_frame,
+                q_positions,
+                inp.k_positions,
+            )
+            # Padding rows (if any) get no audio term; they are dropped at gather.
+            x = x + F.pad(x_a, (0, 0, 0, x.shape[1] - n))
+        elif inp.routing is not None:
+            # Join the min/max collectives even with no real tokens.
+            routing_positions(
+                x.new_zeros(x.shape[0], 3, 0).float(), inp.sp, self.class_range, self.class_interval, dtype
+            )
+
+        y = self.ffn((self.norm2(x).float() * (1 + e[4]) + e[3]).to(dtype))
+        return (x.float() + y.float() * e[5]).to(dtype)
+
+
+class Head(nn.Module):
+    """Output head: modulated non-affine LayerNorm + Linear to prod(patch) * out_dim, in fp32."""
+
+    def __init__(self, dim: int, out_dim: int, patch_size: tuple[int, int, int], eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = WanLayerNorm(dim, eps)
+        self.head = nn.Linear(dim, math.prod(patch_size) * out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x: [B, S_loc, C]; e: [B, C] float32 -> [B, S_loc, prod(patch) * out_dim] float32."""
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
+        return _linear_fp32(self.head, self.norm(x).float() * (1 + scale) + shift)
+
+
+class MLPProj(nn.Module):
+    """CLIP image tokens -> model width: LN, Linear, GELU, Linear, LN (keys ``proj.{0,1,3,4}``)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.LayerNorm(in_dim),
+            nn.Linear(in_dim, in_dim),
+            nn.GELU(),
+            nn.Linear(in_dim, out_dim),
+            nn.LayerNorm(out_dim),
+        )
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """[B, N_img, clip_dim] -> [B, N_img, C]."""
+        return self.proj(image_embeds)
+
+
+class AudioProjModel(nn.Module):
+    """MultiTalk audio adapter: windowed wav2vec2 features -> context_tokens audio tokens per latent frame.
+
+    Keys ``proj1`` (first frame, W*L*C_w -> hidden), ``proj1_vf`` (later frames, 8*L*C_w -> hidden),
+    ``proj2``, ``proj3`` (hidden -> context_tokens * output_dim), ``norm`` (LayerNorm(output_dim)).
+    """
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.context_tokens = cfg.context_tokens
+        self.output_dim = cfg.output_dim
+        self.proj1 = nn.Linear(cfg.audio_input_dim, cfg.intermediate_dim)
+        self.proj1_vf = nn.Linear(cfg.audio_input_dim_vf, cfg.intermediate_dim)
+        self.proj2 = nn.Linear(cfg.intermediate_dim, cfg.intermediate_dim)
+        self.proj3 = nn.Linear(cfg.intermediate_dim, cfg.context_tokens * cfg.output_dim)
+        self.norm = nn.LayerNorm(cfg.output_dim) if cfg.norm_output_audio else nn.Identity()
+
+    def forward(self, first: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
+        """first: [N, 1, W, L, C_w]; later: [N, T_lat-1, W+vae_scale-1, L, C_w] (N = B * persons)
+        -> [N, T_lat, context_tokens, output_dim]."""
+        a = torch.relu(self.proj1(first.flatten(2)))  # [N, 1, hidden]
+        b = torch.relu(self.proj1_vf(later.flatten(2)))  # [N, T_lat-1, hidden]
+        h = torch.relu(self.proj2(torch.cat([a, b], dim=1)))
+        tokens = self.proj3(h).unflatten(-1, (self.context_tokens, self.output_dim))
+        if isinstance(self.norm, nn.LayerNorm):
+            # fp32 LayerNorm, as InfiniteTalk does around this norm.
+            w, bias = self.norm.weight.float(), self.norm.bias.float()
+            return F.layer_norm(tokens.float(), self.norm.normalized_shape, w, bias, self.norm.eps).to(
+                tokens.dtype
+            )
+        return tokens
+
+
+# ---------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------
+
+
+class MultiTalkDiT(nn.Module):
+    """Wan2.1-I2V DiT with MultiTalk's audio adapter and per-block audio cross-attention.
+
+    Build on the meta device for real weights (``inference.checkpoint.load_model``) or on CPU
+    with ``init_weights(seed)`` for tiny random models.
+    """
+
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        cfg = config
+        self.config = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList([WanAttentionBlock(cfg) for _ in range(cfg.num_layers)])
+        self.head = Head(dim, cfg.out_dim, cfg.patch_size, cfg.eps)
+        self.img_emb = MLPProj(cfg.clip_dim, dim)
+        self.audio_proj = AudioProjModel(cfg)
+
+    # ---- weights -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> MultiTalkDiT:
+        """Seeded random init for tiny models (upstream's scheme, except a non-zero head so the
+        output depends on the input; upstream zeros it for training from scratch)."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+
+        def fill(t: torch.Tensor, fn) -> None:
+            # Draw on CPU with the generator so results do not depend on the device.
+            tmp = torch.empty(t.shape, dtype=torch.float32)
+            fn(tmp)
+            t.copy_(tmp)
+
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                fill(m.weight, lambda w: nn.init.xavier_uniform_(w, generator=gen))
+                if m.bias is not None:
+                    fill(m.bias, lambda b: nn.init.normal_(b, std=0.02, generator=gen))
+            elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+                fill(m.weight, lambda w: nn.init.normal_(w, mean=1.0, std=0.05, generator=gen))
+                fill(m.bias, lambda b: nn.init.normal_(b, std=0.02, generator=gen))
+            elif isinstance(m, WanRMSNorm):
+                fill(m.weight, lambda w: nn.init.normal_(w, mean=1.0, std=0.05, generator=gen))
+        w = self.patch_embedding.weight
+        fill(w, lambda t: nn.init.xavier_uniform_(t.view(t.shape[0], -1), generator=gen))
+        fill(self.patch_embedding.bias, lambda b: nn.init.normal_(b, std=0.02, generator=gen))
+        for seq in (self.text_embedding, self.time_embedding):
+            for m in seq.modules():
+                if isinstance(m, nn.Linear):
+                    fill(m.weight, lambda t: nn.init.normal_(t, std=0.02, generator=gen))
+        dim = self.config.dim
+        for block in self.blocks:
+            fill(block.modulation, lambda t: nn.init.normal_(t, std=dim**-0.5, generator=gen))
+        fill(self.head.modulation, lambda t: nn.init.normal_(t, std=dim**-0.5, generator=gen))
+        return self
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- forward -------------------------------------------------------------------
+
+    def _validate(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        clip_fea: torch.Tensor,
+        y: torch.Tensor,
+        audio: torch.Tensor,
+        ref_target_masks: torch.Tensor | None,
+    ) -> None:
+        cfg = self.config
+        if x.ndim != 5:
+            raise ModelInputError(
+                "x", f"expected [B, {cfg.out_dim}, T_lat, H_lat, W_lat], got {tuple(x.shape)}"
+            )
+        b, _, tl, hl, wl = x.shape
+        if y.ndim != 5 or y.shape[0] != b or tuple(y.shape[2:]) != (tl, hl, wl):
+            raise ModelInputError("y", f"expected [B={b}, C, {tl}, {hl}, {wl}], got {tuple(y.shape)}")
+        if x.shape[1] + y.shape[1] != cfg.in_dim:
+            raise ModelInputError(
+                "y",
+                f"x has {x.shape[1]} and y {y.shape[1]} channels; together they must be in_dim={cfg.in_dim}",
+            )
+        pt, ph, pw = cfg.patch_size
+        if tl % pt or hl % ph or wl % pw:
+            raise ModelInputError(
+                "x", f"latent grid {(tl, hl, wl)} is not divisible by patch_size {cfg.patch_size}"
+            )
+        if t.shape != (b,):
+            raise ModelInputError("t", f"expected [B={b}] timesteps, got {tuple(t.shape)}")
+        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.text_dim:
+            raise ModelInputError(
+                "context", f"expected [B={b}, L, {cfg.text_dim}], got {tuple(context.shape)}"
+            )
+        if context.shape[1] > cfg.text_len:
+            raise ModelInputError("context", f"{context.shape[1]} text tokens exceed text_len={cfg.text_len}")
+        if clip_fea.ndim != 3 or clip_fea.shape[0] != b or clip_fea.shape[2] != cfg.clip_dim:
+            raise ModelInputError(
+                "clip_fea", f"expected [B={b}, N_img, {cfg.clip_dim}], got {tuple(clip_fea.shape)}"
+            )
+        want_tail = (cfg.audio_window, cfg.audio_layers, cfg.audio_dim)
+        if audio.ndim != 6 or audio.shape[0] != b or tuple(audio.shape[3:]) != want_tail:
+            raise ModelInputError(
+                "audio",
+                f"expected [B={b}, persons, T_frames, {', '.join(map(str, want_tail))}], got {tuple(audio.shape)}",
+            )
+        frames = 1 + cfg.vae_scale * (tl - 1)
+        if audio.shape[2] != frames:
+            raise ModelInputError(
+                "audio", f"{audio.shape[2]} video frames do not match {tl} latent frames (need {frames})"
+            )
+        if audio.shape[1] not in (1, 2):
+            raise ModelInputError("audio", f"1 or 2 persons are supported, got {audio.shape[1]}")
+        if audio.shape[1] == 2:
+            if ref_target_masks is None:
+                raise ModelInputError(
+                    "ref_target_masks", "two persons need [3, H_lat, W_lat] person/background masks"
+                )
+            if ref_target_masks.shape != (3, hl, wl):
+                raise ModelInputError(
+                    "ref_target_masks",
+                    f"expected [3, {hl}, {wl}] (person 1, person 2, background), got "
+                    f"{tuple(ref_target_masks.shape)}",
+                )
+
+    def embed_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """Windowed wav2vec2 features -> audio tokens, persons concatenated along tokens.
+
+        Args:
+            audio: [B, n_person, T_frames, W, L, C_w].
+
+        Returns:
+            [B, T_lat, n_person * context_tokens, output_dim] (person 1's tokens first).
+        """
+        b, n = audio.shape[:2]
+        dtype = self.audio_proj.proj1.weight.dtype
+        first, later = pack_audio_windows(audio.to(dtype), self.config.vae_scale)
+        tokens = self.audio_proj(first.flatten(0, 1), later.flatten(0, 1))  # [B*n, T_lat, M, C_a]
+        tokens = tokens.unflatten(0, (b, n))  # [B, n, T_lat, M, C_a]
+        return tokens.permute(0, 2, 1, 3, 4).flatten(2, 3)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        clip_fea: torch.Tensor,
+        y: torch.Tensor,
+        audio: torch.Tensor,
+        ref_target_masks: torch.Tensor | None = None,
+        sp: SequenceParallelism | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow-matching velocity.
+
+        Args:
+            x: [B, 16, T_lat, H_lat, W_lat] noisy latent.
+            t: [B] timesteps in [0, 1000].
+            context: [B, L_txt <= text_len, text_dim] T5 features (zero-padded to text_len here).
+            clip_fea: [B, 257, clip_dim] CLIP penultimate-layer tokens.
+            y: [B, 20, T_lat, H_lat, W_lat] mask (4) + conditioning latent (16).
+            audio: [B, n_person, T_frames, 5, 12, audio_dim] windowed wav2vec2 features,
+                T_frames = 4 * (T_lat - 1) + 1; n_person 1 (single person or null audio: no
+                L-RoPE) or 2 (L-RoPE speaker routing).
+            ref_target_masks: [3, H_lat, W_lat] person 1 / person 2 / background masks at latent
+                resolution (required for two persons, ignored for one).
+            sp: sequence parallelism; ``NoParallel()`` when None.
+
+        Returns:
+            [B, 16, T_lat, H_lat, W_lat] float32.
+        """
+        sp = NoParallel() if sp is None else sp
+        cfg = self.config
+        self._validate(x, t, context, clip_fea, y, audio, ref_target_masks)
+        dtype = self.patch_embedding.weight.dtype
+
+        # patch embedding: [B, 36, T, H, W] -> [B, S, C]
+        tokens = self.patch_embedding(torch.cat([x, y], dim=1).to(dtype))
+        grid = tuple(tokens.shape[2:])
+        tokens = tokens.flatten(2).transpose(1, 2)
+        seq_len = math.prod(grid)
+        tokens_per_frame = grid[1] * grid[2]
+
+        # time embedding, fp32 as upstream: e [B, C], e0 [B, 6, C]
+        s = sinusoidal_embedding_1d(cfg.freq_dim, t)
+        e = _linear_fp32(self.time_embedding[2], F.silu(_linear_fp32(self.time_embedding[0], s)))
+        e0 = _linear_fp32(self.time_projection[1], F.silu(e)).unflatten(1, (6, cfg.dim))
+
+        # text (zero-padded to text_len before the embedding, as upstream) and CLIP context
+        context = F.pad(context.to(dtype), (0, 0, 0, cfg.text_len - context.shape[1]))
+        context = self.text_embedding(context)
+        context_img = self.img_emb(clip_fea.to(dtype))
+
+        # audio tokens [B, T_lat, N_a, C_a]
+        audio_tokens = self.embed_audio(audio)
+        human_num = audio.shape[1]
+
+        routing = None
+        k_positions = None
+        if human_num == 2:
+            masks = F.interpolate(ref_target_masks[None].float(), size=grid[1:], mode="nearest")[0] > 0
+            routing = routing_head_fn(masks.flatten(1).to(x.device))
+            k_positions = audio_key_positions(
+                audio_tokens.shape[2], 1, cfg.class_range, cfg.class_interval
+            ).to(x.device)
+
+        cos, sin = rope_3d_tables(cfg.head_dim, grid, device=x.device)
+
+        def rope(u: torch.Tensor) -> torch.Tensor:
+            return rotate_pairs(u, cos, sin)
+
+        start, end = sp.token_range(seq_len)
+        inputs = BlockInputs(
+            seq_len=seq_len,
+            tokens_per_frame=tokens_per_frame,
+            rope=rope,
+            sp=sp,
+            context=context,
+            context_img=context_img,
+            audio=audio_tokens.to(dtype),
+            token_start=start,
+            token_end=end,
+            routing=routing,
+            k_positions=k_positions,
+        )
+
+        h = sp.shard(tokens)
+        if end - start > h.shape[1]:
+            raise RuntimeError(f"sp.token_range gave {end - start} tokens but the shard holds {h.shape[1]}")
+        for block in self.blocks:
+            h = block(h, e0, inputs)
+        out = sp.gather(self.head(h, e), seq_len)  # [B, S, prod(patch) * out_dim] fp32
+        return self.unpatchify(out, grid)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, f*h*w, pt*ph*pw*c] -> [B, c, f*pt, h*ph, w*pw]."""
+        b = x.shape[0]
+        f, h, w = grid
+        pt, ph, pw = self.config.patch_size
+        c = self.config.out_dim
+        u = x.reshape(b, f, h, w, pt, ph, pw, c)
+        u = u.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return u.reshape(b, c, f * pt, h * ph, w * pw)
+
+
+def build_model(config: DiTConfig, device: torch.device | str = "meta") -> MultiTalkDiT:
+    """Construct without initialising real storage when ``device`` is ``"meta"``."""
+    with torch.device(device):
+        return MultiTalkDiT(config)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inference.model", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    keys = sub.add_parser("keys", help="print key<TAB>shape per tensor and the parameter count")
+    keys.add_argument("--preset", default="multitalk-14b", choices=["multitalk-14b", "tiny"])
+    args = parser.parse_args(argv)
+    model = build_model(DiTConfig.preset(args.preset))
+    total = 0
+    for key, tensor in model.state_dict().items():
+        total += tensor.numel()
+        print(f"{key}\t{list(tensor.shape)}")
+    print(f"# parameters\t{total}\t({total / 1e9:.3f} B)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
