@@ -19,6 +19,7 @@ from dialogue.mathspeech import GREEK_CHARS, SYMBOL_CHARS, greek_word, op_word, 
 from dialogue.numbers import (
     en_cardinal,
     en_decimal,
+    en_digits,
     en_fraction,
     en_integer,
     en_month,
@@ -29,7 +30,6 @@ from dialogue.numbers import (
     zh_decimal,
     zh_digits,
     zh_fraction,
-    zh_integer,
 )
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class LanguageError(ValueError):
 
 
 def detect_language(text: str) -> str:
-    """ "zh" if the text contains a CJK ideograph (mixed Chinese/English counts as Chinese), else "en"."""
+    """Return "zh" if the text contains a CJK ideograph (mixed Chinese/English counts as Chinese), else "en"."""
     return "zh" if _CJK_RE.search(text) else "en"
 
 
@@ -76,10 +76,6 @@ def _number(digits: str, language: str) -> str:
     return zh_decimal(digits) if language == "zh" else en_decimal(digits)
 
 
-def _integer(digits: str, language: str) -> str:
-    return zh_integer(digits) if language == "zh" else en_integer(digits)
-
-
 def _spaced(words: str, language: str) -> str:
     """English words inserted into text get spaces around them (tidied later); Chinese needs none."""
     return words if language == "zh" else f" {words} "
@@ -100,6 +96,12 @@ def _prepare(text: str, language: str) -> str:
     """Full-width digits/letters/signs to ASCII (Chinese punctuation is kept), superscripts to ^{..}."""
     text = "".join(_FULLWIDTH.get(ch, ch) for ch in text)
     text = re.sub(r"(?<=\d)．(?=\d)", ".", text)  # full-width decimal point, only between digits
+    # Ten or more digits with no grouping commas and not a round number: a phone or account number.
+    text = re.sub(
+        r"(?<![\d.,])\d{10,}(?<!000)(?![\d]|[.,]\d)",
+        lambda m: _spaced(zh_digits(m.group(0)) if language == "zh" else en_digits(m.group(0)), language),
+        text,
+    )
     text = re.sub(
         "[⁰¹²³⁴⁵⁶⁷⁸⁹⁻ⁿ]+", lambda m: "^{" + "".join(_SUPERSCRIPTS[c] for c in m.group(0)) + "}", text
     )
@@ -119,7 +121,7 @@ _MATH_SPAN_RE = re.compile(
 )
 _LATEX_RE = re.compile(r"\\[A-Za-z]+")
 _BARE_POWER_RE = re.compile(
-    r"(?<![\w^])(?:[A-Za-z]|\d+(?:\.\d+)?|\))\^(?:\{[^{}]*\}|\([^()]*\)|-?\d+|[A-Za-z])"
+    r"(?:(?<![\w^])(?:[A-Za-z]+|\d+(?:\.\d+)?)|\))\^(?:\{[^{}]*\}|\([^()]*\)|-?\d+|[A-Za-z])"
 )
 _BARE_ROOT_RE = re.compile(r"√\s*(?:\d+(?:\.\d+)?|[A-Za-z]|\{[^{}]*\}|\([^()]*\))")
 
@@ -133,9 +135,15 @@ def _math(text: str, language: str) -> str:
 
     text = _MATH_SPAN_RE.sub(span, text)
     text = _replace_latex_commands(text, language)
-    text = _BARE_POWER_RE.sub(lambda m: _spaced(speak_math(m.group(0), language), language), text)
+    text = _BARE_POWER_RE.sub(lambda m: _bare_power(m.group(0), language), text)
     text = _BARE_ROOT_RE.sub(lambda m: _spaced(speak_math(m.group(0), language), language), text)
     return text
+
+
+def _bare_power(written: str, language: str) -> str:
+    # "(a+b)^2": the bracket stays so that the words read "(a plus b) squared".
+    bracket = ")" if written.startswith(")") else ""
+    return bracket + _spaced(speak_math(written, language), language)
 
 
 def _replace_latex_commands(text: str, language: str) -> str:
@@ -327,11 +335,8 @@ def _currency(text: str, language: str) -> str:
             return ("负" if negative else "") + zh_decimal(number) + scale + chinese
         one, many, cent, cents = english
         sign = "minus " if negative else ""
-        if m.group("scale") or m.group("zhscale"):
-            scale = _EN_SCALE_WORDS.get((m.group("scale") or "").lower(), "")
-            if m.group("zhscale"):
-                return f" {sign}{_number(number, 'en')} {m.group('zhscale')} {many} "
-            return f" {sign}{en_decimal(number)} {scale} {many} "
+        if m.group("scale"):  # "$5 million" -> five million dollars
+            return f" {sign}{en_decimal(number)} {_EN_SCALE_WORDS[m.group('scale').lower()]} {many} "
         whole, _, frac = number.partition(".")
         if cent is None or len(frac) > 2:
             unit = one if number == "1" else many
@@ -418,7 +423,10 @@ def _greek(text: str, language: str) -> str:
     return re.sub(rf"(?<![A-Za-z\u0370-\u03ff])[{chars}](?![A-Za-z\u0370-\u03ff])", letter, text)
 
 
-_ZH_MEASURE_WORDS = "个位次天只本件条张种名人家台辆岁周小时分钟年倍点页杯句遍"
+# After these a lone 2 is read 两 ("两个人", "两点"), not 二; "2月" (February) and "第2" stay 二.
+_ZH_MEASURE_WORDS = (
+    "个|位|次|天|只|本|件|条|张|种|名|人|家|台|辆|岁|周|小时|分钟|年|倍|点|页|杯|句|遍|项|门|块|元"
+)
 
 
 def _numbers(text: str, language: str) -> str:
@@ -436,7 +444,7 @@ def _numbers(text: str, language: str) -> str:
             r"(?<![\w.])'?([1-9]0)s\b", lambda m: f" {en_plural(en_cardinal(int(m.group(1))))} ", text
         )
         text = re.sub(
-            r"\b(in|since|by|from|until|till|to|before|after|during|year|circa|around|of)\s+(\d{4})(?!\d|[.,]\d)",
+            r"\b(in|since|by|from|until|till|before|after|during|year|circa|around|of)\s+(\d{4})(?!\d|[.,]\d)",
             lambda m: f"{m.group(1)} {en_year(int(m.group(2)))} ",
             text,
             flags=re.I,
@@ -444,7 +452,7 @@ def _numbers(text: str, language: str) -> str:
         text = re.sub(r"#\s?(?=\d)", " number ", text)
     else:
         text = re.sub(r"(?<![\d.])(\d{4})(?=\s*年)", lambda m: zh_digits(m.group(1)), text)
-        text = re.sub(r"(?<!第)(?<![\d.])2(?=\s*[" + _ZH_MEASURE_WORDS + "])", "两", text)
+        text = re.sub(rf"(?<!第)(?<![\d.])2(?=\s*(?:{_ZH_MEASURE_WORDS}))", "两", text)
 
     # "COVID-19", "GPT-4": the hyphen joins a name to its number; it is not a minus.
     text = re.sub(r"(?<=[A-Za-z])-(?=\d)", " ", text)
@@ -460,7 +468,7 @@ def _numbers(text: str, language: str) -> str:
 def _symbols(text: str, language: str) -> str:
     """& and leftover symbols: emoji, markdown emphasis, stray carets are not spoken."""
     text = re.sub(r"\s*&\s*", _spaced("和" if language == "zh" else "and", language), text)
-    text = re.sub(r"[*_`#^~]+", " ", text)
+    text = re.sub(r"[*_`#^~{}]+", " ", text)
     kept = []
     for ch in text:
         category = unicodedata.category(ch)

@@ -133,7 +133,6 @@ class _Builder:
         self.name_lines: list[int] = [0, 0]
         self.keys: list[str] = []  # names format: casefolded names in order of first appearance
         self.first_role: Label | None = None
-        self.turns: list[Turn] = []
         self.drafts: list[_Draft] = []  # finished drafts, kept until finish() so pauses can still be added
         self.current: _Draft | None = None
         self.free_next = 0
