@@ -35,7 +35,7 @@ _MAX_CJK_NAME_CHARS = 8
 _NAME_PARTICLES = {"van", "von", "de", "der", "da", "di", "du", "la", "le", "del", "bin", "al"}
 _CJK_RE = re.compile("[\u3400-\u9fff\uf900-\ufaff]")
 
-_PAUSE_WORDS = r"(?i:pause|break)|停顿|暂停"
+_PAUSE_WORDS = r"(?i:pause|break)(?![A-Za-z])|停顿|暂停"  # "[breaking news]" is not a pause
 PAUSE_RE = re.compile(
     rf"[\[［【]\s*(?P<word>{_PAUSE_WORDS})(?P<body>[^\]］】\[［【]*)(?P<close>[\]］】])?"
     r"|<\s*break\b(?P<ssml>[^>]*)>",
@@ -106,6 +106,8 @@ def name_at(line: str) -> Label | None:
 def parse_pause(match: re.Match[str], line: int, max_pause_s: float) -> float:
     """Seconds of a pause marker matched by PAUSE_RE; raises ScriptError naming the accepted forms."""
     written = match.group(0).strip()
+    if len(written) > 40:
+        written = written[:37] + "..."
     if match.group("word") is not None:
         body = match.group("body").strip().lstrip(":：=").strip()
         duration = _DURATION_RE.fullmatch(body) if match.group("close") else None

@@ -184,7 +184,7 @@ _FUNCTION_WORDS = {"sin", "cos", "tan", "log", "ln", "exp", "lim", "max", "min"}
 
 _NUMBER_RE = re.compile(r"\d+(?:\.\d+)?")
 _LETTERS_RE = re.compile(r"[A-Za-z]+")
-_COMMAND_RE = re.compile(r"\\([A-Za-z]+|.)")
+_COMMAND_RE = re.compile(r"\\([A-Za-z]+|.|$)", re.DOTALL)  # a lone trailing backslash matches too
 
 
 def op_word(name: str, language: str) -> str:

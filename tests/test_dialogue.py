@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -183,6 +184,17 @@ def test_trailing_pause_after_the_last_turn() -> None:
     assert d.turns[-1].pause_after == 2.0
 
 
+def test_bracketed_words_that_only_start_like_a_pause_are_text() -> None:
+    d = parse_script("(s1) [breaking news] Hello.")
+    assert d.turns[0].text == "[breaking news] Hello." and d.turns[0].pause_after == 0.0
+
+
+def test_names_monologue_second_speaker_gets_a_default_name() -> None:
+    d = parse_script("Alice: Just me today.")
+    assert d.format == "names"
+    assert [s.name for s in d.speakers] == ["Alice", "Speaker 2"]
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -252,7 +264,7 @@ def test_too_many_turns() -> None:
 )
 def test_malformed_pause_says_the_accepted_forms(marker: str) -> None:
     err = error_of(f"(s1) Hi.\n(s2) Hello {marker} there.")
-    assert err.line == 2
+    assert err.line == 2 and marker in err.message
     assert (
         "malformed pause" in err.message and "[pause 1.5s]" in err.message and "[pause 800ms]" in err.message
     )
@@ -283,6 +295,26 @@ def test_mixed_tag_and_role_styles() -> None:
 def test_first_error_in_line_order_is_reported() -> None:
     err = error_of("(s1) !!!\n(s3) later")
     assert err.line == 1
+
+
+def test_random_scripts_raise_only_script_errors() -> None:
+    """Garbage in gives a ScriptError or a usable Dialogue, never a traceback from inside the parser."""
+    pieces = ["(s1)", "(s2)", "(s3)", "角色1：", "A:", "Bob：", "[pause 1s]", "[pause", "<break>", "$", "$x^2$",
+              "\\frac{", "}", "{", "\\sqrt[", "^", "_", "3.5", "-", "%", "2024-05-01", "14:30", "$5", "°C", "α",
+              "√", "=", "<", ":", "你好", "hello", " ", "\n", "#", "😀", "…", "１２", "²", "\\", "1,234", "~", "&"]  # fmt: skip
+    rng = random.Random(1234)
+    parsed = 0
+    for _ in range(400):
+        script = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
+        try:
+            d = parse_script(script)
+        except ScriptError as err:
+            assert err.message and (err.line is None or err.line >= 1)
+            continue
+        parsed += 1
+        for turn in d.turns:
+            assert turn.speaker in (0, 1) and turn.text and turn.speech_text and turn.language in ("en", "zh")
+    assert parsed > 20  # the generator does produce valid scripts, so both paths are exercised
 
 
 def test_script_error_without_line_has_no_prefix() -> None:
