@@ -345,3 +345,60 @@ def test_vae_rejects_bad_input(wan_dir, tmp_path):
         with pytest.raises(EncoderError) as err:
             call()
         assert err.value.field == field
+
+
+# ----------------------------------------------------------------------------------------------------
+# Real sizes (meta tensors: shapes only, no memory)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_real_size_configs_are_read_from_official_shapes():
+    from diffusers import AutoencoderKLWan
+    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    from inference.encoders import clip_config_from_wan, t5_config_from_wan, vae_config_from_wan
+
+    with torch.device("meta"):
+        t5 = UMT5EncoderModel(
+            UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
+        )
+        clip = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                image_size=224, patch_size=14,
+            )
+        )  # fmt: skip
+        vae = AutoencoderKLWan()
+    wan_t5 = t5_hf_to_wan(t5.state_dict())
+    assert len(wan_t5) == 1 + 24 * 10 + 1
+    cfg = t5_config_from_wan(wan_t5)
+    assert (cfg.vocab_size, cfg.d_model, cfg.d_kv, cfg.d_ff, cfg.num_layers, cfg.num_heads) == (
+        256384, 4096, 64, 10240, 24, 64,
+    )  # fmt: skip
+    assert cfg.dense_act_fn == "gelu_new" and cfg.is_gated_act
+    assert t5_wan_to_hf(wan_t5).keys() == t5.state_dict().keys()
+
+    wan_clip = clip_hf_to_wan(clip.state_dict())
+    assert "visual.transformer.31.attn.to_qkv.weight" in wan_clip
+    assert wan_clip["visual.pos_embedding"].shape == (1, 257, 1280)
+    ccfg = clip_config_from_wan(wan_clip)
+    assert (ccfg.num_hidden_layers, ccfg.image_size, ccfg.patch_size, ccfg.intermediate_size) == (
+        31,
+        224,
+        14,
+        5120,
+    )
+    assert not any(".31." in k for k in clip_wan_to_hf(wan_clip))
+
+    wan_vae = vae_diffusers_to_wan(vae.state_dict(), dict(vae.config))
+    assert (
+        "decoder.upsamples.4.shortcut.weight" in wan_vae
+        and "encoder.downsamples.2.time_conv.weight" not in wan_vae
+    )
+    assert (
+        "encoder.downsamples.5.time_conv.weight" in wan_vae
+        and "decoder.upsamples.3.time_conv.weight" in wan_vae
+    )
+    vcfg = vae_config_from_wan(wan_vae)
+    assert (vcfg["base_dim"], vcfg["num_res_blocks"], vcfg["dim_mult"]) == (96, 2, [1, 2, 4, 4])
+    assert vcfg["temperal_downsample"] == [False, True, True]
