@@ -1,0 +1,863 @@
+"""REST API of the dialogue video service (FastAPI), on top of the durable job store.
+
+``create_app(store, info, auth_token=..., limits=..., tts_preview=...)`` returns a FastAPI app with the
+routes under ``/api``, the OpenAPI schema at ``/openapi.json`` and Swagger UI at ``/docs``; the UI
+author mounts Gradio on it with ``gr.mount_gradio_app(app, blocks, path="/")``. ``create_router``
+returns the same routes as an ``APIRouter`` for mounting elsewhere: its routes turn every error into the
+JSON error shape themselves, so they behave the same on any FastAPI (or Gradio) app.
+
+Every error answer is ``{"success": false, "error": {"field": <input or null>, "message": <rule>}}``:
+400 bad input, 401 auth, 404 unknown job/file, 409 wrong job state, 413 too large, 415 content type,
+429 queue full, 503 no engine, 507 disk full; an unexpected failure is a logged 500 with an error id.
+
+The API never touches ``torch.distributed`` or the engine: it writes jobs to the store and reads them
+back. Live engine state (heartbeat, per-rank busy state) comes from ``ServiceInfo.engine_status``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import mimetypes
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, field, is_dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from service.jobs import (
+    OUTPUT_NAME_RE,
+    DiskFullError,
+    InvalidJobIdError,
+    InvalidTransitionError,
+    Job,
+    JobNotFoundError,
+    JobState,
+    JobStore,
+    OutputNotFoundError,
+    QueueFullError,
+    validate_job_id,
+)
+from service.validation import (
+    FORM_FILE_FIELDS,
+    FORM_TEXT_FIELDS,
+    GenerateRequest,
+    Limits,
+    RequestError,
+    _message,
+    check_voice,
+    from_upstream_json,
+    parse_json_field,
+    validate_generate,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ApiError",
+    "EngineStatus",
+    "Limits",
+    "ServiceInfo",
+    "TtsPreview",
+    "WorkerStatus",
+    "create_app",
+    "create_router",
+]
+
+# Text fields of a multipart request are small; files are limited separately by Limits.
+_MAX_FORM_TEXT_BYTES = 256 * 1024
+TtsPreview = Callable[[str, str | None], bytes]
+"""``tts_preview(voice_id, text_or_None) -> WAV bytes``; raises ValueError (with ``.field``) on bad input."""
+
+
+# ---------------------------------------------------------------------------------------------- info
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One rank (or replica group) as the engine sees it."""
+
+    rank: int
+    busy: bool
+    task_id: str | None = None
+    stage: str | None = None
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """Live engine state. ``last_heartbeat``: Unix time of the last successful heartbeat round."""
+
+    alive: bool
+    last_heartbeat: float | None
+    workers: tuple[WorkerStatus, ...] = ()
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """What the entry point knows about the running service; served by /api/info and /api/health.
+
+    ``engine_status`` is called on every request that needs live state (cheap, thread-safe, must not
+    touch torch.distributed); None means no engine is attached (the API still accepts jobs).
+    """
+
+    world_size: int = 1
+    ulysses_size: int = 1
+    ring_size: int = 1
+    dit_fsdp: bool = False
+    t5_fsdp: bool = False
+    model: str = "multitalk-14b"
+    default_preset: str = "balanced"
+    resolution: int = 480
+    versions: Mapping[str, str] = field(default_factory=dict)
+    weights: Mapping[str, Any] = field(default_factory=dict)
+    engine_status: Callable[[], EngineStatus] | None = None
+    heartbeat_timeout_s: float = 120.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """An answer other than success: status, the input it concerns, and a message for the user."""
+
+    def __init__(
+        self, status: int, field: str | None, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+class ErrorDetail(BaseModel):
+    field: str | None = Field(
+        description="the input the error is about (form field, JSON key, query parameter)"
+    )
+    message: str = Field(description="what is wrong and what is allowed")
+
+
+class ErrorResponse(BaseModel):
+    success: bool = False
+    error: ErrorDetail
+
+
+def _error_response(
+    status: int, field: str | None, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    body = {"success": False, "error": {"field": field, "message": message}}
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def _validation_field(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:]
+    return ".".join(parts) or None
+
+
+def error_response_for(exc: BaseException, request: Request | None = None) -> JSONResponse:
+    """Map an exception raised while serving an /api request to the JSON error answer."""
+    if isinstance(exc, ApiError):
+        return _error_response(exc.status, exc.field, exc.message, exc.headers)
+    if isinstance(exc, RequestError):
+        return _error_response(exc.status, exc.field, exc.message)
+    if isinstance(exc, RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        message = str(first.get("msg", "invalid value"))
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return _error_response(400, _validation_field(first.get("loc", ())), message)
+    if isinstance(exc, InvalidJobIdError):
+        return _error_response(400, exc.field, str(exc).split(": ", 1)[-1])
+    if isinstance(exc, JobNotFoundError):
+        return _error_response(404, "id", str(exc))
+    if isinstance(exc, OutputNotFoundError):
+        return _error_response(404, "file", str(exc))
+    if isinstance(exc, InvalidTransitionError):
+        return _error_response(409, "id", str(exc))
+    if isinstance(exc, QueueFullError):
+        return _error_response(429, None, str(exc), {"Retry-After": "30"})
+    if isinstance(exc, DiskFullError):
+        return _error_response(507, None, str(exc))
+    if isinstance(exc, ClientDisconnect):
+        return _error_response(400, "body", "the client disconnected before the request body was complete")
+    if isinstance(exc, StarletteHTTPException):
+        return _error_response(exc.status_code, None, str(exc.detail), getattr(exc, "headers", None))
+    error_id = uuid.uuid4().hex[:12]
+    where = f"{request.method} {request.url.path}" if request is not None else "request"
+    logger.error("internal error %s while serving %s", error_id, where, exc_info=exc)
+    return _error_response(500, None, f"internal error (id {error_id}); the service log has the details")
+
+
+class JsonErrorRoute(APIRoute):
+    """An APIRoute that answers every exception (validation, store, unexpected) with the JSON error
+    shape itself, so the routes keep their contract on any app they are mounted on."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def route_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                return error_response_for(exc, request)
+
+        return route_handler
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+class GenerateResponse(BaseModel):
+    success: bool = True
+    task_id: str
+    status_url: str
+    status: str
+    queue_position: int | None
+
+
+class JobStatusResponse(BaseModel):
+    success: bool = True
+    task_id: str
+    status: str = Field(description="queued | preparing | rendering | encoding | done | failed | cancelled")
+    progress: float = Field(description="0-100")
+    stage: str
+    queue_position: int | None = Field(description="1 = runs next; null unless queued")
+    timing: dict[str, float] = Field(description="seconds per stage: tts_time, video_time, total_time, ...")
+    error: str | None
+    created_at: str
+    updated_at: str
+    started_at: str | None
+    finished_at: str | None
+    attempts: int
+    cancel_requested: bool
+    outputs: list[str]
+    download_url: str | None
+    files: dict[str, str]
+    purged: bool
+    spec: dict[str, Any] | None = None
+    settings: dict[str, Any] | None = None
+
+
+class JobListResponse(BaseModel):
+    success: bool = True
+    jobs: list[JobStatusResponse]
+    total: int
+    limit: int
+    offset: int
+
+
+class CancelResponse(BaseModel):
+    success: bool = True
+    task_id: str
+    status: str
+    cancel_requested: bool
+    message: str
+
+
+class QueueResponse(BaseModel):
+    success: bool = True
+    workers: list[dict[str, Any]]
+    running: list[JobStatusResponse]
+    queue: list[JobStatusResponse]
+    queue_size: int
+    max_queue: int
+
+
+class TtsPreviewRequest(BaseModel):
+    voice: str = Field(min_length=1, max_length=64, description="a voice id from GET /api/voices")
+    text: str | None = Field(default=None, description="sentence to speak; a sample line when omitted")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _job_view(job: Job, prefix: str, *, full: bool) -> dict[str, Any]:
+    files = {name: f"{prefix}/api/download/{job.id}?file={name}" for name in job.outputs}
+    video = next((n for n in job.outputs if n.endswith(".mp4")), None)
+    return {
+        "success": True,
+        "task_id": job.id,
+        "status": job.state.value,
+        "progress": round(job.progress, 2),
+        "stage": job.stage,
+        "queue_position": job.queue_position,
+        "timing": job.timings,
+        "error": job.error,
+        "created_at": _iso(job.created_at),
+        "updated_at": _iso(job.updated_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "attempts": job.attempts,
+        "cancel_requested": job.cancel_requested,
+        "outputs": list(job.outputs),
+        "download_url": f"{prefix}/api/download/{job.id}" if video else None,
+        "files": files,
+        "purged": job.purged_at is not None,
+        "spec": job.spec if full else None,
+        "settings": job.settings if full else None,
+    }
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {k: _plain(v) for k, v in asdict(value).items()}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The whole request body, refusing (413) more than ``limit`` bytes without buffering them."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ApiError(400, "content-length", f"not a number: {declared[:40]!r}") from None
+        if size > limit:
+            raise ApiError(413, "body", f"request body is {size} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, "body", f"request body is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse_form(request: Request, body: bytes, limits: Limits) -> GenerateRequest:
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    replay = Request(request.scope, receive)
+    try:
+        form = await replay.form(
+            max_files=len(FORM_FILE_FIELDS) + 1,
+            max_fields=len(FORM_TEXT_FIELDS) + 1,
+            max_part_size=_MAX_FORM_TEXT_BYTES,
+        )
+    except StarletteHTTPException as exc:
+        raise ApiError(400, "body", f"malformed multipart form: {exc.detail}") from None
+    try:
+        values: dict[str, Any] = {}
+        allowed = (*FORM_FILE_FIELDS, *FORM_TEXT_FIELDS)
+        for key, value in form.multi_items():
+            if key not in allowed:
+                raise ApiError(400, key, f"unknown form field; allowed: {', '.join(allowed)}")
+            if key in values:
+                raise ApiError(400, key, "given more than once")
+            if key in FORM_FILE_FIELDS:
+                if not isinstance(value, UploadFile):
+                    raise ApiError(400, key, "expected a file upload, got a text value")
+                data = await value.read(limits.max_upload_bytes + 1)
+                if len(data) > limits.max_upload_bytes:
+                    raise ApiError(
+                        413, key, f"file is larger than the limit of {limits.max_upload_bytes} bytes"
+                    )
+                if not data:
+                    if not value.filename:
+                        continue  # a browser's empty file input: treat as not given
+                    raise ApiError(400, key, f"the uploaded file {value.filename[:80]!r} is empty")
+                values[key] = data
+            else:
+                if isinstance(value, UploadFile):
+                    raise ApiError(400, key, "expected a text value, got a file upload")
+                values[key] = value
+    finally:
+        await form.close()
+
+    settings = parse_json_field("settings", values.get("settings"), dict, 'an object such as {"steps": 20}')
+    boxes = values.get("boxes")
+    text = {
+        k: (values.get(k) or None)
+        for k in FORM_TEXT_FIELDS
+        if k not in ("settings", "boxes", "script", "prompt")
+    }
+    return GenerateRequest(
+        left_image=values.get("left_image"),
+        right_image=values.get("right_image"),
+        scene_image=values.get("scene_image"),
+        boxes=boxes if boxes is not None and boxes.strip() else None,
+        script=values.get("script"),
+        voice1=text["voice1"],
+        voice2=text["voice2"],
+        prompt=values.get("prompt"),
+        preset=text["preset"],
+        settings=settings,
+        audio1=values.get("audio1"),
+        audio2=values.get("audio2"),
+        audio_mode=text["audio_mode"],
+        layout=text["layout"],
+        backdrop=text["backdrop"],
+        aspect=text["aspect"],
+        source="form",
+    )
+
+
+_GENERATE_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "Either a multipart form, or upstream MultiTalk's input JSON with files as base64 data URLs "
+            "(data:image/png;base64,...). Server file paths and URLs are refused."
+        ),
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "left_image": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "portrait of speaker 1",
+                        },
+                        "right_image": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "portrait of speaker 2",
+                        },
+                        "scene_image": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "one image with both people (instead of two portraits)",
+                        },
+                        "boxes": {
+                            "type": "string",
+                            "description": "JSON [[y0,x0,y1,x1],[y0,x0,y1,x1]] in scene pixels (rows first)",
+                        },
+                        "layout": {"type": "string", "enum": ["side_by_side", "backdrop"]},
+                        "backdrop": {"type": "string", "enum": ["blur", "plain"]},
+                        "aspect": {"type": "string", "description": "W:H of the composed scene, e.g. 16:9"},
+                        "script": {
+                            "type": "string",
+                            "description": "dialogue, e.g. '(s1) Hi!\\n(s2) Hello.'",
+                        },
+                        "voice1": {
+                            "type": "string",
+                            "description": "voice id for speaker 1 (GET /api/voices)",
+                        },
+                        "voice2": {"type": "string", "description": "voice id for speaker 2"},
+                        "audio1": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "speech of speaker 1",
+                        },
+                        "audio2": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "speech of speaker 2",
+                        },
+                        "audio_mode": {"type": "string", "enum": ["add", "para"], "default": "add"},
+                        "prompt": {"type": "string"},
+                        "preset": {"type": "string", "enum": ["fast", "balanced", "quality"]},
+                        "settings": {
+                            "type": "string",
+                            "description": 'JSON object of overrides, e.g. {"steps": 20, "seed": 7}',
+                        },
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "prompt": {"type": "string"},
+                        "cond_image": {"type": "string", "description": "data URL of the scene image"},
+                        "left_image": {"type": "string", "description": "data URL (instead of cond_image)"},
+                        "right_image": {"type": "string", "description": "data URL"},
+                        "cond_audio": {
+                            "type": "object",
+                            "properties": {"person1": {"type": "string"}, "person2": {"type": "string"}},
+                        },
+                        "audio_type": {"type": "string", "enum": ["add", "para"]},
+                        "bbox": {
+                            "type": "object",
+                            "description": "{person1: [y0,x0,y1,x1], person2: [...]} in cond_image pixels",
+                        },
+                        "tts_audio": {
+                            "type": "object",
+                            "properties": {
+                                "text": {"type": "string"},
+                                "human1_voice": {"type": "string"},
+                                "human2_voice": {"type": "string"},
+                            },
+                        },
+                        "preset": {"type": "string", "enum": ["fast", "balanced", "quality"]},
+                        "settings": {"type": "object"},
+                        "layout": {"type": "string"},
+                        "backdrop": {"type": "string"},
+                        "aspect": {"type": "string"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+# ---------------------------------------------------------------------------------------------- router
+
+
+def create_router(
+    store: JobStore,
+    service_info: ServiceInfo,
+    *,
+    auth_token: str | None = None,
+    limits: Limits = Limits(),
+    tts_preview: TtsPreview | None = None,
+) -> APIRouter:
+    """All /api routes. ``auth_token``: when set, every route but /api/health needs
+    ``Authorization: Bearer <token>``."""
+    if auth_token is not None and not auth_token.strip():
+        raise ValueError("auth_token must be a non-empty string or None (no auth)")
+    preview_lock = threading.Lock()
+
+    def require_auth(request: Request) -> None:
+        if auth_token is None:
+            return
+        challenge = {"WWW-Authenticate": "Bearer"}
+        header = request.headers.get("authorization")
+        if not header:
+            raise ApiError(401, "authorization", "this API needs a token: send 'Authorization: Bearer <token>'",
+                           challenge)  # fmt: skip
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "authorization", "expected 'Authorization: Bearer <token>'", challenge)
+        if not hmac.compare_digest(token.strip().encode(), auth_token.encode()):
+            raise ApiError(401, "authorization", "invalid token", challenge)
+
+    def prefix(request: Request) -> str:
+        return str(request.scope.get("root_path", "")).rstrip("/")
+
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 429, 503, 507)
+    }
+    router = APIRouter(prefix="/api", route_class=JsonErrorRoute, responses=errors)
+    protected = APIRouter(route_class=JsonErrorRoute, dependencies=[Depends(require_auth)])
+
+    @protected.post(
+        "/generate",
+        response_model=GenerateResponse,
+        summary="Submit a dialogue video job",
+        openapi_extra=_GENERATE_OPENAPI,
+    )
+    async def generate(request: Request) -> dict[str, Any]:
+        content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if content_type not in ("multipart/form-data", "application/json"):
+            raise ApiError(
+                415, "content-type", f"unsupported content type {content_type[:60]!r}; send multipart/form-data "
+                "or application/json",
+            )  # fmt: skip
+        body = await _read_body(request, limits.max_request_bytes)
+        if content_type == "application/json":
+            try:
+                payload = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ApiError(400, "body", f"not valid JSON: {exc}") from None
+            req = from_upstream_json(payload, limits)
+        else:
+            req = await _parse_form(request, body, limits)
+        submission = await run_in_threadpool(validate_generate, req, limits)
+        job = await run_in_threadpool(store.submit, submission.spec, submission.settings, submission.files)
+        return {
+            "success": True,
+            "task_id": job.id,
+            "status_url": f"{prefix(request)}/api/status/{job.id}",
+            "status": job.state.value,
+            "queue_position": job.queue_position,
+        }
+
+    @protected.get("/status/{job_id}", response_model=JobStatusResponse, summary="State of one job")
+    async def status(job_id: str, request: Request) -> dict[str, Any]:
+        job = await run_in_threadpool(store.get, validate_job_id(job_id))
+        return _job_view(job, prefix(request), full=True)
+
+    @protected.get("/jobs", response_model=JobListResponse, summary="Jobs, newest first")
+    async def list_jobs(
+        request: Request,
+        limit: int = Query(20, ge=1, le=limits.max_list_limit),
+        offset: int = Query(0, ge=0),
+        state: JobState | None = Query(None),
+    ) -> dict[str, Any]:
+        def read() -> tuple[list[Job], int]:
+            return store.list(limit, offset, state=state), store.count(state=state)
+
+        jobs, total = await run_in_threadpool(read)
+        return {
+            "success": True,
+            "jobs": [_job_view(j, prefix(request), full=False) for j in jobs],
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+        }
+
+    @protected.delete("/jobs/{job_id}", response_model=CancelResponse, summary="Cancel a job")
+    async def cancel(job_id: str) -> dict[str, Any]:
+        job = await run_in_threadpool(store.request_cancel, validate_job_id(job_id))
+        if job.state == JobState.CANCELLED:
+            message = "cancelled"
+        else:
+            message = f"cancel requested; the engine stops the job at its next check (now {job.state.value})"
+        return {
+            "success": True,
+            "task_id": job.id,
+            "status": job.state.value,
+            "cancel_requested": job.cancel_requested,
+            "message": message,
+        }
+
+    @protected.get("/queue", response_model=QueueResponse, summary="Workers, running jobs and the queue")
+    async def queue(request: Request) -> dict[str, Any]:
+        engine = _engine_status(service_info)
+        queued, running = await run_in_threadpool(lambda: (store.queue(), store.active()))
+        return {
+            "success": True,
+            "workers": [] if engine is None else [_plain(w) for w in engine.workers],
+            "running": [_job_view(j, prefix(request), full=False) for j in running],
+            "queue": [_job_view(j, prefix(request), full=False) for j in queued],
+            "queue_size": len(queued),
+            "max_queue": store.max_queue,
+        }
+
+    @protected.get(
+        "/download/{job_id}",
+        summary="Download a job's video (or another output with ?file=)",
+        response_class=FileResponse,
+        responses={200: {"content": {"video/mp4": {}, "application/octet-stream": {}}}},
+    )
+    async def download(job_id: str, file: str | None = Query(None, max_length=128)) -> FileResponse:
+        validate_job_id(job_id)
+        if file is not None and not OUTPUT_NAME_RE.fullmatch(file):
+            raise ApiError(
+                400, "file", f"{file[:80]!r} is not an output file name (plain names such as video.mp4)"
+            )
+        job = await run_in_threadpool(store.get, job_id)
+        name = file
+        if name is None:
+            name = next((n for n in job.outputs if n.endswith(".mp4")), None)
+            if name is None:
+                if job.state != JobState.DONE:
+                    raise ApiError(
+                        409, "id", f"job {job_id} is {job.state.value}; the video is ready when it is done"
+                    )
+                raise ApiError(404, "file", f"job {job_id} has no video output")
+        path = await run_in_threadpool(store.output_path, job_id, name)
+        media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        return FileResponse(path, media_type=media_type, filename=f"{job_id}_{name}")
+
+    @protected.get("/info", summary="Service configuration")
+    async def info() -> dict[str, Any]:
+        engine = _engine_status(service_info)
+        from inference.settings import PRESETS
+
+        return {
+            "success": True,
+            "world_size": service_info.world_size,
+            "ulysses_size": service_info.ulysses_size,
+            "ring_size": service_info.ring_size,
+            "fsdp": {"dit": service_info.dit_fsdp, "t5": service_info.t5_fsdp},
+            "model": service_info.model,
+            "default_preset": service_info.default_preset,
+            "presets": {
+                name: {"description": p.description, **p.settings.to_dict()} for name, p in PRESETS.items()
+            },
+            "resolution": service_info.resolution,
+            "versions": _plain(service_info.versions),
+            "weights": _plain(service_info.weights),
+            "engine": None if engine is None else _plain(engine),
+            "limits": asdict(limits),
+            "max_queue": store.max_queue,
+            "retention_days": store.retention_days,
+            "auth_required": auth_token is not None,
+            **{str(k): _plain(v) for k, v in service_info.extra.items()},
+        }
+
+    @protected.get("/voices", summary="Voices for the script's speakers")
+    async def voices() -> dict[str, Any]:
+        from tts.voices import VOICES
+
+        return {"success": True, "voices": [{"id": vid, **_plain(v)} for vid, v in VOICES.items()]}
+
+    @protected.post(
+        "/tts/preview",
+        summary="Speak a sample line with one voice (WAV)",
+        response_class=Response,
+        responses={200: {"content": {"audio/wav": {}}}},
+    )
+    async def tts_preview_route(body: TtsPreviewRequest) -> Response:
+        voice = await run_in_threadpool(check_voice, "voice", body.voice)
+        text = body.text if body.text is not None and body.text.strip() else None
+        if text is not None and len(text) > limits.max_preview_chars:
+            raise ApiError(
+                400, "text", f"{len(text)} characters is too long; the limit is {limits.max_preview_chars}"
+            )
+        if tts_preview is None:
+            raise ApiError(
+                503, None, "voice preview needs the TTS engine, which is not attached to this API process"
+            )
+
+        def speak() -> bytes:
+            # One preview at a time: each runs the TTS model on the CPU/GPU of the web process.
+            with preview_lock:
+                return tts_preview(voice, text)
+
+        try:
+            wav = await run_in_threadpool(speak)
+        except ValueError as exc:
+            raise ApiError(400, getattr(exc, "field", None) or "text", _message(exc)) from None
+        return Response(content=wav, media_type="audio/wav")
+
+    public = APIRouter(route_class=JsonErrorRoute)
+
+    @public.get("/health", summary="Engine alive, heartbeat age, store writable (503 when unhealthy)")
+    async def health() -> JSONResponse:
+        problems: list[str] = []
+        engine_view: dict[str, Any] = {"attached": service_info.engine_status is not None}
+        try:
+            engine = _engine_status(service_info)
+        except Exception as exc:  # a broken status callable is itself an unhealthy engine
+            logger.warning("engine_status failed: %r", exc)
+            engine = None
+            problems.append(f"engine status unavailable: {exc}")
+        if service_info.engine_status is None:
+            problems.append("no engine attached")
+        elif engine is not None:
+            age = None if engine.last_heartbeat is None else max(0.0, time.time() - engine.last_heartbeat)
+            engine_view.update(alive=engine.alive, last_heartbeat_age_s=None if age is None else round(age, 3),
+                               message=engine.message)  # fmt: skip
+            if not engine.alive:
+                problems.append(f"engine not alive{': ' + engine.message if engine.message else ''}")
+            if age is None:
+                problems.append("engine has not sent a heartbeat yet")
+            elif age > service_info.heartbeat_timeout_s:
+                problems.append(
+                    f"last engine heartbeat {age:.0f} s ago (limit {service_info.heartbeat_timeout_s:.0f} s)"
+                )
+        writable, store_msg = await run_in_threadpool(store.check_writable)
+        if not writable:
+            problems.append(store_msg)
+        ok = not problems
+        body = {
+            "success": ok,
+            "status": "ok" if ok else "unhealthy",
+            "engine": engine_view,
+            "store": {"writable": writable, "message": store_msg},
+            "problems": problems,
+        }
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    router.include_router(public)
+    router.include_router(protected)
+
+    # Last: any other /api path answers 404 in the JSON shape, also when Gradio is mounted at "/"
+    # (its mount would otherwise catch the path and answer in its own format).
+    @router.api_route(
+        "/{rest:path}",
+        methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+        include_in_schema=False,
+    )
+    async def unknown_endpoint(rest: str, request: Request) -> Response:
+        raise ApiError(404, None, f"no such API endpoint: {request.method} {request.url.path}")
+
+    return router
+
+
+def _engine_status(info: ServiceInfo) -> EngineStatus | None:
+    if info.engine_status is None:
+        return None
+    return info.engine_status()
+
+
+# ---------------------------------------------------------------------------------------------- app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """JSON error shape for requests that match no route under /api (404/405) and for anything that
+    escapes a route; other paths keep FastAPI's defaults (Gradio may be mounted there)."""
+    from fastapi.exception_handlers import http_exception_handler
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if request.url.path.startswith("/api"):
+            if exc.status_code == 404:
+                return _error_response(
+                    404, None, f"no such API endpoint: {request.method} {request.url.path}"
+                )
+            return error_response_for(exc, request)
+        return await http_exception_handler(request, exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        return error_response_for(exc, request)
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        return error_response_for(exc, request)
+
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def create_app(
+    store: JobStore,
+    service_info: ServiceInfo,
+    *,
+    auth_token: str | None = None,
+    limits: Limits = Limits(),
+    tts_preview: TtsPreview | None = None,
+    title: str = "Dialogue video service",
+    version: str = "0.1.0",
+) -> FastAPI:
+    """FastAPI app with the /api routes, /openapi.json and /docs; mount Gradio on it afterwards with
+    ``gr.mount_gradio_app(app, blocks, path="/")``."""
+    app = FastAPI(
+        title=title,
+        version=version,
+        description="Two-person dialogue talking videos (MultiTalk). Errors: "
+        '{"success": false, "error": {"field", "message"}}.',
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.include_router(
+        create_router(store, service_info, auth_token=auth_token, limits=limits, tts_preview=tts_preview)
+    )
+    install_error_handlers(app)
+    app.state.store = store
+    app.state.service_info = service_info
+    return app

@@ -1,0 +1,601 @@
+"""Turn one generate request (multipart form or upstream-style JSON) into a job for the store.
+
+Everything a user sends is checked here, before a job exists: sizes, types, image and audio
+decodability, box geometry, the dialogue script, voices and generation settings. Every problem is a
+``RequestError`` naming the field and the rule, so the API can answer 4xx and never 500.
+
+The result is a ``Submission``: ``spec`` (what to make), ``settings`` (the resolved
+``GenerationSettings.to_dict()``, so ``GenerationSettings.from_dict(job.settings)`` rebuilds them) and
+``files`` (plain fixed names such as ``left_image.png`` -> bytes).
+
+Job spec (``kind == "dialogue"``, ``version == 1``)::
+
+    layout:        "portraits" (images.left / images.right) | "scene" (images.scene)
+    images:        {"left": "left_image.png", "right": "right_image.jpg"} | {"scene": "scene_image.png"}
+    scene:         portraits: {layout: side_by_side|backdrop, backdrop, aspect, scene_boxes, bucket}
+                   scene:     {layout: "scene", boxes: [[y0, x0, y1, x1], [..]] in original pixels or None,
+                               scene_boxes, bucket}   (upstream bbox order: rows first)
+    audio_source:  "tts":   script, voices [voice1, voice2], turns
+                   "files": audio {person1: "audio1.wav", person2: ...}, audio_mode add|para, audio_seconds
+    prompt, preset, settings_overrides, source ("form" | "json")
+
+The engine rebuilds the scene with ``inference.scene.compose_scene(left, right, layout=..., backdrop=...,
+aspect=..., size=settings["resolution"])`` or ``scene_from_image(scene, boxes, size=...)``: the same
+calls this module makes to validate, so a job that was accepted composes the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SPEC_VERSION = 1
+AUDIO_MODES = ("add", "para")
+DEFAULT_PRESET = "balanced"
+# Used when a request has no prompt; a plain description of the scene every job shares.
+DEFAULT_PROMPT = (
+    "Two people are having a conversation, facing each other and the camera, with natural facial "
+    "expressions, lip movements and small gestures; realistic, well lit, steady camera."
+)
+_IMAGE_EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif"}
+_SF_AUDIO_EXT = {"WAV": "wav", "FLAC": "flac", "OGG": "ogg", "MP3": "mp3", "AIFF": "aiff"}
+_DATA_URL_RE = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,"
+)
+_VOICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits of the REST API (all configurable by the entry point).
+
+    max_upload_bytes: largest single uploaded file (image or audio), after base64 decoding.
+    max_request_bytes: largest whole request body (multipart or JSON, base64 included).
+    max_script_chars / max_prompt_chars: text lengths.
+    max_audio_seconds: longest uploaded audio track.
+    Image size rules (formats, megapixels, short side) belong to ``inference.scene``.
+    max_preview_chars: longest text for POST /api/tts/preview.
+    max_list_limit: largest ``limit`` of GET /api/jobs.
+    """
+
+    max_upload_bytes: int = 25 * 2**20
+    max_request_bytes: int = 110 * 2**20
+    max_script_chars: int = 5000
+    max_prompt_chars: int = 2000
+    max_audio_seconds: float = 600.0
+    max_preview_chars: int = 500
+    max_list_limit: int = 200
+
+
+class RequestError(ValueError):
+    """A bad request: ``field`` names the input, ``status`` is the HTTP status to answer."""
+
+    def __init__(self, field: str, message: str, status: int = 400) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A generate request after transport decoding (form or JSON), before content validation."""
+
+    left_image: bytes | None = None
+    right_image: bytes | None = None
+    scene_image: bytes | None = None
+    boxes: Any = None
+    script: str | None = None
+    voice1: str | None = None
+    voice2: str | None = None
+    prompt: str | None = None
+    preset: str | None = None
+    settings: Any = None
+    audio1: bytes | None = None
+    audio2: bytes | None = None
+    audio_mode: str | None = None
+    layout: str | None = None
+    backdrop: str | None = None
+    aspect: str | None = None
+    source: str = "form"
+
+
+@dataclass(frozen=True)
+class Submission:
+    spec: dict[str, Any]
+    settings: dict[str, Any]
+    files: dict[str, bytes]
+
+
+# ---------------------------------------------------------------------------------------------- form
+
+FORM_FILE_FIELDS = ("left_image", "right_image", "scene_image", "audio1", "audio2")
+FORM_TEXT_FIELDS = (
+    "boxes",
+    "script",
+    "voice1",
+    "voice2",
+    "prompt",
+    "preset",
+    "settings",
+    "audio_mode",
+    "layout",
+    "backdrop",
+    "aspect",
+)
+
+
+def parse_json_field(field: str, text: str | None, expected: type | tuple[type, ...], what: str) -> Any:
+    """Decode a JSON-valued form field (``boxes``, ``settings``); None/blank stays None."""
+    if text is None or not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(
+            field, f"not valid JSON ({exc.msg} at position {exc.pos}); expected {what}"
+        ) from None
+    if not isinstance(value, expected):
+        raise RequestError(field, f"expected {what}, got JSON {type(value).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- JSON
+
+JSON_KEYS = (
+    "prompt",
+    "cond_image",
+    "cond_audio",
+    "audio_type",
+    "bbox",
+    "tts_audio",
+    "left_image",
+    "right_image",
+    "preset",
+    "settings",
+    "layout",
+    "backdrop",
+    "aspect",
+)
+
+
+def decode_data_url(field: str, value: Any, limits: Limits) -> bytes:
+    """``data:<mime>;base64,<payload>`` -> bytes. Server paths and URLs are refused: the service never
+    reads files named by a client and never fetches from the network."""
+    if not isinstance(value, str):
+        raise RequestError(field, f"expected a base64 data URL string, got {type(value).__name__}")
+    m = _DATA_URL_RE.match(value)
+    if m is None:
+        if re.match(r"^[a-z][a-z0-9+.-]*://", value, re.IGNORECASE):
+            raise RequestError(
+                field,
+                "URLs are not fetched (the service works offline); send the file as a "
+                "base64 data URL: data:<mime>;base64,<bytes>",
+            )
+        raise RequestError(
+            field,
+            "server file paths are not accepted; send the file content as a base64 data "
+            "URL: data:<mime>;base64,<bytes>",
+        )
+    if not m.group("b64"):
+        raise RequestError(field, "data URL must be base64-encoded (data:<mime>;base64,...)")
+    payload = value[m.end() :]
+    # 4 base64 characters carry 3 bytes: refuse before decoding anything too large.
+    if len(payload) // 4 * 3 > limits.max_upload_bytes + 3:
+        raise RequestError(field, f"file is larger than the limit of {limits.max_upload_bytes} bytes", 413)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(field, "data URL payload is not valid base64") from None
+    if not data:
+        raise RequestError(field, "the file is empty")
+    if len(data) > limits.max_upload_bytes:
+        raise RequestError(field, f"file is larger than the limit of {limits.max_upload_bytes} bytes", 413)
+    return data
+
+
+def _voice_from_upstream(field: str, value: Any) -> str | None:
+    """Upstream names voices by path (``weights/Kokoro-82M/voices/af_heart.pt``): keep only the file stem,
+    as an id; nothing is ever opened from the client's path."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RequestError(field, f"expected a voice id string, got {type(value).__name__}")
+    stem = value.replace("\\", "/").rsplit("/", 1)[-1]
+    if stem.endswith(".pt"):
+        stem = stem[:-3]
+    return stem
+
+
+def from_upstream_json(body: Any, limits: Limits) -> GenerateRequest:
+    """Map upstream MultiTalk's input JSON (plus ``left_image``/``right_image``/``preset``/``settings``)
+    to a GenerateRequest. Images and audio must be base64 data URLs."""
+    if not isinstance(body, dict):
+        raise RequestError("body", f"expected a JSON object, got {type(body).__name__}")
+    unknown = [k for k in body if k not in JSON_KEYS]
+    if "cond_video" in unknown:
+        raise RequestError(
+            "cond_video", "video input (InfiniteTalk's cond_video) is not supported; send cond_image"
+        )
+    if unknown:
+        raise RequestError(str(unknown[0]), f"unknown key; allowed keys: {', '.join(JSON_KEYS)}")
+
+    def text(key: str) -> str | None:
+        value = body.get(key)
+        if value is not None and not isinstance(value, str):
+            raise RequestError(key, f"expected a string, got {type(value).__name__}")
+        return value
+
+    images = {
+        k: decode_data_url(k, body[k], limits)
+        for k in ("cond_image", "left_image", "right_image")
+        if body.get(k) is not None
+    }
+
+    # bbox ({"person1": [...], "person2": [...]}) is checked by inference.scene with the image.
+    boxes = body.get("bbox")
+
+    script = voice1 = voice2 = None
+    tts = body.get("tts_audio")
+    if tts is not None:
+        if not isinstance(tts, dict):
+            raise RequestError(
+                "tts_audio",
+                f"expected an object {{text, human1_voice, human2_voice}}, got {type(tts).__name__}",
+            )
+        extra = [k for k in tts if k not in ("text", "human1_voice", "human2_voice")]
+        if extra:
+            raise RequestError(
+                f"tts_audio.{extra[0]}", "unknown key; allowed: text, human1_voice, human2_voice"
+            )
+        if tts.get("text") in (None, ""):
+            raise RequestError("tts_audio.text", "required: the dialogue script, e.g. '(s1) Hi! (s2) Hello.'")
+        if not isinstance(tts["text"], str):
+            raise RequestError("tts_audio.text", f"expected a string, got {type(tts['text']).__name__}")
+        script = tts["text"]
+        # Missing voices take the service defaults (tts.voices.DEFAULT_VOICES), like the form.
+        voice1 = _voice_from_upstream("tts_audio.human1_voice", tts.get("human1_voice"))
+        voice2 = _voice_from_upstream("tts_audio.human2_voice", tts.get("human2_voice"))
+
+    audio1 = audio2 = None
+    cond_audio = body.get("cond_audio")
+    if cond_audio is not None:
+        if not isinstance(cond_audio, dict):
+            raise RequestError(
+                "cond_audio", f"expected an object {{person1, person2}}, got {type(cond_audio).__name__}"
+            )
+        extra = [k for k in cond_audio if k not in ("person1", "person2")]
+        if extra:
+            raise RequestError(f"cond_audio.{extra[0]}", "unknown key; expected person1 and person2")
+        if cond_audio and tts is not None:
+            raise RequestError(
+                "cond_audio",
+                "give either tts_audio or cond_audio files, not both "
+                "(cond_audio may be {} with tts_audio, as upstream)",
+            )
+        if cond_audio:
+            for key in ("person1", "person2"):
+                value = cond_audio.get(key)
+                if value is None:
+                    raise RequestError(
+                        f"cond_audio.{key}", "required: this service makes two-person dialogues"
+                    )
+                if value == "None":
+                    raise RequestError(
+                        f"cond_audio.{key}",
+                        "a silent person ('None') is not supported; send "
+                        "two audio tracks, or a script with tts_audio",
+                    )
+            audio1 = decode_data_url("cond_audio.person1", cond_audio["person1"], limits)
+            audio2 = decode_data_url("cond_audio.person2", cond_audio["person2"], limits)
+
+    return GenerateRequest(
+        left_image=images.get("left_image"),
+        right_image=images.get("right_image"),
+        scene_image=images.get("cond_image"),
+        boxes=boxes,
+        script=script,
+        voice1=voice1,
+        voice2=voice2,
+        prompt=text("prompt"),
+        preset=text("preset"),
+        settings=body.get("settings"),
+        audio1=audio1,
+        audio2=audio2,
+        audio_mode=text("audio_type"),
+        layout=text("layout"),
+        backdrop=text("backdrop"),
+        aspect=text("aspect"),
+        source="json",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- content
+
+
+def image_extension(data: bytes) -> str:
+    """File extension for stored image bytes (the scene module has already accepted the format)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return _IMAGE_EXT.get(im.format or "", "img")
+    except Exception:  # only used for naming; decodability was checked by the scene module
+        return "img"
+
+
+def build_scene(req: GenerateRequest, resolution: int) -> dict[str, Any]:
+    """Compose/check the reference scene exactly as the engine will (``inference.scene``), so bad
+    portraits, boxes or layouts are refused now. Returns the spec's scene part."""
+    from inference.scene import compose_scene, scene_from_image
+
+    json_names = {"scene_image": "cond_image", "boxes": "bbox"} if req.source == "json" else {}
+    try:
+        if req.scene_image is not None:
+            if req.layout is not None or req.backdrop is not None or req.aspect is not None:
+                bad = (
+                    "layout"
+                    if req.layout is not None
+                    else "backdrop"
+                    if req.backdrop is not None
+                    else "aspect"
+                )
+                raise RequestError(bad, "applies to two portraits only; a scene image keeps its own framing")
+            scene = scene_from_image(req.scene_image, req.boxes, size=resolution)
+            return {"layout": "scene", "boxes": None if req.boxes is None else [list(b) for b in
+                    _original_boxes(req.boxes)], "scene_boxes": [list(b) for b in scene.boxes],
+                    "bucket": list(scene.bucket)}  # fmt: skip
+        if req.boxes is not None:
+            raise RequestError(
+                "boxes", "boxes apply to a scene image only; portraits are placed automatically"
+            )
+        kwargs: dict[str, Any] = {"layout": req.layout or "side_by_side", "backdrop": req.backdrop or "blur"}
+        if req.aspect is not None:
+            kwargs["aspect"] = req.aspect
+        scene = compose_scene(req.left_image, req.right_image, size=resolution, **kwargs)
+        return {"layout": kwargs["layout"], "backdrop": kwargs["backdrop"], "aspect": req.aspect,
+                "scene_boxes": [list(b) for b in scene.boxes], "bucket": list(scene.bucket)}  # fmt: skip
+    except RequestError:
+        raise
+    except ValueError as exc:
+        field = getattr(exc, "field", None) or (
+            "scene_image" if req.scene_image is not None else "left_image"
+        )
+        raise RequestError(json_names.get(field, field), _message(exc)) from None
+
+
+def _original_boxes(boxes: Any) -> list[list[int]]:
+    from inference.scene import parse_boxes
+
+    return [[int(v) for v in box] for box in parse_boxes(boxes)]
+
+
+def probe_audio(field: str, data: bytes, limits: Limits) -> tuple[str, float]:
+    """Check an uploaded audio file decodes and is not too long. Returns (extension, seconds)."""
+    import soundfile
+
+    try:
+        info = soundfile.info(io.BytesIO(data))
+        ext, seconds = _SF_AUDIO_EXT.get(info.format, "snd"), float(info.duration)
+        # Reading a block catches files whose header is fine but whose data is not.
+        with soundfile.SoundFile(io.BytesIO(data)) as fh:
+            fh.read(min(fh.frames, 4096))
+    except Exception:  # libsndfile refuses the container: try FFmpeg (m4a, aac, webm, ...)
+        ext, seconds = _probe_audio_av(field, data)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise RequestError(field, "the audio has no samples")
+    if seconds > limits.max_audio_seconds:
+        raise RequestError(
+            field, f"audio is {seconds:.1f} s long; the limit is {limits.max_audio_seconds:.0f} s"
+        )
+    return ext, seconds
+
+
+def _probe_audio_av(field: str, data: bytes) -> tuple[str, float]:
+    import av
+
+    fail = RequestError(field, "not a readable audio file; send WAV, FLAC, OGG, MP3 or M4A")
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            streams = container.streams.audio
+            if not streams:
+                raise fail
+            stream = streams[0]
+            fmt = container.format.name
+            samples = 0
+            rate = stream.codec_context.sample_rate or stream.rate
+            for frame in container.decode(stream):
+                samples += frame.samples
+                rate = frame.sample_rate or rate
+    except RequestError:
+        raise
+    except Exception:
+        raise fail from None
+    if not rate:
+        raise fail
+    names = fmt.split(",")
+    ext = "m4a" if "mp4" in names or "m4a" in names else ("webm" if "webm" in names else names[0][:8])
+    ext = re.sub(r"[^a-z0-9]", "", ext.lower()) or "snd"
+    return ext, samples / rate
+
+
+def _message(exc: BaseException) -> str:
+    """The exception text without a leading ``field:`` prefix (the API names the field separately)."""
+    text = str(exc)
+    field = getattr(exc, "field", None)
+    if field and text.startswith(f"{field}:"):
+        text = text[len(field) + 1 :].strip()
+    return text
+
+
+def _check_text(field: str, value: Any, max_chars: int, *, required: bool) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise RequestError(field, "required")
+        return None
+    if not isinstance(value, str):
+        raise RequestError(field, f"expected text, got {type(value).__name__}")
+    if len(value) > max_chars:
+        raise RequestError(field, f"{len(value)} characters is too long; the limit is {max_chars}")
+    if "\x00" in value:
+        raise RequestError(field, "contains a NUL character")
+    return value
+
+
+def resolve_settings(preset: Any, overrides: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(preset name, overrides, resolved settings dict) or RequestError naming the setting."""
+    from inference.settings import PRESETS
+
+    name = DEFAULT_PRESET if preset is None or preset == "" else preset
+    if not isinstance(name, str) or name not in PRESETS:
+        raise RequestError("preset", f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    if overrides is None:
+        overrides = {}
+    if not isinstance(overrides, dict):
+        raise RequestError("settings", f"expected a JSON object of settings, got {type(overrides).__name__}")
+    try:
+        resolved = PRESETS[name].apply(overrides)
+    except ValueError as exc:
+        field = getattr(exc, "field", None) or "settings"
+        raise RequestError(field if field == "settings" else f"settings.{field}", _message(exc)) from None
+    return name, dict(overrides), resolved.to_dict()
+
+
+def check_voice(field: str, voice_id: Any, default: str | None = None) -> str:
+    """A known voice id (``default`` when none was given); RequestError otherwise."""
+    from tts.voices import get_voice
+
+    if voice_id is None or voice_id == "":
+        if default is None:
+            raise RequestError(field, "required: a voice id (GET /api/voices lists them)")
+        voice_id = default
+    if not isinstance(voice_id, str) or not _VOICE_ID_RE.fullmatch(voice_id):
+        raise RequestError(field, f"{str(voice_id)[:80]!r} is not a voice id (GET /api/voices lists them)")
+    try:
+        get_voice(voice_id)
+    except ValueError as exc:
+        raise RequestError(field, _message(exc)) from None
+    return voice_id
+
+
+def check_script(text: str, limits: Limits) -> dict[str, Any]:
+    """Parse the dialogue script with the service's length limit; returns the spec's script summary
+    (turn count, speaker names). Errors name the line."""
+    from dialogue import ScriptLimits, parse_script
+
+    try:
+        dialogue = parse_script(text, ScriptLimits(max_chars=limits.max_script_chars))
+    except ValueError as exc:
+        line = getattr(exc, "line", None)
+        msg = getattr(exc, "message", None) or _message(exc)
+        if line is not None:
+            msg = f"line {line}: {msg}"
+        raise RequestError("script", msg) from None
+    return {"turns": len(dialogue.turns), "speakers": [s.name for s in dialogue.speakers]}
+
+
+def validate_generate(req: GenerateRequest, limits: Limits) -> Submission:
+    """Check every part of a generate request; returns the job to submit or raises RequestError.
+
+    Cheap checks run first (settings, texts, voices, script), then image composition and audio decoding.
+    """
+    json_src = req.source == "json"
+    spec: dict[str, Any] = {"kind": "dialogue", "version": SPEC_VERSION, "source": req.source}
+    files: dict[str, bytes] = {}
+
+    preset, overrides, settings = resolve_settings(req.preset, req.settings)
+    prompt = _check_text("prompt", req.prompt, limits.max_prompt_chars, required=False)
+
+    # -- speech: a script with two voices, or two audio tracks
+    has_audio = req.audio1 is not None or req.audio2 is not None
+    script = _check_text("script", req.script, limits.max_script_chars, required=False)
+    audio_names = ("cond_audio.person1", "cond_audio.person2") if json_src else ("audio1", "audio2")
+    if has_audio and script is not None:
+        raise RequestError("script", "give either a script (spoken by TTS) or two audio files, not both")
+    if has_audio:
+        for name, data in zip(audio_names, (req.audio1, req.audio2), strict=True):
+            if data is None:
+                raise RequestError(name, "required: one audio track per person (two in total)")
+        mode = req.audio_mode if req.audio_mode not in (None, "") else "add"
+        if mode not in AUDIO_MODES:
+            raise RequestError(
+                "audio_type" if json_src else "audio_mode",
+                f"unknown value {str(mode)[:40]!r}; allowed: 'add' (person 1 speaks, then person 2) or 'para' "
+                "(both tracks play at once, as given)",
+            )
+        if req.voice1 is not None or req.voice2 is not None:
+            raise RequestError("voice1" if req.voice1 is not None else "voice2",
+                               "voices apply to a script only; uploaded audio is used as it is")  # fmt: skip
+    else:
+        if script is None:
+            raise RequestError(
+                "tts_audio" if json_src else "script",
+                "required: a dialogue script (with voices for both speakers) or two audio files",
+            )
+        if req.audio_mode not in (None, ""):
+            raise RequestError(
+                "audio_type" if json_src else "audio_mode", "applies to uploaded audio files only"
+            )
+        from tts.voices import DEFAULT_VOICES
+
+        v1 = check_voice("tts_audio.human1_voice" if json_src else "voice1", req.voice1, DEFAULT_VOICES[0])
+        v2 = check_voice("tts_audio.human2_voice" if json_src else "voice2", req.voice2, DEFAULT_VOICES[1])
+        summary = check_script(script, limits)
+        spec.update(
+            audio_source="tts", script=script, voices=[v1, v2], audio=None, audio_mode=None, **summary
+        )
+
+    # -- pictures: two portraits, or one scene (+ optional boxes)
+    portraits = req.left_image is not None or req.right_image is not None
+    scene_field = "cond_image" if json_src else "scene_image"
+    if portraits and req.scene_image is not None:
+        raise RequestError(scene_field, "give either two portraits (left_image, right_image) or one scene image, "
+                           "not both")  # fmt: skip
+    if portraits:
+        for field in ("left_image", "right_image"):
+            if getattr(req, field) is None:
+                raise RequestError(
+                    field, f"required with the other portrait (two portraits, or one {scene_field})"
+                )
+    elif req.scene_image is None:
+        raise RequestError(
+            scene_field if json_src else "left_image",
+            f"required: two portraits (left_image and right_image) or one scene image ({scene_field})",
+        )
+    scene = build_scene(req, settings["resolution"])
+    if portraits:
+        images = {}
+        for field, side in (("left_image", "left"), ("right_image", "right")):
+            data = getattr(req, field)
+            name = f"{field}.{image_extension(data)}"
+            files[name] = data
+            images[side] = name
+    else:
+        name = f"scene_image.{image_extension(req.scene_image)}"
+        files[name] = req.scene_image
+        images = {"scene": name}
+    spec.update(layout="portraits" if portraits else "scene", images=images, scene=scene)
+
+    if has_audio:
+        audio, seconds = {}, {}
+        for i, (name, data) in enumerate(zip(audio_names, (req.audio1, req.audio2), strict=True), start=1):
+            ext, secs = probe_audio(name, data, limits)
+            files[f"audio{i}.{ext}"] = data
+            audio[f"person{i}"] = f"audio{i}.{ext}"
+            seconds[f"person{i}"] = round(secs, 3)
+        spec.update(audio_source="files", audio=audio, audio_mode=mode, audio_seconds=seconds, script=None,
+                    voices=None)  # fmt: skip
+
+    spec.update(
+        prompt=prompt if prompt is not None else DEFAULT_PROMPT, preset=preset, settings_overrides=overrides
+    )
+    return Submission(spec=spec, settings=settings, files=files)
