@@ -16,6 +16,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -38,7 +39,7 @@ def post(tag: str, value: Any = None) -> None:
     if _CHANNEL is None:
         raise RuntimeError("post() only works inside a rank started by dist_harness")
     q, rank = _CHANNEL
-    q.put(("post", rank, (tag, value)))
+    q.put(("post", rank, (tag, pickle.dumps(value))))
 
 
 @dataclass
@@ -84,7 +85,9 @@ def _child(
             device="cpu", data_timeout=data_timeout_s, control_timeout=control_timeout_s
         )
         value = fn(ctx, *args)
-        q.put(("result", rank, value))
+        # Plain pickle copies tensor data; the queue's own pickler would share it through file
+        # descriptors that die with this process.
+        q.put(("result", rank, pickle.dumps(value)))
         ctx.destroy(join_timeout_s=5.0)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
@@ -153,11 +156,12 @@ class SpmdRun:
         except queue.Empty:
             return False
         if kind == "result":
-            self._values[rank] = payload
+            self._values[rank] = pickle.loads(payload)
         elif kind == "error":
             self._errors[rank] = payload
         else:
-            self._posts.append((rank, *payload))
+            tag, value = payload
+            self._posts.append((rank, tag, pickle.loads(value)))
         return True
 
     def wait_for(self, tag: str, rank: int = 0, timeout_s: float = 30.0) -> Any:
