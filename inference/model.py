@@ -198,7 +198,8 @@ def routing_head_fn(token_masks: torch.Tensor) -> HeadFn:
         # Values padded to D columns so the fast SDPA kernels (equal q/v head dims) apply.
         values = torch.zeros(n_ref, d, dtype=q.dtype, device=q.device)
         values[:, :n_class] = token_masks.t().to(device=q.device, dtype=q.dtype)
-        out = attention(q, k[:, :n_ref], values[None, :, None, :].expand(b, n_ref, h, d))
+        # contiguous: zero-stride expanded values could push SDPA onto the (S x N_ref) math path.
+        out = attention(q, k[:, :n_ref], values[None, :, None, :].expand(b, n_ref, h, d).contiguous())
         stat = out[..., :n_class].float().sum(2) / sizes.to(q.device)  # [B, S, n_class]
         return stat.transpose(1, 2).reshape(b * n_class, s)
 
@@ -490,7 +491,7 @@ class WanAttentionBlock(nn.Module):
                 if stat is None:
                     raise RuntimeError("sp.attention returned no routing map although head_fn was given")
                 b = x.shape[0]
-                ref_map = stat.view(b, -1, stat.shape[-1])[:, :, :n] / self.num_heads  # mean over heads
+                ref_map = stat.reshape(b, -1, stat.shape[-1])[:, :, :n] / self.num_heads  # mean over heads
                 q_positions = routing_positions(ref_map, inp.sp, self.class_range, self.class_interval, dtype)
             x_a = self.audio_cross_attn(
                 self.norm_x(x[:, :n]),
