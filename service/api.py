@@ -590,6 +590,8 @@ def create_router(
                 payload = json.loads(body)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise ApiError(400, "body", f"not valid JSON: {exc}") from None
+            except RecursionError:
+                raise ApiError(400, "body", "JSON nested too deeply") from None
             req = from_upstream_json(payload, limits)
         else:
             req = await _parse_form(request, body, limits)

@@ -333,35 +333,47 @@ def image_extension(data: bytes) -> str:
         return "img"
 
 
+def _decode_image(field: str, data: bytes) -> Any:
+    """Decode one uploaded image with the scene module's rules. Any failure while decoding user bytes is
+    the file's fault (a crafted or truncated file can raise more than ValueError inside a decoder)."""
+    from inference.scene import load_image
+
+    try:
+        return load_image(data, field)
+    except ValueError as exc:
+        raise RequestError(getattr(exc, "field", None) or field, _message(exc)) from None
+    except Exception as exc:
+        logger.warning("%s: image decoder failed: %r", field, exc)
+        raise RequestError(field, "the image could not be decoded (corrupt or truncated file)") from None
+
+
 def build_scene(req: GenerateRequest, resolution: int) -> dict[str, Any]:
     """Compose/check the reference scene exactly as the engine will (``inference.scene``), so bad
     portraits, boxes or layouts are refused now. Returns the spec's scene part."""
     from inference.scene import compose_scene, scene_from_image
 
-    json_names = {"scene_image": "cond_image", "boxes": "bbox"} if req.source == "json" else {}
+    json_src = req.source == "json"
+    json_names = {"scene_image": "cond_image", "boxes": "bbox"} if json_src else {}
+    if req.scene_image is not None:
+        for name in ("layout", "backdrop", "aspect"):
+            if getattr(req, name) is not None:
+                raise RequestError(name, "applies to two portraits only; a scene image keeps its own framing")
+    elif req.boxes is not None:
+        raise RequestError("bbox" if json_src else "boxes", "boxes apply to a scene image only; portraits are "
+                           "placed automatically")  # fmt: skip
     try:
         if req.scene_image is not None:
-            if req.layout is not None or req.backdrop is not None or req.aspect is not None:
-                bad = (
-                    "layout"
-                    if req.layout is not None
-                    else "backdrop"
-                    if req.backdrop is not None
-                    else "aspect"
-                )
-                raise RequestError(bad, "applies to two portraits only; a scene image keeps its own framing")
-            scene = scene_from_image(req.scene_image, req.boxes, size=resolution)
-            return {"layout": "scene", "boxes": None if req.boxes is None else [list(b) for b in
-                    _original_boxes(req.boxes)], "scene_boxes": [list(b) for b in scene.boxes],
+            image = _decode_image("cond_image" if json_src else "scene_image", req.scene_image)
+            scene = scene_from_image(image, req.boxes, size=resolution)
+            boxes = None if req.boxes is None else _original_boxes(req.boxes)
+            return {"layout": "scene", "boxes": boxes, "scene_boxes": [list(b) for b in scene.boxes],
                     "bucket": list(scene.bucket)}  # fmt: skip
-        if req.boxes is not None:
-            raise RequestError(
-                "boxes", "boxes apply to a scene image only; portraits are placed automatically"
-            )
+        left = _decode_image("left_image", req.left_image)
+        right = _decode_image("right_image", req.right_image)
         kwargs: dict[str, Any] = {"layout": req.layout or "side_by_side", "backdrop": req.backdrop or "blur"}
         if req.aspect is not None:
             kwargs["aspect"] = req.aspect
-        scene = compose_scene(req.left_image, req.right_image, size=resolution, **kwargs)
+        scene = compose_scene(left, right, size=resolution, **kwargs)
         return {"layout": kwargs["layout"], "backdrop": kwargs["backdrop"], "aspect": req.aspect,
                 "scene_boxes": [list(b) for b in scene.boxes], "bucket": list(scene.bucket)}  # fmt: skip
     except RequestError:

@@ -306,6 +306,7 @@ def test_generate_json_body_must_be_an_object_of_valid_json(env) -> None:
     _err(client.post("/api/generate", content=b"{not json", headers=headers), 400, "body", "not valid json")
     _err(client.post("/api/generate", content=b"[1, 2]", headers=headers), 400, "body", "object")
     _err(client.post("/api/generate", content=b"\xff\xfe", headers=headers), 400, "body")
+    _err(client.post("/api/generate", content=b"[" * 100_000, headers=headers), 400, "body", "nested")
     resp = client.post("/api/generate", content=b"x", headers={"content-type": "text/plain"})
     _err(resp, 415, "content-type", "multipart/form-data")
 
@@ -351,6 +352,28 @@ def _corrupt_png() -> bytes:
         ({"settings": '{"turbo": true}'}, 400, "settings.turbo", ["unknown setting"]),
         ({"prompt": "x" * 2001}, 400, "prompt", ["too long", "2000"]),
         ({"layout": "circle"}, 400, "layout", ["side_by_side"]),
+        (
+            {
+                "left_image": None,
+                "right_image": None,
+                "scene_image": ("s.png", SCENE, "image/png"),
+                "layout": "backdrop",
+            },
+            400,
+            "layout",
+            ["two portraits only"],
+        ),
+        (
+            {
+                "left_image": None,
+                "right_image": None,
+                "scene_image": ("s.png", SCENE, "image/png"),
+                "boxes": "[[1, 2], [3, 4]]",
+            },
+            400,
+            "boxes",
+            ["4 numbers"],
+        ),
         ({"image1": "x"}, 400, "image1", ["unknown form field"]),
         ({"prompt": ("p.txt", b"a prompt", "text/plain")}, 400, "prompt", ["text value"]),
     ],
