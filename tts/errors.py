@@ -1,0 +1,33 @@
+"""Errors raised by the ``tts`` package.
+
+Every error a user can cause is a ``ValueError`` subclass that carries ``.field`` (the input it is
+about), so the API can answer 4xx with the field name instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class TTSInputError(ValueError):
+    """Bad input to speech synthesis or audio loading. ``field`` names the offending input."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class UnknownVoiceError(TTSInputError):
+    """A voice id that is not a Kokoro v1.0 voice (``field == "voice"``)."""
+
+    def __init__(self, message: str, field: str = "voice") -> None:
+        super().__init__(field, message)
+
+
+class AudioInputError(TTSInputError):
+    """An uploaded audio file that cannot be used (``field`` is ``"audio1"`` or ``"audio2"``)."""
+
+
+class KokoroWeightsError(TTSInputError):
+    """The local Kokoro folder is missing files or does not match its config (``field == "kokoro_dir"``)."""
+
+    def __init__(self, message: str, field: str = "kokoro_dir") -> None:
+        super().__init__(field, message)
