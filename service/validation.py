@@ -31,9 +31,10 @@ import binascii
 import io
 import json
 import logging
-import math
 import re
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ DEFAULT_PROMPT = (
     "expressions, lip movements and small gestures; realistic, well lit, steady camera."
 )
 _IMAGE_EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif"}
-_SF_AUDIO_EXT = {"WAV": "wav", "FLAC": "flac", "OGG": "ogg", "MP3": "mp3", "AIFF": "aiff"}
+_SF_AUDIO_EXT = {"WAV": "wav", "FLAC": "flac", "OGG": "ogg", "MP3": "mp3"}
 _DATA_URL_RE = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,"
 )
@@ -391,53 +392,54 @@ def _original_boxes(boxes: Any) -> list[list[int]]:
     return [[int(v) for v in box] for box in parse_boxes(boxes)]
 
 
-def probe_audio(field: str, data: bytes, limits: Limits) -> tuple[str, float]:
-    """Check an uploaded audio file decodes and is not too long. Returns (extension, seconds)."""
+def audio_extension(field: str, data: bytes) -> str:
+    """The file extension under which ``tts.user_audio`` decodes these bytes: wav/flac/ogg/mp3 when
+    libsndfile reads them, else m4a (its loader hands m4a to FFmpeg, which sniffs the real container)."""
     import soundfile
 
     try:
-        info = soundfile.info(io.BytesIO(data))
-        ext, seconds = _SF_AUDIO_EXT.get(info.format, "snd"), float(info.duration)
-        # Reading a block catches files whose header is fine but whose data is not.
-        with soundfile.SoundFile(io.BytesIO(data)) as fh:
-            fh.read(min(fh.frames, 4096))
-    except Exception:  # libsndfile refuses the container: try FFmpeg (m4a, aac, webm, ...)
-        ext, seconds = _probe_audio_av(field, data)
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise RequestError(field, "the audio has no samples")
-    if seconds > limits.max_audio_seconds:
-        raise RequestError(
-            field, f"audio is {seconds:.1f} s long; the limit is {limits.max_audio_seconds:.0f} s"
-        )
-    return ext, seconds
-
-
-def _probe_audio_av(field: str, data: bytes) -> tuple[str, float]:
+        fmt = soundfile.info(io.BytesIO(data)).format
+    except Exception:  # libsndfile refuses the container; FFmpeg may still read it
+        fmt = None
+    if fmt in _SF_AUDIO_EXT:
+        return _SF_AUDIO_EXT[fmt]
     import av
 
-    fail = RequestError(field, "not a readable audio file; send WAV, FLAC, OGG, MP3 or M4A")
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
-            streams = container.streams.audio
-            if not streams:
-                raise fail
-            stream = streams[0]
-            fmt = container.format.name
-            samples = 0
-            rate = stream.codec_context.sample_rate or stream.rate
-            for frame in container.decode(stream):
-                samples += frame.samples
-                rate = frame.sample_rate or rate
-    except RequestError:
-        raise
-    except Exception:
-        raise fail from None
-    if not rate:
-        raise fail
-    names = fmt.split(",")
-    ext = "m4a" if "mp4" in names or "m4a" in names else ("webm" if "webm" in names else names[0][:8])
-    ext = re.sub(r"[^a-z0-9]", "", ext.lower()) or "snd"
-    return ext, samples / rate
+            if container.streams.audio:
+                return "m4a"
+    except Exception:  # FFmpeg cannot open it either: not audio
+        pass
+    raise RequestError(field, "not a readable audio file; send WAV, FLAC, OGG, MP3 or M4A")
+
+
+def check_audio(
+    audio: tuple[bytes, bytes], mode: str, limits: Limits, names: tuple[str, str], mode_field: str
+) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Decode both recordings with the engine's own loader (``tts.user_audio.timeline_from_files``:
+    decode, resample, loudness, silence and length rules), so a job that is accepted can be voiced.
+    Returns the files to store and the spec's audio part."""
+    from tts.user_audio import timeline_from_files
+
+    files = {f"audio{i}.{audio_extension(name, data)}": data for i, (name, data) in
+             enumerate(zip(names, audio, strict=True), start=1)}  # fmt: skip
+    fields = {"audio1": names[0], "audio2": names[1], "audio_mode": mode_field}
+    with tempfile.TemporaryDirectory(prefix="audio-check-") as tmp:
+        paths = []
+        for file_name, data in files.items():
+            path = Path(tmp) / file_name
+            path.write_bytes(data)
+            paths.append(path)
+        try:
+            timeline = timeline_from_files(paths[0], paths[1], mode, max_seconds=limits.max_audio_seconds)
+        except ValueError as exc:
+            field = getattr(exc, "field", None) or names[0]
+            raise RequestError(fields.get(field, field), _message(exc)) from None
+    seconds = {f"person{t.speaker + 1}": round(t.end - t.start, 3) for t in timeline.turns}
+    spec = {"audio": {f"person{i}": n for i, n in enumerate(files, start=1)}, "audio_mode": mode,
+            "audio_seconds": seconds}  # fmt: skip
+    return files, spec
 
 
 def _message(exc: BaseException) -> str:
@@ -598,14 +600,10 @@ def validate_generate(req: GenerateRequest, limits: Limits) -> Submission:
     spec.update(layout="portraits" if portraits else "scene", images=images, scene=scene)
 
     if has_audio:
-        audio, seconds = {}, {}
-        for i, (name, data) in enumerate(zip(audio_names, (req.audio1, req.audio2), strict=True), start=1):
-            ext, secs = probe_audio(name, data, limits)
-            files[f"audio{i}.{ext}"] = data
-            audio[f"person{i}"] = f"audio{i}.{ext}"
-            seconds[f"person{i}"] = round(secs, 3)
-        spec.update(audio_source="files", audio=audio, audio_mode=mode, audio_seconds=seconds, script=None,
-                    voices=None)  # fmt: skip
+        mode_field = "audio_type" if json_src else "audio_mode"
+        audio_files, audio_spec = check_audio((req.audio1, req.audio2), mode, limits, audio_names, mode_field)
+        files.update(audio_files)
+        spec.update(audio_source="files", script=None, voices=None, **audio_spec)
 
     spec.update(
         prompt=prompt if prompt is not None else DEFAULT_PROMPT, preset=preset, settings_overrides=overrides
