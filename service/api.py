@@ -57,9 +57,9 @@ from service.validation import (
     GenerateRequest,
     Limits,
     RequestError,
-    _message,
     check_voice,
     from_upstream_json,
+    message_of,
     parse_json_field,
     validate_generate,
 )
@@ -742,7 +742,7 @@ def create_router(
         try:
             wav = await run_in_threadpool(speak)
         except ValueError as exc:
-            raise ApiError(400, getattr(exc, "field", None) or "text", _message(exc)) from None
+            raise ApiError(400, getattr(exc, "field", None) or "text", message_of(exc)) from None
         return Response(content=wav, media_type="audio/wav")
 
     public = APIRouter(route_class=JsonErrorRoute)

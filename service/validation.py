@@ -15,7 +15,7 @@ Job spec (``kind == "dialogue"``, ``version == 1``)::
     scene:         portraits: {layout: side_by_side|backdrop, backdrop, aspect, scene_boxes, bucket}
                    scene:     {layout: "scene", boxes: [[y0, x0, y1, x1], [..]] in original pixels or None,
                                scene_boxes, bucket}   (upstream bbox order: rows first)
-    audio_source:  "tts":   script, voices [voice1, voice2], turns
+    audio_source:  "tts":   script, voices [voice1, voice2], turns (count), speakers (names)
                    "files": audio {person1: "audio1.wav", person2: ...}, audio_mode add|para, audio_seconds
     prompt, preset, settings_overrides, source ("form" | "json")
 
@@ -342,7 +342,7 @@ def _decode_image(field: str, data: bytes) -> Any:
     try:
         return load_image(data, field)
     except ValueError as exc:
-        raise RequestError(getattr(exc, "field", None) or field, _message(exc)) from None
+        raise RequestError(getattr(exc, "field", None) or field, message_of(exc)) from None
     except Exception as exc:
         logger.warning("%s: image decoder failed: %r", field, exc)
         raise RequestError(field, "the image could not be decoded (corrupt or truncated file)") from None
@@ -383,7 +383,7 @@ def build_scene(req: GenerateRequest, resolution: int) -> dict[str, Any]:
         field = getattr(exc, "field", None) or (
             "scene_image" if req.scene_image is not None else "left_image"
         )
-        raise RequestError(json_names.get(field, field), _message(exc)) from None
+        raise RequestError(json_names.get(field, field), message_of(exc)) from None
 
 
 def _original_boxes(boxes: Any) -> list[list[int]]:
@@ -435,14 +435,14 @@ def check_audio(
             timeline = timeline_from_files(paths[0], paths[1], mode, max_seconds=limits.max_audio_seconds)
         except ValueError as exc:
             field = getattr(exc, "field", None) or names[0]
-            raise RequestError(fields.get(field, field), _message(exc)) from None
+            raise RequestError(fields.get(field, field), message_of(exc)) from None
     seconds = {f"person{t.speaker + 1}": round(t.end - t.start, 3) for t in timeline.turns}
     spec = {"audio": {f"person{i}": n for i, n in enumerate(files, start=1)}, "audio_mode": mode,
             "audio_seconds": seconds}  # fmt: skip
     return files, spec
 
 
-def _message(exc: BaseException) -> str:
+def message_of(exc: BaseException) -> str:
     """The exception text without a leading ``field:`` prefix (the API names the field separately)."""
     text = str(exc)
     field = getattr(exc, "field", None)
@@ -480,7 +480,7 @@ def resolve_settings(preset: Any, overrides: Any) -> tuple[str, dict[str, Any], 
         resolved = PRESETS[name].apply(overrides)
     except ValueError as exc:
         field = getattr(exc, "field", None) or "settings"
-        raise RequestError(field if field == "settings" else f"settings.{field}", _message(exc)) from None
+        raise RequestError(field if field == "settings" else f"settings.{field}", message_of(exc)) from None
     return name, dict(overrides), resolved.to_dict()
 
 
@@ -497,7 +497,7 @@ def check_voice(field: str, voice_id: Any, default: str | None = None) -> str:
     try:
         get_voice(voice_id)
     except ValueError as exc:
-        raise RequestError(field, _message(exc)) from None
+        raise RequestError(field, message_of(exc)) from None
     return voice_id
 
 
@@ -510,7 +510,7 @@ def check_script(text: str, limits: Limits) -> dict[str, Any]:
         dialogue = parse_script(text, ScriptLimits(max_chars=limits.max_script_chars))
     except ValueError as exc:
         line = getattr(exc, "line", None)
-        msg = getattr(exc, "message", None) or _message(exc)
+        msg = getattr(exc, "message", None) or message_of(exc)
         if line is not None:
             msg = f"line {line}: {msg}"
         raise RequestError("script", msg) from None
@@ -555,10 +555,10 @@ def validate_generate(req: GenerateRequest, limits: Limits) -> Submission:
                 "tts_audio" if json_src else "script",
                 "required: a dialogue script (with voices for both speakers) or two audio files",
             )
-        if req.audio_mode not in (None, ""):
-            raise RequestError(
-                "audio_type" if json_src else "audio_mode", "applies to uploaded audio files only"
-            )
+        # Upstream ignores audio_type in TTS mode (its TTS tracks are sequential), so its JSON files may
+        # carry one; a form field that cannot apply is refused instead.
+        if req.audio_mode not in (None, "") and not json_src:
+            raise RequestError("audio_mode", "applies to uploaded audio files only")
         from tts.voices import DEFAULT_VOICES
 
         v1 = check_voice("tts_audio.human1_voice" if json_src else "voice1", req.voice1, DEFAULT_VOICES[0])
