@@ -60,7 +60,7 @@ from service.validation import (
     check_voice,
     from_upstream_json,
     message_of,
-    parse_json_field,
+    request_from_form,
     validate_generate,
 )
 
@@ -375,59 +375,21 @@ async def _parse_form(request: Request, body: bytes, limits: Limits) -> Generate
     except StarletteHTTPException as exc:
         raise ApiError(400, "body", f"malformed multipart form: {exc.detail}") from None
     try:
-        values: dict[str, Any] = {}
-        allowed = (*FORM_FILE_FIELDS, *FORM_TEXT_FIELDS)
+        text: dict[str, str] = {}
+        files: dict[str, bytes] = {}
         for key, value in form.multi_items():
-            if key not in allowed:
-                raise ApiError(400, key, f"unknown form field; allowed: {', '.join(allowed)}")
-            if key in values:
+            if key in text or key in files:
                 raise ApiError(400, key, "given more than once")
-            if key in FORM_FILE_FIELDS:
-                if not isinstance(value, UploadFile):
-                    raise ApiError(400, key, "expected a file upload, got a text value")
+            if isinstance(value, UploadFile):
                 data = await value.read(limits.max_upload_bytes + 1)
-                if len(data) > limits.max_upload_bytes:
-                    raise ApiError(
-                        413, key, f"file is larger than the limit of {limits.max_upload_bytes} bytes"
-                    )
-                if not data:
-                    if not value.filename:
-                        continue  # a browser's empty file input: treat as not given
-                    raise ApiError(400, key, f"the uploaded file {value.filename[:80]!r} is empty")
-                values[key] = data
+                if not data and not value.filename and key in FORM_FILE_FIELDS:
+                    continue  # a browser's empty file input: not given
+                files[key] = data
             else:
-                if isinstance(value, UploadFile):
-                    raise ApiError(400, key, "expected a text value, got a file upload")
-                values[key] = value
+                text[key] = value
     finally:
         await form.close()
-
-    settings = parse_json_field("settings", values.get("settings"), dict, 'an object such as {"steps": 20}')
-    boxes = values.get("boxes")
-    text = {
-        k: (values.get(k) or None)
-        for k in FORM_TEXT_FIELDS
-        if k not in ("settings", "boxes", "script", "prompt")
-    }
-    return GenerateRequest(
-        left_image=values.get("left_image"),
-        right_image=values.get("right_image"),
-        scene_image=values.get("scene_image"),
-        boxes=boxes if boxes is not None and boxes.strip() else None,
-        script=values.get("script"),
-        voice1=text["voice1"],
-        voice2=text["voice2"],
-        prompt=values.get("prompt"),
-        preset=text["preset"],
-        settings=settings,
-        audio1=values.get("audio1"),
-        audio2=values.get("audio2"),
-        audio_mode=text["audio_mode"],
-        layout=text["layout"],
-        backdrop=text["backdrop"],
-        aspect=text["aspect"],
-        source="form",
-    )
+    return request_from_form(text, files, limits)
 
 
 _GENERATE_OPENAPI: dict[str, Any] = {

@@ -33,6 +33,7 @@ import json
 import logging
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,62 @@ def parse_json_field(field: str, text: str | None, expected: type | tuple[type, 
     if not isinstance(value, expected):
         raise RequestError(field, f"expected {what}, got JSON {type(value).__name__}")
     return value
+
+
+def request_from_form(
+    text: Mapping[str, Any], files: Mapping[str, bytes], limits: Limits, *, source: str = "form"
+) -> GenerateRequest:
+    """Form fields (``FORM_TEXT_FIELDS`` -> str) and uploads (``FORM_FILE_FIELDS`` -> bytes) to a
+    GenerateRequest; shared by the REST form and the Gradio UI. Blank text counts as not given."""
+    allowed = ", ".join((*FORM_FILE_FIELDS, *FORM_TEXT_FIELDS))
+    for key in text:
+        if key in FORM_FILE_FIELDS:
+            raise RequestError(key, "expected a file upload, got a text value")
+        if key not in FORM_TEXT_FIELDS:
+            raise RequestError(key, f"unknown form field; allowed: {allowed}")
+    for key, data in files.items():
+        if key in FORM_TEXT_FIELDS:
+            raise RequestError(key, "expected a text value, got a file upload")
+        if key not in FORM_FILE_FIELDS:
+            raise RequestError(key, f"unknown form field; allowed: {allowed}")
+        if not isinstance(data, bytes | bytearray):
+            raise RequestError(key, f"expected file bytes, got {type(data).__name__}")
+        if len(data) > limits.max_upload_bytes:
+            raise RequestError(key, f"file is larger than the limit of {limits.max_upload_bytes} bytes", 413)
+        if not data:
+            raise RequestError(key, "the uploaded file is empty")
+
+    def value(key: str) -> str | None:
+        v = text.get(key)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None
+        if not isinstance(v, str):
+            raise RequestError(key, f"expected text, got {type(v).__name__}")
+        return v
+
+    def upload(key: str) -> bytes | None:
+        data = files.get(key)
+        return None if data is None else bytes(data)
+
+    return GenerateRequest(
+        left_image=upload("left_image"),
+        right_image=upload("right_image"),
+        scene_image=upload("scene_image"),
+        boxes=value("boxes"),
+        script=value("script"),
+        voice1=value("voice1"),
+        voice2=value("voice2"),
+        prompt=value("prompt"),
+        preset=value("preset"),
+        settings=parse_json_field("settings", value("settings"), dict, 'an object such as {"steps": 20}'),
+        audio1=upload("audio1"),
+        audio2=upload("audio2"),
+        audio_mode=value("audio_mode"),
+        layout=value("layout"),
+        backdrop=value("backdrop"),
+        aspect=value("aspect"),
+        source=source,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- JSON
