@@ -1,0 +1,466 @@
+"""Gradio UI handlers against a real JobStore: parse preview, scene overlay, presets, submit, status,
+cancel, history, re-run, reattach, voice preview; plus the Blocks build and the mount on the REST app.
+
+The engine is not part of the UI: tests move jobs along the way an engine would (claim, progress,
+outputs, done) through the store's own API.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+from PIL import Image
+
+from inference.settings import SettingsError
+from service.jobs import JobState, JobStore
+from service.ui import ADVANCED_FIELDS, EXAMPLES, UiHandlers, build_ui, mount_ui, submit_form
+from service.validation import RequestError
+
+
+def _portrait(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (320, 400)) -> str:
+    Image.new("RGB", size, colour).save(path)
+    return str(path)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> JobStore:
+    s = JobStore(tmp_path / "jobs.db", tmp_path / "outputs", min_free_bytes=0)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def portraits(tmp_path: Path) -> tuple[str, str]:
+    return _portrait(tmp_path / "left.png", (200, 120, 90)), _portrait(tmp_path / "right.png", (90, 120, 200))
+
+
+def _handlers(store: JobStore, **kwargs: Any) -> UiHandlers:
+    """The handlers build_ui wires (test_build_ui_* checks that build_ui hands out the same class)."""
+    kwargs.setdefault("tts_preview", None)
+    kwargs.setdefault("info", lambda: {"model": "tiny", "default_preset": "fast"})
+    return UiHandlers(store, submit=lambda form, files: submit_form(store, form, files), **kwargs)
+
+
+@pytest.fixture
+def ui(store: JobStore) -> UiHandlers:
+    return _handlers(store)
+
+
+def _values(ui: UiHandlers, portraits: tuple[str, str], **over: Any) -> dict[str, Any]:
+    values = {
+        "source": "portraits",
+        "left_image": portraits[0],
+        "right_image": portraits[1],
+        "scene_image": None,
+        "boxes": "",
+        "layout": "side_by_side",
+        "backdrop": "blur",
+        "aspect": "16:9",
+        "script": "(s1) Hello there!\n(s2) Hi, nice to see you.",
+        "voice1": "af_heart",
+        "voice2": "am_adam",
+        "prompt": "",
+        "preset": "fast",
+        "length_unit": "seconds",
+    }
+    values.update(dict(zip(ADVANCED_FIELDS, ui.preset_values("fast"), strict=True)))
+    values.update(over)
+    return values
+
+
+def _finish(store: JobStore, job_id: str, outputs: dict[str, bytes]) -> None:
+    """What an engine does: claim, render, write outputs, done."""
+    job = store.claim_next("test")
+    assert job is not None and job.id == job_id
+    store.set_state(job_id, "rendering")
+    store.set_state(job_id, "encoding")
+    for name, data in outputs.items():
+        (store.job_dir(job_id) / name).write_bytes(data)
+    store.set_outputs(job_id, list(outputs))
+    store.add_timing(job_id, "total_time", 12.5)
+    store.set_state(job_id, "done")
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+def test_build_ui_renders_every_main_control(store: JobStore) -> None:
+    import gradio as gr
+
+    demo = build_ui(store, submit=lambda f, fl: "x", tts_preview=None, info=lambda: {})
+    assert isinstance(demo, gr.Blocks)
+    ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+    for elem in ("left-portrait", "right-portrait", "scene-image", "boxes", "layout", "resolution",
+                 "overlay-preview", "script-box", "parse-preview", "voice1", "voice2", "prompt", "preset",
+                 "generate-btn", "cancel-btn", "job-id", "job-status", "result-video", "downloads", "history"):  # fmt: skip
+        assert elem in ids, elem
+    kinds = {type(b).__name__ for b in demo.blocks.values()}
+    assert {"BrowserState", "Timer", "Video", "Dataframe", "Accordion"} <= kinds
+    voice_dd = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "voice1")
+    labels = dict((v, k) for k, v in voice_dd.choices)
+    assert labels["af_heart"].startswith("af_heart — American English, female")
+    assert labels["zf_xiaobei"].startswith("zf_xiaobei — Mandarin Chinese, female")
+    assert isinstance(demo.dialogue_handlers, UiHandlers)
+    # A failing info callable must not break the page.
+    broken = build_ui(store, submit=lambda f, fl: "x", tts_preview=None, info=lambda: 1 / 0)
+    assert "service info unavailable" in broken.dialogue_handlers.header()
+
+
+# ---------------------------------------------------------------------------------------------- script
+
+
+def test_parse_preview_lists_turns_with_names(ui: UiHandlers) -> None:
+    html, names = ui.parse_preview("Alice: Hello!\nBob: Hi Alice. [pause 1.5s]\nAlice: Shall we start?")
+    assert names == ["Alice", "Bob"]
+    assert "3 turns" in html and "names" in html
+    assert "<b>Bob</b> (right)" in html and "[pause 1.5 s]" in html
+
+
+def test_parse_preview_shows_error_with_line(ui: UiHandlers) -> None:
+    html, names = ui.parse_preview("A: hello\nB: hi\nC: who am I?")
+    assert "line 3" in html and "dv-error" in html and "Traceback" not in html
+    assert names == ["Speaker 1", "Speaker 2"]
+    assert "Write the dialogue" in ui.parse_preview("   ")[0]
+
+
+def test_every_example_parses(ui: UiHandlers) -> None:
+    for name, text in EXAMPLES.items():
+        html, _ = ui.parse_preview(text)
+        assert "dv-error" not in html, name
+    assert "[pause" in ui.parse_preview(EXAMPLES["With pauses"])[0]
+
+
+# ---------------------------------------------------------------------------------------------- scene
+
+
+def test_overlay_from_two_portraits(ui: UiHandlers, portraits: tuple[str, str]) -> None:
+    img, msg = ui.overlay(
+        "portraits", *portraits, None, "", "side_by_side", "blur", "16:9", 480, ["Ann", "Ben"]
+    )
+    assert img is not None and img.size == (896, 448)
+    assert "Ann" in msg and "Ben" in msg and "896×448" in msg
+    img2, _ = ui.overlay("portraits", *portraits, None, "", "backdrop", "plain", "1:1", 480, None)
+    assert img2 is not None and img2.size[0] == img2.size[1]
+    missing, msg = ui.overlay(
+        "portraits", portraits[0], None, None, "", "side_by_side", "blur", "16:9", 480, None
+    )
+    assert missing is None and "person 2 (right)" in msg
+
+
+def test_overlay_errors_are_inline(ui: UiHandlers, tmp_path: Path, portraits: tuple[str, str]) -> None:
+    tiny = _portrait(tmp_path / "tiny.png", (1, 2, 3), (100, 100))
+    img, msg = ui.overlay(
+        "portraits", tiny, portraits[1], None, "", "side_by_side", "blur", "16:9", 480, None
+    )
+    assert img is None and msg.startswith("⚠️ **Portrait of person 1 (left)**") and "256" in msg
+    scene = _portrait(tmp_path / "scene.png", (50, 60, 70), (800, 400))
+    img, msg = ui.overlay(
+        "scene", None, None, scene, "[[40, 20, 380, 400], [40, 420, 380, 780]]", "", "", "", 480, None
+    )
+    assert img is not None, msg
+    img, msg = ui.overlay(
+        "scene", None, None, scene, "[[0, 0, 400, 800], [0, 0, 400, 790]]", "", "", "", 480, None
+    )
+    assert img is None and "**Boxes**" in msg and "overlap" in msg
+    img, msg = ui.overlay("scene", None, None, scene, "not json", "", "", "", 480, None)
+    assert img is None and "not valid JSON" in msg
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+
+def test_preset_fill_and_overrides(ui: UiHandlers) -> None:
+    fast = dict(zip(ADVANCED_FIELDS, ui.preset_values("fast"), strict=True))
+    assert fast["steps"] == 16 and fast["text_guidance"] == 1.0 and fast["max_length"] == 40.0
+    assert (
+        dict(zip(ADVANCED_FIELDS, ui.preset_values("quality", "frames"), strict=True))["max_length"] == 1000
+    )
+    base = {"preset": "fast", "length_unit": "seconds", **fast}
+    assert ui.settings_overrides(base) == {}
+    changed = ui.settings_overrides({**base, "steps": 20.0, "seed": -1, "max_length": 60, "resolution": 720})
+    assert changed == {"steps": 20, "seed": -1, "max_frames": 1500, "resolution": 720}
+    assert ui.settings_overrides({**base, "length_unit": "frames", "max_length": 201}) == {"max_frames": 201}
+    with pytest.raises(SettingsError) as err:
+        ui.settings_overrides({**base, "max_length": 2})
+    assert err.value.field == "max_frames" and "3.24 s" in str(err.value)
+    assert (
+        ui.convert_length(40, "seconds", "frames") == 1000
+        and ui.convert_length(1000, "frames", "seconds") == 40
+    )
+
+
+def test_estimate_uses_script_length_and_step_time(store: JobStore) -> None:
+    ui = _handlers(store, info=lambda: {"step_time_s": {480: 0.5}})
+    values = {"preset": "balanced", "length_unit": "seconds", "script": "(s1) Hi.\n(s2) Hello."}
+    values.update(dict(zip(ADVANCED_FIELDS, ui.preset_values("balanced"), strict=True)))
+    text = ui.estimate(values)
+    assert "1 clip × 30 steps × 3 passes = 90 transformer passes" in text
+    assert "45 s" in text  # 30 steps x 3 passes x 0.5 s
+    no_time = _handlers(store, info=lambda: {}).estimate({**values, "script": ""})
+    assert "estimated time" not in no_time and "write a script" in no_time
+    assert "Maximum length" not in ui.estimate({**values, "max_length": 1}) and "⚠️" in ui.estimate(
+        {**values, "max_length": 1}
+    )
+
+
+# ---------------------------------------------------------------------------------------------- submit
+
+
+def test_generate_submits_job_to_store(ui: UiHandlers, store: JobStore, portraits: tuple[str, str]) -> None:
+    job_id, msg = ui.generate(_values(ui, portraits, steps=20, seed=7, prompt="Two friends in a café."))
+    assert job_id is not None and job_id in msg and "position 1" in msg
+    job = store.get(job_id)
+    assert job.state == JobState.QUEUED
+    assert job.spec["script"].startswith("(s1) Hello there!") and job.spec["voices"] == [
+        "af_heart",
+        "am_adam",
+    ]
+    assert job.spec["preset"] == "fast" and job.spec["settings_overrides"] == {"steps": 20, "seed": 7}
+    assert job.settings["steps"] == 20 and job.settings["text_guidance"] == 1.0
+    assert job.spec["prompt"] == "Two friends in a café."
+    assert job.spec["scene"]["layout"] == "side_by_side"
+    left = store.input_path(job_id, job.spec["images"]["left"])
+    assert left.read_bytes() == Path(portraits[0]).read_bytes()
+
+
+def test_generate_rejects_bad_input_with_field(
+    ui: UiHandlers, store: JobStore, portraits: tuple[str, str]
+) -> None:
+    job_id, msg = ui.generate(_values(ui, portraits, script="A: hi\nB: yo\nC: third"))
+    assert job_id is None and "**Script**" in msg and "line 3" in msg
+    job_id, msg = ui.generate(_values(ui, portraits, right_image=None))
+    assert job_id is None and "person 2 (right)" in msg
+    job_id, msg = ui.generate(_values(ui, portraits, voice2="xx_nobody"))
+    assert job_id is None and "**Voice of person 2**" in msg
+    job_id, msg = ui.generate(_values(ui, portraits, steps=0))
+    assert job_id is None and "steps" in msg
+    assert store.count() == 0
+
+
+def test_generate_from_scene_with_boxes(ui: UiHandlers, store: JobStore, tmp_path: Path) -> None:
+    scene = _portrait(tmp_path / "scene.png", (40, 50, 60), (800, 400))
+    values = _values(
+        ui, ("", ""), source="scene", scene_image=scene, boxes="[[40, 20, 380, 400], [40, 420, 380, 780]]"
+    )
+    job_id, msg = ui.generate(values)
+    assert job_id is not None, msg
+    job = store.get(job_id)
+    assert job.spec["layout"] == "scene"
+    assert job.spec["scene"]["boxes"] == [[40, 20, 380, 400], [40, 420, 380, 780]]
+
+
+def test_submit_form_contract(store: JobStore, portraits: tuple[str, str]) -> None:
+    files = {"left_image": Path(portraits[0]).read_bytes(), "right_image": Path(portraits[1]).read_bytes()}
+    job_id = submit_form(
+        store, {"script": "(s1) a\n(s2) b", "settings": '{"steps": 5}', "preset": "fast"}, files
+    )
+    assert store.get(job_id).settings["steps"] == 5
+    with pytest.raises(RequestError) as err:
+        submit_form(store, {"script": "(s1) a", "colour": "red"}, files)
+    assert err.value.field == "colour"
+    with pytest.raises(RequestError) as err:
+        submit_form(store, {"script": "(s1) a", "settings": "{oops"}, files)
+    assert err.value.field == "settings"
+
+
+# ---------------------------------------------------------------------------------------------- status
+
+
+def test_poll_follows_the_job(ui: UiHandlers, store: JobStore, portraits: tuple[str, str]) -> None:
+    first, _ = ui.generate(_values(ui, portraits))
+    second, _ = ui.generate(_values(ui, portraits))
+    r = ui.poll(second)
+    assert not r.terminal and r.cancellable and r.video is None
+    assert "position <b>2</b> of 2" in r.html and "queued" in r.html
+
+    store.claim_next("test")
+    store.update_progress(first, 42, "rendering clip 1/2, step 3/16")
+    r = ui.poll(first)
+    assert "42%" in r.html and "rendering clip 1/2, step 3/16" in r.html and 'aria-valuenow="42"' in r.html
+    assert "position <b>1</b> of 1" in ui.poll(second).html and "1 job running" in ui.poll(second).html
+
+    store.set_state(first, "rendering")
+    store.set_state(first, "encoding")
+    for name, data in {"video.mp4": b"mp4", "subtitles.vtt": b"WEBVTT\n", "subtitles.srt": b"1\n"}.items():
+        (store.job_dir(first) / name).write_bytes(data)
+    store.set_outputs(first, ["subtitles.vtt", "video.mp4", "subtitles.srt"])
+    store.set_state(first, "done")
+    r = ui.poll(first)
+    assert r.terminal and not r.cancellable and "done" in r.html and "100%" in r.html
+    assert r.video == str(store.job_dir(first).resolve() / "video.mp4")
+    assert r.subtitles.endswith("subtitles.vtt")
+    assert [Path(p).name for p in r.downloads] == ["video.mp4", "subtitles.srt", "subtitles.vtt"]
+
+    assert "No job yet" in ui.poll("").html
+    assert "not a job id" in ui.poll("../etc/passwd").html
+    assert "no job with id" in ui.poll("0" * 32).html
+
+
+def test_poll_converts_srt_only_subtitles(
+    ui: UiHandlers, store: JobStore, portraits: tuple[str, str]
+) -> None:
+    job_id, _ = ui.generate(_values(ui, portraits))
+    _finish(store, job_id, {"video.mp4": b"x", "subtitles.srt": b"1\n00:00:00,000 --> 00:00:01,500\nHi\n"})
+    r = ui.poll(job_id)
+    vtt = Path(r.subtitles).read_text()
+    assert vtt.startswith("WEBVTT") and "00:00:00.000 --> 00:00:01.500" in vtt and "Hi" in vtt
+    assert "Done in 12 s" in r.html  # total_time 12.5 s
+
+
+def test_poll_failed_and_missing_outputs(ui: UiHandlers, store: JobStore, portraits: tuple[str, str]) -> None:
+    job_id, _ = ui.generate(_values(ui, portraits))
+    store.claim_next("test")
+    store.set_state(job_id, "failed", error="<b>out of memory</b>")
+    r = ui.poll(job_id)
+    assert r.terminal and "Failed: &lt;b&gt;out of memory&lt;/b&gt;" in r.html
+    other, _ = ui.generate(_values(ui, portraits))
+    _finish(store, other, {"video.mp4": b"x"})
+    (store.job_dir(other) / "video.mp4").unlink()
+    r = ui.poll(other)
+    assert r.video is None and "missing on disk" in r.html
+
+
+def test_cancel(ui: UiHandlers, store: JobStore, portraits: tuple[str, str]) -> None:
+    running, _ = ui.generate(_values(ui, portraits))
+    waiting, _ = ui.generate(_values(ui, portraits))
+    store.claim_next("test")
+    assert "cancelled" in ui.cancel(waiting) and store.get(waiting).state == JobState.CANCELLED
+    assert "Cancel requested" in ui.cancel(running) and store.get(running).cancel_requested
+    r = ui.poll(running)
+    assert "cancelling" in r.html and not r.cancellable
+    store.set_state(running, "cancelled")
+    assert "already finished" in ui.cancel(running)
+    assert "No job" in ui.cancel("")
+
+
+# ---------------------------------------------------------------------------------------------- history
+
+
+def test_history_rows_and_selection(ui: UiHandlers, store: JobStore, portraits: tuple[str, str]) -> None:
+    old, _ = ui.generate(_values(ui, portraits))
+    new, _ = ui.generate(_values(ui, portraits, preset="quality", steps=40, text_guidance=5.0, seed=3))
+    _finish(store, old, {"video.mp4": b"x"})
+    rows, ids = ui.history()
+    assert ids == [new, old]
+    assert rows[0][:7] == [new[:8], rows[0][1], "queued (#1)", "quality", 40, "480p", 3]
+    assert rows[1][2] == "done" and rows[1][-1] == 12.5
+    assert rows[1][7] == "af_heart + am_adam" and rows[1][8].startswith("(s1) Hello there! / (s2)")
+    assert ui.select_row(ids, 1) == old and ui.select_row(ids, 5) == "" and ui.select_row(ids, None) == ""
+
+
+def test_rerun_resubmits_same_inputs(
+    ui: UiHandlers, store: JobStore, portraits: tuple[str, str], tmp_path: Path
+) -> None:
+    first, _ = ui.generate(_values(ui, portraits, layout="backdrop", backdrop="plain", aspect="4:3", seed=11))
+    _finish(store, first, {"video.mp4": b"x"})
+    again, msg = ui.rerun(first)
+    assert again is not None and again != first and again in msg
+    a, b = store.get(first), store.get(again)
+    assert a.spec == b.spec and a.settings == b.settings
+    for name in a.inputs:
+        assert store.input_path(again, name).read_bytes() == store.input_path(first, name).read_bytes()
+
+    scene = _portrait(tmp_path / "scene.png", (40, 50, 60), (800, 400))
+    boxed, _ = ui.generate(_values(ui, ("", ""), source="scene", scene_image=scene,
+                                   boxes='{"person1": [40, 20, 380, 400], "person2": [40, 420, 380, 780]}'))  # fmt: skip
+    again2, msg = ui.rerun(boxed)
+    assert again2 is not None, msg
+    assert store.get(again2).spec["scene"] == store.get(boxed).spec["scene"]
+
+    assert ui.rerun("")[0] is None
+    assert "no job with id" in ui.rerun("f" * 32)[1]
+
+
+def test_rerun_of_audio_file_job(ui: UiHandlers, store: JobStore, portraits: tuple[str, str]) -> None:
+    buf = io.BytesIO()
+    tone = 0.3 * np.sin(2 * np.pi * 220 * np.arange(16000) / 16000)  # 1 s: uploaded speech must not be silent
+    soundfile.write(buf, tone.astype(np.float32), 16000, format="WAV")
+    files = {"left_image": Path(portraits[0]).read_bytes(), "right_image": Path(portraits[1]).read_bytes(),
+             "audio1": buf.getvalue(), "audio2": buf.getvalue()}  # fmt: skip
+    job_id = submit_form(store, {"audio_mode": "para", "preset": "fast"}, files)
+    again, msg = ui.rerun(job_id)
+    assert again is not None, msg
+    assert store.get(again).spec["audio_mode"] == "para" and store.get(again).spec["audio_source"] == "files"
+
+
+def test_current_job_prefers_url_then_browser(
+    ui: UiHandlers, store: JobStore, portraits: tuple[str, str]
+) -> None:
+    a, _ = ui.generate(_values(ui, portraits))
+    b, _ = ui.generate(_values(ui, portraits))
+    assert ui.current_job(a, b) == b
+    assert ui.current_job(a, None) == a
+    assert ui.current_job(a, "not-an-id") == a
+    assert ui.current_job("0" * 32, None) == ""  # stored id of a job this store does not know
+    assert ui.current_job(None, None) == ""
+
+
+# ---------------------------------------------------------------------------------------------- voices
+
+
+def test_voice_preview_without_engine(ui: UiHandlers) -> None:
+    audio, msg = ui.preview_voice("af_heart")
+    assert audio is None and "Kokoro TTS engine" in msg
+    audio, msg = ui.preview_voice("zz_nobody")
+    assert audio is None and "unknown voice" in msg
+
+
+def test_voice_preview_with_engine_results(store: JobStore) -> None:
+    # Test double of the TTS engine (the Kokoro engine has its own tests): tuple, WAV bytes, bad input.
+    calls: list[tuple[str, str | None]] = []
+
+    def tuple_tts(voice: str, text: str | None) -> tuple[int, np.ndarray]:
+        calls.append((voice, text))
+        return 24000, np.full(12000, 0.1, np.float32)
+
+    audio, msg = _handlers(store, tts_preview=tuple_tts).preview_voice("bf_emma")
+    assert calls == [("bf_emma", None)] and audio[0] == 24000 and audio[1].shape == (12000,)
+    assert "British English" in msg and "0.5 s" in msg
+
+    def wav_tts(voice: str, text: str | None) -> bytes:
+        buf = io.BytesIO()
+        soundfile.write(buf, np.zeros((4800, 2), np.float32), 24000, format="WAV")
+        return buf.getvalue()
+
+    audio, _ = _handlers(store, tts_preview=wav_tts).preview_voice("af_heart")
+    assert audio[0] == 24000 and audio[1].shape == (4800,)
+
+    def refusing_tts(voice: str, text: str | None) -> bytes:
+        raise ValueError("voice af_heart is not installed")
+
+    audio, msg = _handlers(store, tts_preview=refusing_tts).preview_voice("af_heart")
+    assert audio is None and "not installed" in msg
+    audio, msg = _handlers(store, tts_preview=lambda v, t: "nonsense").preview_voice("af_heart")
+    assert audio is None and "no usable audio" in msg
+
+
+# ---------------------------------------------------------------------------------------------- mount
+
+
+def test_mount_on_rest_app(store: JobStore) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.api import ServiceInfo, create_app
+
+    app = create_app(store, ServiceInfo())
+    demo = build_ui(store, submit=lambda f, fl: submit_form(store, f, fl), tts_preview=None, info=lambda: {})
+    mount_ui(app, demo, store)
+    with TestClient(app) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        config = client.get("/config").json()
+        assert config["title"] == "Dialogue video" and ".dv-progress" in config["css"]
+        assert client.get("/api/jobs").json()["total"] == 0  # the REST routes still answer
+    assert str(store.outputs_dir) in demo.allowed_paths
+
+    app2 = create_app(store, ServiceInfo())
+    mount_ui(app2, build_ui(store, submit=lambda f, fl: "x", tts_preview=None, info=lambda: {}), store,
+             auth=("user", "pass"))  # fmt: skip
+    with TestClient(app2) as client:
+        assert client.get("/config").status_code == 401
+        assert client.get("/api/jobs").status_code == 200  # the API has its own (token) auth
