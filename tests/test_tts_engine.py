@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -130,6 +131,17 @@ def test_chinese_turns_with_chinese_and_english_voices(engine: KokoroEngine) -> 
     assert "GPU" not in ps and "ʤ" in ps  # the Latin run is phonemised by the English G2P
 
 
+def test_espeak_fallback_warns_once(engine: KokoroEngine, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(tts.engine, "_espeak_warned", False)
+    monkeypatch.setattr(engine, "_spacy", False)
+    with caplog.at_level("WARNING", logger="tts.engine"):
+        first = engine.phonemize("Hello world.", "a")
+        engine.phonemize("Hello again.", "b")
+    assert [r.levelname for r in caplog.records].count("WARNING") == 1
+    assert "en_core_web_sm" in caplog.text
+    assert first == ["həlˈO wˈɜːld."]  # misaki's espeak mapping (diphthong O) for American English
+
+
 def test_g2p_choice_and_chunking() -> None:
     assert g2p_code("z", "en") == "a" and g2p_code("b", "en") == "b" and g2p_code("a", "zh") == "z"
     with pytest.raises(TTSInputError):
@@ -220,14 +232,29 @@ def test_timeline_seed_determinism(engine: KokoroEngine, timeline) -> None:
 # ---------------------------------------------------------------------- CLI
 
 
-def test_cli_script_writes_six_files(tiny_kokoro_dir, tmp_path, capsys) -> None:
+_network_guard = {"on": False}
+
+
+def _refuse_network(event: str, args: tuple) -> None:
+    if _network_guard["on"] and event in ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname"):
+        raise RuntimeError(f"network access during TTS: {event} {args[:2]}")
+
+
+def test_cli_script_writes_six_files_offline(tiny_kokoro_dir, tmp_path, capsys) -> None:
+    """Engine load, English and Chinese G2P and synthesis with every socket lookup refused."""
     from tts.__main__ import main
+
+    sys.addaudithook(_refuse_network)  # audit hooks cannot be removed; the flag turns this one off
 
     script = tmp_path / "dialogue.txt"
     script.write_text("(s1) Hi there. (s2) 你好。", encoding="utf-8")
     out = tmp_path / "out"
-    rc = main(["--script", str(script), "--voices", "af_heart,zf_xiaobei", "--kokoro-dir", str(tiny_kokoro_dir),
-               "--out", str(out), "--seed", "3"])  # fmt: skip
+    _network_guard["on"] = True
+    try:
+        rc = main(["--script", str(script), "--voices", "af_heart,zf_xiaobei", "--kokoro-dir", str(tiny_kokoro_dir),
+                   "--out", str(out), "--seed", "3"])  # fmt: skip
+    finally:
+        _network_guard["on"] = False
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
     s1, r1 = sf.read(out / "speaker1.wav")

@@ -281,7 +281,7 @@ class KokoroEngine:
         self._packs: dict[str, torch.Tensor] = {}
         self._g2p: dict[str, Any] = {}
         self._spacy = spacy_english_available()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         logger.info(
             "Kokoro loaded from %s on %s (%d voices, English G2P: %s)",
             self.kokoro_dir, self.device, len(self._voice_files), "misaki+spaCy" if self._spacy else "espeak-ng",
@@ -420,21 +420,28 @@ class KokoroEngine:
         lo, hi = SPEED_RANGE
         if not isinstance(speed, int | float) or not lo <= float(speed) <= hi:
             raise TTSInputError("speed", f"speed must be a number in [{lo}, {hi}], got {speed!r}")
-        # A chunk of only punctuation would "speak" a breath of vocoder noise: nothing to lip-sync to.
-        chunks = [
-            c
-            for c in self.phonemize(text.strip(), code)
-            if any(ch in self._vocab and ch not in _PUNCTUATION for ch in c)
-        ]
-        if not chunks:
-            raise TTSInputError("text", f"nothing speakable in {text.strip()[:60]!r} (no phonemes after G2P)")
-        pack = self._pack(voice)
-        pieces: list[np.ndarray] = []
-        with self._lock, seeded_rng(self.device, int(seed)), torch.inference_mode():
-            for ps in chunks:
-                style = pack[min(len(ps), pack.shape[0]) - 1]  # [1, 256]: Kokoro picks the style by length
-                audio = self._model(ps, style, float(speed))
-                pieces.append(audio.detach().float().cpu().numpy().reshape(-1))
+        # One call at a time: the G2P objects and voice cache are built lazily, and the seeded RNG
+        # section is process-global.
+        with self._lock:
+            # A chunk of only punctuation would "speak" a breath of vocoder noise: nothing to lip-sync to.
+            chunks = [
+                c
+                for c in self.phonemize(text.strip(), code)
+                if any(ch in self._vocab and ch not in _PUNCTUATION for ch in c)
+            ]
+            if not chunks:
+                raise TTSInputError(
+                    "text", f"nothing speakable in {text.strip()[:60]!r} (no phonemes after G2P)"
+                )
+            pack = self._pack(voice)
+            pieces: list[np.ndarray] = []
+            with seeded_rng(self.device, int(seed)), torch.inference_mode():
+                for ps in chunks:
+                    style = pack[
+                        min(len(ps), pack.shape[0]) - 1
+                    ]  # [1, 256]: Kokoro picks the style by length
+                    audio = self._model(ps, style, float(speed))
+                    pieces.append(audio.detach().float().cpu().numpy().reshape(-1))
         out = np.concatenate(pieces).astype(np.float32, copy=False)
         if not np.isfinite(out).all():
             raise RuntimeError(

@@ -191,6 +191,7 @@ def _atomic_write(path: Path, writer: Any) -> Path:
     os.close(fd)
     try:
         writer(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are served and muxed by other processes
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -121,6 +121,7 @@ def _atomic_save(obj: object, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary readable data files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
