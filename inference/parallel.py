@@ -464,10 +464,24 @@ class ParallelContext:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         # Our own store with the long timeout: rendezvous must not inherit the short data timeout,
-        # since ranks start seconds apart (imports, weight loading).
-        store = dist.TCPStore(addr, port, world_size, is_master=rank == 0, timeout=ctrl_to)
-        store.set(f"parallel_context/arrived/{rank}", "1")
-        store.wait([f"parallel_context/arrived/{r}" for r in range(world_size)], ctrl_to)
+        # since ranks start seconds apart (imports, weight loading). Under torchrun the agent hosts
+        # the store and every worker is a client (as torch's env:// handler does).
+        agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(
+            addr,
+            port,
+            world_size,
+            is_master=rank == 0 and not agent_store,
+            timeout=ctrl_to,
+            multi_tenant=True,
+        )
+        # The agent's store outlives a restart (--max-restarts): keep each attempt's keys apart, or
+        # the new ranks would read the previous attempt's gloo addresses.
+        store = dist.PrefixStore(
+            f"parallel_context/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store
+        )
+        store.set(f"arrived/{rank}", "1")
+        store.wait([f"arrived/{r}" for r in range(world_size)], ctrl_to)
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(
             backend,
