@@ -88,8 +88,11 @@ class WeightPaths:
                 problems.append(f"unreadable: {index} ({exc})")
             else:
                 files = sorted(set(weight_map.values()))
-                problems += [f"missing: {self.wan_dir / f} (named in {INDEX_NAME})" for f in files
-                             if not (self.wan_dir / f).is_file()]
+                problems += [
+                    f"missing: {self.wan_dir / f} (named in {INDEX_NAME})"
+                    for f in files
+                    if not (self.wan_dir / f).is_file()
+                ]
                 if not any(k.startswith("audio_proj.") for k in weight_map):
                     problems.append(
                         f"wrong: {index} is Wan's own index without the MultiTalk keys; link MeiGen-MultiTalk's "

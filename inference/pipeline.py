@@ -1,0 +1,621 @@
+"""One job from inputs to mp4: the front half on rank 0, the clip loop, decoding and muxing.
+
+Split along the process topology:
+
+- ``Renderer`` lives on rank 0. ``prepare`` does everything before the video model (script ->
+  Kokoro timeline, portraits -> scene, wav2vec2, T5, masks); ``clip_inputs`` builds one clip's
+  conditioning (CLIP, VAE ``y``, motion latents, windowed audio); ``accept_clip`` decodes and
+  colour-corrects a denoised clip; ``write_outputs`` muxes the mp4 and writes the side files.
+- ``denoise_clip`` runs on every rank with the same tensors: the sampler's Euler loop around the
+  DiT, with the ``sp`` object for sequence parallelism. Its inputs are exactly the tensors the engine
+  broadcasts, so one process and P ranks run the same code.
+- ``generate`` strings these together for one process (the CLI and the single-GPU service).
+
+Tensor names broadcast per clip (B = 1): ``context`` [1, L, text_dim], ``context_null`` [1, L', text_dim],
+``clip_fea`` [1, 257, clip_dim], ``y`` [1, 20, T_lat, h, w], ``audio`` [1, 2, frame_num, 5, layers, width],
+``ref_target_masks`` [3, h, w], and for later clips ``motion_latent`` [16, T_m, h, w].
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from inference.parallel import NoParallel, SequenceParallelism
+from inference.sampler import (
+    BRANCH_COND,
+    BRANCH_DROP_AUDIO,
+    BRANCH_DROP_TEXT,
+    BRANCH_UNCOND,
+    ClipPlan,
+    ClipSpec,
+    clip_new_frames,
+    color_match,
+    motion_latent_frames,
+    next_motion_frames,
+    noise_for_clip,
+    plan_clips,
+    sample_clip,
+    timesteps,
+)
+from inference.settings import FPS, GenerationSettings
+from inference.weights import WeightPaths
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[float, str], None]  # (percent 0..100, stage text)
+TimingFn = Callable[[str, float], None]  # (name, seconds)
+
+OUTPUT_VIDEO = "video.mp4"
+OUTPUT_FILES = (
+    OUTPUT_VIDEO,
+    "subtitles.srt",
+    "subtitles.vtt",
+    "reference.png",
+    "overlay.png",
+    "mix.wav",
+    "timeline.json",
+)
+DEFAULT_PROMPT = "Two people are having a friendly conversation, facing the camera, natural expressions."
+AUDIO_MODES = ("add", "para")
+
+# Progress bands: preparing 0..10, rendering 10..95, encoding 95..100.
+_PREPARE_END = 10.0
+_RENDER_END = 95.0
+
+
+class JobInputError(ValueError):
+    """A job description that cannot be rendered; ``field`` names the offending input."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """Everything a render needs, with local file paths (inputs already saved by the store or CLI).
+
+    Pictures: ``left_image`` + ``right_image`` (composed with ``layout``), or ``scene_image`` with
+    optional ``boxes`` ([y0, x0, y1, x1] in original pixels). Speech: ``script`` + ``voices``, or
+    ``audio_files`` (one per person) with ``audio_mode`` add|para.
+    """
+
+    settings: GenerationSettings
+    prompt: str = DEFAULT_PROMPT
+    script: str | None = None
+    voices: tuple[str, str] = ("af_heart", "am_adam")
+    audio_files: tuple[Path, Path | None] | None = None
+    audio_mode: str = "add"
+    left_image: Path | None = None
+    right_image: Path | None = None
+    scene_image: Path | None = None
+    boxes: list[list[float]] | None = None
+    layout: str = "side_by_side"
+    backdrop: str = "blur"
+    aspect: str | None = None
+    tts_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.script is None) == (self.audio_files is None):
+            raise JobInputError("script", "give either a dialogue script or audio files, exactly one of them")
+        if self.scene_image is None and (self.left_image is None or self.right_image is None):
+            raise JobInputError("left_image", "give two portraits (left and right) or one scene image")
+        if self.audio_mode not in AUDIO_MODES:
+            raise JobInputError("audio_mode", f"{self.audio_mode!r}: allowed {AUDIO_MODES}")
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], settings: dict[str, Any], inputs_dir: Path) -> JobRequest:
+        """From a job-store row: ``spec`` as built by ``service.validation``; file names in ``inputs_dir``."""
+
+        def path(name: str | None) -> Path | None:
+            if name is None:
+                return None
+            p = (inputs_dir / name).resolve()
+            if p.parent != inputs_dir.resolve() or not p.is_file():
+                raise JobInputError("inputs", f"input file {name!r} is missing from the job folder")
+            return p
+
+        images = spec.get("images") or {}
+        scene = spec.get("scene") or {}
+        kwargs: dict[str, Any] = {
+            "settings": GenerationSettings.from_dict(settings),
+            "prompt": spec.get("prompt") or DEFAULT_PROMPT,
+        }
+        if spec.get("audio_source") == "files":
+            audio = spec.get("audio") or {}
+            kwargs["audio_files"] = (path(audio.get("person1")), path(audio.get("person2")))
+            kwargs["audio_mode"] = spec.get("audio_mode") or "add"
+        else:
+            kwargs["script"] = spec.get("script")
+            kwargs["voices"] = tuple(spec.get("voices") or ("af_heart", "am_adam"))
+        if "scene" in images:
+            kwargs["scene_image"] = path(images["scene"])
+            kwargs["boxes"] = scene.get("boxes")
+        else:
+            kwargs["left_image"] = path(images.get("left"))
+            kwargs["right_image"] = path(images.get("right"))
+            kwargs["layout"] = scene.get("layout") or "side_by_side"
+            kwargs["backdrop"] = scene.get("backdrop") or "blur"
+            kwargs["aspect"] = scene.get("aspect")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_job_json(cls, data: dict[str, Any], base_dir: Path, settings: GenerationSettings) -> JobRequest:
+        """From a local JSON job file: upstream MultiTalk's format or ours (see ``inference.generate``)."""
+        if not isinstance(data, dict):
+            raise JobInputError("input", "the job file must hold a JSON object")
+
+        def local(key: str, value: Any) -> Path:
+            if not isinstance(value, str) or not value:
+                raise JobInputError(key, "expected a file path")
+            p = Path(value) if Path(value).is_absolute() else base_dir / value
+            if not p.is_file():
+                raise JobInputError(key, f"file not found: {p}")
+            return p
+
+        prompt = data.get("prompt") or DEFAULT_PROMPT
+        if not isinstance(prompt, str):
+            raise JobInputError("prompt", "expected text")
+        kwargs: dict[str, Any] = {"settings": settings, "prompt": prompt}
+        if "cond_image" in data:  # upstream MultiTalk's layout
+            kwargs["scene_image"] = local("cond_image", data["cond_image"])
+            if data.get("bbox") is not None:
+                bbox = data["bbox"]
+                kwargs["boxes"] = list(bbox.values()) if isinstance(bbox, dict) else bbox
+            tts = data.get("tts_audio")
+            if tts:
+                if not isinstance(tts, dict) or not isinstance(tts.get("text"), str):
+                    raise JobInputError("tts_audio", "expected {text, human1_voice, human2_voice}")
+                kwargs["script"] = tts["text"]
+                kwargs["voices"] = (
+                    _voice_id(tts.get("human1_voice"), "af_heart"),
+                    _voice_id(tts.get("human2_voice"), "am_adam"),
+                )
+            else:
+                audio = data.get("cond_audio")
+                if not isinstance(audio, dict) or "person1" not in audio:
+                    raise JobInputError(
+                        "cond_audio", "expected {person1: file, person2: file} or a tts_audio block"
+                    )
+                second = audio.get("person2")
+                kwargs["audio_files"] = (
+                    local("cond_audio.person1", audio["person1"]),
+                    local("cond_audio.person2", second) if second else None,
+                )
+                kwargs["audio_mode"] = data.get("audio_type") or "add"
+        else:  # our own form
+            if "scene_image" in data:
+                kwargs["scene_image"] = local("scene_image", data["scene_image"])
+                kwargs["boxes"] = data.get("boxes")
+            else:
+                kwargs["left_image"] = local("left_image", data.get("left_image"))
+                kwargs["right_image"] = local("right_image", data.get("right_image"))
+                kwargs["layout"] = data.get("layout", "side_by_side")
+            if "script" in data:
+                kwargs["script"] = data["script"]
+                voices = data.get("voices") or ["af_heart", "am_adam"]
+                if not isinstance(voices, list | tuple) or len(voices) != 2:
+                    raise JobInputError("voices", "expected two voice ids")
+                kwargs["voices"] = (_voice_id(voices[0], "af_heart"), _voice_id(voices[1], "am_adam"))
+            else:
+                files = data.get("audio")
+                if not isinstance(files, list | tuple) or not 1 <= len(files) <= 2:
+                    raise JobInputError("audio", "expected a script or a list of one or two audio files")
+                kwargs["audio_files"] = (
+                    local("audio[0]", files[0]),
+                    local("audio[1]", files[1]) if len(files) > 1 else None,
+                )
+                kwargs["audio_mode"] = data.get("audio_mode", "add")
+        return cls(**kwargs)
+
+
+def _voice_id(value: Any, default: str) -> str:
+    """Upstream passes voice *paths* (weights/Kokoro-82M/voices/af_heart.pt); we keep the id."""
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str):
+        raise JobInputError("voice", f"expected a voice id, got {type(value).__name__}")
+    name = Path(value).name
+    return name[:-3] if name.endswith(".pt") else name
+
+
+@dataclass
+class Prepared:
+    """Rank 0's state for one job between clips."""
+
+    request: JobRequest
+    settings: GenerationSettings
+    out_dir: Path
+    timeline: Any  # tts.timeline.Timeline
+    scene: Any  # inference.scene.Scene
+    reference: torch.Tensor  # [3, H, W] in [-1, 1] at the render size
+    audio_emb: torch.Tensor  # [2, T_audio, layers, width] fp32
+    context: torch.Tensor  # [1, L, text_dim]
+    context_null: torch.Tensor  # [1, L', text_dim]
+    masks: torch.Tensor  # [3, h, w] at latent resolution
+    plan: ClipPlan
+    frames: list[np.ndarray] = field(default_factory=list)  # uint8 [t, H, W, 3] per clip
+    motion: torch.Tensor | None = None  # [3, motion_frames, H, W] in [-1, 1]
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_clips(self) -> int:
+        return len(self.plan.clips)
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """How rank 0 runs its components. ``render_divisor`` shrinks the bucket (the tiny preset renders
+    at a quarter of the 480p bucket so a CPU can finish a long video in seconds)."""
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    t5_cpu: bool = False
+    render_divisor: int = 1
+    tts_gap_s: float = 0.25
+    max_audio_seconds: float = 600.0
+
+
+def denoise_clip(
+    model: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    settings: GenerationSettings,
+    *,
+    clip_index: int,
+    sp: SequenceParallelism | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Denoise one clip; runs on every rank with identical ``tensors``. Returns the latent [16, T, h, w].
+
+    Branches (upstream's CFG): cond = prompt + audio; drop_text = negative prompt + audio;
+    uncond = negative prompt + silent single person; drop_audio = prompt + silent single person. The
+    silent branches use one person of zeros, which also switches L-RoPE off, as upstream.
+    """
+    sp = sp or NoParallel()
+    y = tensors["y"]
+    _, _, t_lat, h, w = y.shape
+    device = y.device
+    noise = noise_for_clip(settings.seed, clip_index, (16, t_lat, h, w)).to(device)
+    audio = tensors["audio"]
+    silent = torch.zeros_like(audio[:, -1:])
+    masks = tensors["ref_target_masks"]
+    args = {
+        BRANCH_COND: (tensors["context"], audio),
+        BRANCH_DROP_TEXT: (tensors["context_null"], audio),
+        BRANCH_UNCOND: (tensors["context_null"], silent),
+        BRANCH_DROP_AUDIO: (tensors["context"], silent),
+    }
+
+    def model_fn(latent: torch.Tensor, t: torch.Tensor, branch: str) -> torch.Tensor:
+        context, audio_in = args[branch]
+        out = model(
+            latent[None],
+            t.to(device),
+            context,
+            tensors["clip_fea"],
+            y,
+            audio_in,
+            masks if audio_in.shape[1] == 2 else None,
+            sp=sp,
+        )
+        return out[0]
+
+    return sample_clip(
+        model_fn,
+        noise,
+        timesteps(settings.steps, settings.effective_shift),
+        settings,
+        motion_latent=tensors.get("motion_latent"),
+        progress=progress,
+        should_stop=should_stop,
+        clip_index=clip_index,
+    )
+
+
+def _to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
+    x = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def _image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> [3, H, W] in [-1, 1]."""
+    arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32))
+    return arr.permute(2, 0, 1) / 127.5 - 1.0
+
+
+def latent_masks_at(masks: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Pixel masks [3, H, W] (a partition) -> a partition [3, h, w] by area vote, every class kept."""
+    m = torch.from_numpy(np.asarray(masks, dtype=np.float32))[None]
+    area = F.interpolate(m, size=size, mode="area")[0]  # fraction of each class per cell
+    label = area.argmax(0)
+    out = F.one_hot(label, 3).permute(2, 0, 1).float()
+    for c in range(3):  # a tiny render may lose a thin class: give it its best cell back
+        if out[c].sum() == 0:
+            idx = int(area[c].flatten().argmax())
+            out[:, idx // size[1], idx % size[1]] = 0
+            out[c, idx // size[1], idx % size[1]] = 1
+    return out
+
+
+class Renderer:
+    """Rank 0's components: Kokoro, wav2vec2, T5, CLIP and the VAE, loaded from ``paths``."""
+
+    def __init__(self, paths: WeightPaths, config: RenderConfig = RenderConfig()) -> None:
+        from inference.audio_encoder import AudioEncoder
+        from inference.encoders import ClipImageEncoder, T5Encoder, WanVae
+
+        self.paths = paths
+        self.config = config
+        dev = config.device
+        t0 = time.monotonic()
+        t5_device = torch.device("cpu") if config.t5_cpu else dev
+        t5_dtype = torch.float32 if t5_device.type == "cpu" else torch.bfloat16
+        self.t5 = T5Encoder.from_wan(paths.wan_dir, device=t5_device, dtype=t5_dtype)
+        clip_dtype = torch.float32 if dev.type == "cpu" else torch.float16
+        self.clip = ClipImageEncoder.from_wan(paths.wan_dir, device=dev, dtype=clip_dtype)
+        self.vae = WanVae.from_wan(paths.wan_dir, device=dev, dtype=torch.float32)
+        self.audio_encoder = AudioEncoder(paths.wav2vec_dir, device="cpu")
+        self._tts = None
+        self._null_cache: dict[str, torch.Tensor] = {}
+        logger.info("rank-0 encoders loaded in %.1fs", time.monotonic() - t0)
+
+    @property
+    def tts(self):
+        """Kokoro, loaded on first use (a job with uploaded audio never needs it)."""
+        if self._tts is None:
+            from tts.engine import KokoroEngine
+
+            self._tts = KokoroEngine(self.paths.kokoro_dir, device="cpu")
+        return self._tts
+
+    # ---- front half -------------------------------------------------------------------------
+
+    def _timeline(self, req: JobRequest, names: tuple[str, str] | None):
+        from tts.timeline import build_timeline
+        from tts.user_audio import timeline_from_files
+
+        if req.script is not None:
+            from dialogue import parse_script
+
+            dialogue = parse_script(req.script)
+            timeline = build_timeline(
+                dialogue, req.voices, self.tts, gap_s=self.config.tts_gap_s, seed=req.tts_seed
+            )
+            return timeline, tuple(s.name for s in dialogue.speakers)
+        assert req.audio_files is not None
+        timeline = timeline_from_files(
+            req.audio_files[0],
+            req.audio_files[1],
+            req.audio_mode,
+            max_seconds=self.config.max_audio_seconds,
+            speaker_names=names or ("Speaker 1", "Speaker 2"),
+        )
+        return timeline, timeline.speaker_names
+
+    def _scene(self, req: JobRequest, names: tuple[str, str]):
+        from inference.scene import compose_scene, load_image, scene_from_image
+
+        size = req.settings.resolution
+        if req.scene_image is not None:
+            image = load_image(req.scene_image, "scene_image")
+            return scene_from_image(image, req.boxes, size=size, names=names)
+        left = load_image(req.left_image, "left_image")
+        right = load_image(req.right_image, "right_image")
+        kwargs: dict[str, Any] = {"layout": req.layout, "backdrop": req.backdrop, "names": names}
+        if req.aspect:
+            kwargs["aspect"] = req.aspect
+        return compose_scene(left, right, size=size, **kwargs)
+
+    def _encode_text(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.config.device
+        context = self.t5.encode([prompt])[0][None].to(dev, torch.float32)
+        if negative not in self._null_cache:  # the negative prompt is the same for most jobs
+            self._null_cache = {negative: self.t5.encode([negative])[0][None].to(dev, torch.float32)}
+        return context, self._null_cache[negative]
+
+    def prepare(
+        self,
+        req: JobRequest,
+        out_dir: Path,
+        *,
+        progress: ProgressFn | None = None,
+        timing: TimingFn | None = None,
+    ) -> Prepared:
+        """Everything before the first clip. ``out_dir`` receives the side outputs as they appear."""
+        progress = progress or (lambda p, s: None)
+        timing = timing or (lambda n, s: None)
+        settings = req.settings if req.settings.seed >= 0 else req.settings.with_resolved_seed()
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+        progress(1, "synthesising speech" if req.script is not None else "loading audio")
+        t0 = time.monotonic()
+        timeline, names = self._timeline(req, None)
+        timing("tts_time", time.monotonic() - t0)
+        timeline.write(out_dir)
+
+        progress(4, "composing the scene")
+        t0 = time.monotonic()
+        scene = self._scene(req, names)
+        scene.image.save(out_dir / "reference.png")
+        scene.overlay.save(out_dir / "overlay.png")
+        height, width = scene.bucket
+        div = self.config.render_divisor
+        render_hw = (height // div, width // div)
+        image = scene.image if div == 1 else scene.image.resize(render_hw[::-1], Image.BICUBIC)
+        reference = _image_to_tensor(image).to(self.config.device)
+        masks = latent_masks_at(scene.masks, (render_hw[0] // 8, render_hw[1] // 8)).to(self.config.device)
+        timing("scene_time", time.monotonic() - t0)
+
+        progress(6, "encoding audio (wav2vec2)")
+        t0 = time.monotonic()
+        tracks = timeline.resampled(16000)
+        audio_emb = torch.stack([self.audio_encoder.encode(tracks[i]) for i in range(2)])
+        timing("audio_encode_time", time.monotonic() - t0)
+
+        progress(8, "encoding the prompt (T5)")
+        t0 = time.monotonic()
+        context, context_null = self._encode_text(req.prompt, settings.negative_prompt)
+        timing("text_encode_time", time.monotonic() - t0)
+
+        plan = plan_clips(int(audio_emb.shape[1]), settings)
+        logger.info(
+            "job prepared: %.2fs of audio -> %d frames in %d clip(s) at %dx%d, %d steps",
+            timeline.duration,
+            plan.output_frames,
+            len(plan.clips),
+            render_hw[1],
+            render_hw[0],
+            settings.steps,
+        )
+        progress(_PREPARE_END, f"prepared: {len(plan.clips)} clip(s)")
+        return Prepared(
+            request=req,
+            settings=settings,
+            out_dir=out_dir,
+            timeline=timeline,
+            scene=scene,
+            reference=reference,
+            audio_emb=audio_emb,
+            context=context,
+            context_null=context_null,
+            masks=masks,
+            plan=plan,
+        )
+
+    # ---- per clip ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def clip_inputs(self, prep: Prepared, clip: ClipSpec) -> dict[str, torch.Tensor]:
+        """The tensors every rank needs for ``clip`` (see the module docstring for names and shapes)."""
+        settings = prep.settings
+        dev = self.config.device
+        if clip.is_first:
+            y = self.vae.build_y(prep.reference, settings.frame_num)
+            clip_image = prep.reference
+            motion_latent = None
+        else:
+            assert prep.motion is not None, "clips must be accepted in order"
+            y = self.vae.build_y(None, settings.frame_num, motion_frames=prep.motion)
+            clip_image = prep.motion[:, -1]
+            motion_latent = y[4:, : motion_latent_frames(settings.motion_frames)].contiguous()
+        idx = prep.plan.audio_indices(clip)  # [frame_num, 5]
+        audio = prep.audio_emb[:, idx][None]  # [1, 2, frame_num, 5, layers, width]
+        tensors = {
+            "context": prep.context,
+            "context_null": prep.context_null,
+            "clip_fea": self.clip.encode(clip_image).to(dev, torch.float32),
+            "y": y[None].to(dev, torch.float32),
+            "audio": audio.to(dev, torch.float32).contiguous(),
+            "ref_target_masks": prep.masks,
+        }
+        if motion_latent is not None:
+            tensors["motion_latent"] = motion_latent.to(dev, torch.float32)
+        return tensors
+
+    @torch.no_grad()
+    def accept_clip(self, prep: Prepared, clip: ClipSpec, latent: torch.Tensor) -> None:
+        """Decode a denoised clip, colour-correct it toward the reference, keep its new frames and the
+        motion frames for the next clip."""
+        video = self.vae.decode(latent.to(self.config.device))  # [3, frame_num, H, W]
+        if prep.settings.color_correction > 0:
+            video = color_match(video, prep.reference, prep.settings.color_correction)
+        prep.frames.append(_to_uint8_frames(clip_new_frames(video, clip)))
+        if not clip.is_last:
+            prep.motion = next_motion_frames(video, prep.settings.motion_frames).contiguous()
+
+    def write_outputs(self, prep: Prepared) -> list[str]:
+        """Mux the mp4 (atomically) with the mixed speech and subtitles; returns the output names."""
+        from inference.video_io import write_video
+
+        frames = np.concatenate(prep.frames, axis=0)
+        timeline = prep.timeline
+        write_video(
+            frames,
+            timeline.mix,
+            timeline.sample_rate,
+            prep.out_dir / OUTPUT_VIDEO,
+            fps=FPS,
+            subtitles={"srt": timeline.to_srt(), "vtt": timeline.to_vtt()},
+        )
+        meta = {
+            "frames": int(frames.shape[0]),
+            "fps": FPS,
+            "size": [int(frames.shape[2]), int(frames.shape[1])],
+            "clips": prep.num_clips,
+            "settings": prep.settings.to_dict(),
+            "scene": prep.scene.to_json(),
+        }
+        (prep.out_dir / "render.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+        return [n for n in (*OUTPUT_FILES, "render.json") if (prep.out_dir / n).is_file()]
+
+
+def clip_progress(prep: Prepared, clip: ClipSpec, step: int, total: int) -> tuple[float, str]:
+    """Percent and stage text for step ``step`` of ``total`` in ``clip``."""
+    done = (clip.index + step / max(total, 1)) / prep.num_clips
+    pct = _PREPARE_END + (_RENDER_END - _PREPARE_END) * done
+    return pct, f"clip {clip.index + 1} of {prep.num_clips}, step {step} of {total}"
+
+
+def generate(
+    req: JobRequest,
+    out_dir: Path,
+    model: torch.nn.Module,
+    renderer: Renderer,
+    *,
+    sp: SequenceParallelism | None = None,
+    progress: ProgressFn | None = None,
+    timing: TimingFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[str]:
+    """One process, start to finish: returns the names of the files written to ``out_dir``."""
+    progress = progress or (lambda p, s: None)
+    timing = timing or (lambda n, s: None)
+    t_start = time.monotonic()
+    prep = renderer.prepare(req, out_dir, progress=progress, timing=timing)
+    video_time = decode_time = 0.0
+    for clip in prep.plan.clips:
+        tensors = renderer.clip_inputs(prep, clip)
+        t0 = time.monotonic()
+        latent = denoise_clip(
+            model,
+            tensors,
+            prep.settings,
+            clip_index=clip.index,
+            sp=sp,
+            should_stop=should_stop,
+            progress=lambda s, n, c=clip: progress(*clip_progress(prep, c, s, n)),
+        )
+        video_time += time.monotonic() - t0
+        t0 = time.monotonic()
+        renderer.accept_clip(prep, clip, latent)
+        decode_time += time.monotonic() - t0
+    timing("video_time", video_time)
+    timing("decode_time", decode_time)
+    progress(_RENDER_END, "encoding the video")
+    t0 = time.monotonic()
+    names = renderer.write_outputs(prep)
+    timing("mux_time", time.monotonic() - t0)
+    timing("total_time", time.monotonic() - t_start)
+    progress(100.0, "done")
+    return names
+
+
+def expected_frames(audio_seconds: float, settings: GenerationSettings) -> int:
+    """Frames a render of ``audio_seconds`` of speech produces (the audio length, capped)."""
+    return min(math.floor(audio_seconds * FPS), settings.output_frame_cap)

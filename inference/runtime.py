@@ -1,0 +1,367 @@
+"""Process start-up and the job worker shared by the CLI (``inference.generate``) and the service.
+
+``Runtime.start`` joins torchrun's group (or stays a single process), checks the parallel sizes,
+loads the DiT on every rank (optionally FSDP2-sharded) and rank 0's encoders, and reports memory.
+``DialogueWorker`` plugs the pipeline into the SPMD engine: a job becomes one DENOISE message per
+clip; rank 0 prepares before the first clip and decodes between clips (``Worker.finish`` returns
+the next clip as a follow-up), every rank runs ``denoise_clip`` with the Ulysses ``sp`` object.
+
+Where results go is a ``JobSink`` (the job store in the service, a callback in the CLI).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from inference.engine import Engine, JobContext, Message, Op, TensorSpec
+from inference.parallel import ParallelContext, check_heads, check_parallel_sizes
+from inference.pipeline import (
+    JobRequest,
+    Prepared,
+    RenderConfig,
+    Renderer,
+    clip_progress,
+    denoise_clip,
+)
+from inference.sampler import Cancelled, ClipSpec
+from inference.settings import GenerationSettings
+from inference.weights import WeightPaths
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = {"multitalk-14b": Path("weights"), "tiny": Path("weights/tiny")}
+
+
+def setup_logging(rank: int, level: int | None = None) -> None:
+    """One format for every rank; rank 0 at INFO, the others at WARNING (so their warnings show)."""
+    level = level if level is not None else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(
+        level=level,
+        format=f"[%(asctime)s r{rank}] %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    for noisy in ("httpx", "httpcore", "urllib3", "jieba", "phonemizer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class StartupError(ValueError):
+    """A flag or environment the service cannot honour; says what is supported."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"--{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    preset: str = "multitalk-14b"
+    weights: Path | None = None
+    ulysses_size: int | None = None
+    ring_size: int = 1
+    dit_fsdp: str = "off"
+    t5_cpu: bool = False
+    device: str | None = None
+    data_timeout_s: float = 300.0
+    control_timeout_s: float = 1800.0
+    make_tiny: bool = True
+
+    @property
+    def weights_root(self) -> Path:
+        return self.weights if self.weights is not None else DEFAULT_WEIGHTS[self.preset]
+
+
+class JobSink(Protocol):
+    """Where a job's progress and end go (rank 0)."""
+
+    def progress(self, job_id: str, percent: float, stage: str) -> None: ...
+
+    def timing(self, job_id: str, name: str, seconds: float) -> None: ...
+
+    def state(self, job_id: str, state: str) -> None: ...
+
+    def cancel_requested(self, job_id: str) -> bool: ...
+
+    def done(self, job_id: str, outputs: list[str]) -> None: ...
+
+    def failed(self, job_id: str, reason: str, cancelled: bool = False) -> None: ...
+
+
+@dataclass
+class RenderJob:
+    """A job on rank 0: id, request and output folder. ``prepared`` is set after the front half."""
+
+    job_id: str
+    request: JobRequest
+    out_dir: Path
+    prepared: Prepared | None = None
+    clip_index: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    clip_started: float = 0.0
+
+    def add_time(self, name: str, seconds: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
+
+
+class DialogueWorker:
+    """The engine's ``Worker`` for dialogue videos (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        ctx: ParallelContext,
+        renderer: Renderer | None,
+        sink: JobSink | None,
+    ) -> None:
+        self.model = model
+        self.ctx = ctx
+        self.sp = ctx.sequence_parallel()
+        self.renderer = renderer
+        self.sink = sink
+        self.engine: Engine | None = None
+        self._current: RenderJob | None = None
+
+    # ---- every rank -----------------------------------------------------------------------------
+
+    def preflight(self, msg: Message) -> str | None:
+        heads = self.model.config.num_heads
+        if heads % self.sp.size:
+            return f"{heads} heads cannot be split over {self.sp.size} ranks"
+        if self.ctx.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.ctx.device)
+            need = int(msg.settings.get("min_free_bytes", 0))
+            if free < need:
+                return f"only {free / 2**30:.1f} GiB free on {self.ctx.device}, need {need / 2**30:.1f} GiB"
+        return None
+
+    def run(
+        self, msg: Message, tensors: dict[str, torch.Tensor], job: JobContext
+    ) -> dict[str, torch.Tensor] | None:
+        settings = GenerationSettings.from_dict(dict(msg.settings["generation"]))
+        clip_index = int(msg.settings["clip_index"])
+        progress = self._progress if self.ctx.is_rank0 else None
+        try:
+            latent = denoise_clip(
+                self.model,
+                tensors,
+                settings,
+                clip_index=clip_index,
+                sp=self.sp,
+                should_stop=job.step_boundary,
+                progress=progress,
+            )
+        except Cancelled:
+            return None
+        return {"latent": latent}
+
+    # ---- rank 0 ---------------------------------------------------------------------------------
+
+    def _progress(self, step: int, total: int) -> None:
+        job = self._current
+        if job is None or job.prepared is None or self.sink is None:
+            return
+        clip = job.prepared.plan.clips[job.clip_index]
+        pct, stage = clip_progress(job.prepared, clip, step, total)
+        self.sink.progress(job.job_id, pct, stage)
+        if self.engine is not None and self.sink.cancel_requested(job.job_id):
+            self.engine.cancel(job.job_id)  # every rank stops at the next step boundary
+
+    def prepare(self, job: RenderJob) -> tuple[Message, dict[str, torch.Tensor]]:
+        assert self.renderer is not None, "prepare() runs on rank 0 only"
+        if job.prepared is None:
+            self._state(job, "preparing")
+            job.prepared = self.renderer.prepare(
+                job.request,
+                job.out_dir,
+                progress=lambda p, s: self.sink and self.sink.progress(job.job_id, p, s),
+                timing=lambda n, s: self._timing(job, n, s),
+            )
+            self._state(job, "rendering")
+        prep = job.prepared
+        clip = prep.plan.clips[job.clip_index]
+        tensors = self.renderer.clip_inputs(prep, clip)
+        specs = tuple(TensorSpec.of(name, t) for name, t in sorted(tensors.items()))
+        settings = {"generation": prep.settings.to_dict(), "clip_index": clip.index}
+        self._current = job
+        job.clip_started = time.monotonic()
+        return Message(Op.DENOISE, job.job_id, settings, specs), tensors
+
+    def finish(self, job: RenderJob, result: dict[str, torch.Tensor] | None) -> RenderJob | None:
+        assert self.renderer is not None and job.prepared is not None
+        prep = job.prepared
+        clip: ClipSpec = prep.plan.clips[job.clip_index]
+        job.add_time("video_time", time.monotonic() - job.clip_started)
+        if result is None:
+            self.reject(job, f"cancelled during clip {clip.index + 1} of {prep.num_clips}")
+            return None
+        t0 = time.monotonic()
+        self.renderer.accept_clip(prep, clip, result["latent"])
+        job.add_time("decode_time", time.monotonic() - t0)
+        if not clip.is_last:
+            job.clip_index += 1
+            return job
+        self._state(job, "encoding")
+        if self.sink:
+            self.sink.progress(job.job_id, 95.0, "encoding the video")
+        t0 = time.monotonic()
+        outputs = self.renderer.write_outputs(prep)
+        job.add_time("mux_time", time.monotonic() - t0)
+        job.timings["total_time"] = time.monotonic() - job.started
+        for name in ("video_time", "decode_time", "mux_time", "total_time"):
+            self._report_timing(job, name)
+        self._current = None
+        if self.sink:
+            self.sink.done(job.job_id, outputs)
+        return None
+
+    def reject(self, job: RenderJob, reason: str) -> None:
+        self._current = None
+        if self.sink:
+            cancelled = reason.startswith("cancelled")
+            self.sink.failed(job.job_id, reason, cancelled=cancelled)
+
+    def _state(self, job: RenderJob, state: str) -> None:
+        if self.sink:
+            self.sink.state(job.job_id, state)
+
+    def _timing(self, job: RenderJob, name: str, seconds: float) -> None:
+        job.add_time(name, seconds)
+        self._report_timing(job, name)
+
+    def _report_timing(self, job: RenderJob, name: str) -> None:
+        if self.sink:
+            self.sink.timing(job.job_id, name, job.timings[name])
+
+
+class Runtime:
+    """One process of the service or CLI: context, model, and (rank 0) the encoders."""
+
+    def __init__(self, options: RuntimeOptions, ctx: ParallelContext, model: torch.nn.Module, paths: WeightPaths,
+                 renderer: Renderer | None) -> None:  # fmt: skip
+        self.options = options
+        self.ctx = ctx
+        self.model = model
+        self.paths = paths
+        self.renderer = renderer
+        self.engine: Engine | None = None
+
+    @classmethod
+    def start(cls, options: RuntimeOptions) -> Runtime:
+        from inference.parallelize import check_fsdp_mode, load_dit, report_memory
+        from inference.weights import make_tiny
+
+        mode = check_fsdp_mode(options.dit_fsdp)
+        world = int(os.environ.get("WORLD_SIZE", "1") or "1")
+        ulysses = options.ulysses_size if options.ulysses_size is not None else world
+        check_parallel_sizes(world, ulysses, options.ring_size, _num_heads(options.preset))
+        if mode != "off" and world == 1:
+            logger.info("--dit_fsdp %s on one process: nothing to shard, the model is loaded whole", mode)
+        paths = WeightPaths.under(options.weights_root)
+        if options.preset == "tiny" and options.make_tiny and int(os.environ.get("RANK", "0")) == 0:
+            make_tiny(paths.root)  # idempotent; other ranks wait for it at the rendezvous below
+        ctx = ParallelContext.from_env(
+            device=options.device,
+            data_timeout=options.data_timeout_s,
+            control_timeout=options.control_timeout_s,
+        )
+        if ctx.distributed:
+            ctx.barrier()  # rank 0 may have been writing the tiny weights
+        paths.check(options.preset)
+        t0 = time.monotonic()
+        model = load_dit(paths.wan_dir, ctx, mode=mode)
+        check_heads(model.config.num_heads, ctx.world_size)
+        logger.info("DiT loaded in %.1fs; %s", time.monotonic() - t0, report_memory(model, ctx.device))
+        renderer = None
+        if ctx.is_rank0:
+            divisor = 4 if options.preset == "tiny" else 1
+            renderer = Renderer(
+                paths, RenderConfig(device=ctx.device, t5_cpu=options.t5_cpu, render_divisor=divisor)
+            )
+        return cls(options, ctx, model, paths, renderer)
+
+    def make_engine(self, sink: JobSink | None, source: Callable[[float], Any] | None, *, heartbeat_s: float = 60.0,
+                    check_consistency: bool = False) -> Engine:  # fmt: skip
+        worker = DialogueWorker(self.model, self.ctx, self.renderer, sink)
+        engine = Engine(
+            worker, self.ctx, source, heartbeat_s=heartbeat_s, check_consistency=check_consistency
+        )
+        worker.engine = engine
+        self.engine = engine
+        return engine
+
+    def render(self, req: JobRequest, out_dir: Path, job_id: str = "cli") -> list[str]:
+        """Rank 0, CLI: render one job through the engine (all ranks join), then shut the engine down."""
+        sink = _CollectingSink()
+        pending = [RenderJob(job_id, req, Path(out_dir))]
+
+        def source(timeout_s: float) -> RenderJob | None:
+            if pending:
+                return pending.pop()
+            if sink.finished:
+                engine.request_shutdown()
+            time.sleep(min(timeout_s, 0.05))
+            return None
+
+        engine = self.make_engine(sink, source, heartbeat_s=30.0)
+        engine.serve(install_signal_handlers=True)
+        if sink.error is not None:
+            raise sink.error
+        return sink.outputs
+
+    def follow(self) -> None:
+        """Ranks > 0: serve until rank 0 sends SHUTDOWN."""
+        self.make_engine(None, None).serve(install_signal_handlers=True)
+
+    def shutdown(self) -> None:
+        """Rank 0 after ``render``: nothing left to send (``render`` already broadcast SHUTDOWN)."""
+
+    def close(self) -> None:
+        if self.ctx.distributed:
+            self.ctx.destroy()
+
+
+class _CollectingSink:
+    """The CLI's sink: logs progress, remembers the outputs or the failure."""
+
+    def __init__(self) -> None:
+        self.outputs: list[str] = []
+        self.error: Exception | None = None
+        self.finished = False
+        self._last_log = 0.0
+
+    def progress(self, job_id: str, percent: float, stage: str) -> None:
+        now = time.monotonic()
+        if now - self._last_log > 2.0 or percent >= 100:
+            logger.info("%5.1f%% %s", percent, stage)
+            self._last_log = now
+
+    def timing(self, job_id: str, name: str, seconds: float) -> None:
+        logger.info("timing %s = %.2fs", name, seconds)
+
+    def state(self, job_id: str, state: str) -> None:
+        logger.info("job %s: %s", job_id, state)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return False
+
+    def done(self, job_id: str, outputs: list[str]) -> None:
+        self.outputs = outputs
+        self.finished = True
+
+    def failed(self, job_id: str, reason: str, cancelled: bool = False) -> None:
+        self.error = ValueError(reason)
+        self.finished = True
+
+
+def _num_heads(preset: str) -> int:
+    from inference.config import DiTConfig
+
+    return DiTConfig.preset(preset).num_heads
