@@ -68,6 +68,7 @@ FPS = 25
 POLL_INTERVAL_S = 1.0
 HISTORY_LIMIT = 50
 BROWSER_STORAGE_KEY = "dialogue_video_current_job"
+PREFS_STORAGE_KEY = "dialogue_video_prefs"
 SECRET_FILE = ".ui_browser_secret"
 # Rough speaking rates for the length estimate (Kokoro at speed 1.0).
 _LATIN_CHARS_PER_S = 15.0
@@ -680,6 +681,15 @@ class UiHandlers:
             audio,
         ), f"{v.id}: {v.language_name}, {v.gender}, {v.description} ({len(audio) / sr:.1f} s)"
 
+    def remembered_voices(self, prefs: Any) -> tuple[str | None, str | None]:
+        """Voices stored in the browser (``{"voice1": id, "voice2": id}``); unknown ids become None."""
+        from tts.voices import VOICES
+
+        if not isinstance(prefs, Mapping):
+            return None, None
+        v1, v2 = prefs.get("voice1"), prefs.get("voice2")
+        return (v1 if v1 in VOICES else None), (v2 if v2 in VOICES else None)
+
     # -- submit
 
     def generate(self, values: Mapping[str, Any]) -> tuple[str | None, str]:
@@ -1162,7 +1172,10 @@ def build_ui(
 
         # ---- 5. generate and follow
         gr.Markdown("## 5 · Generate")
-        job_state = gr.BrowserState("", storage_key=BROWSER_STORAGE_KEY, secret=_browser_secret(store))
+        browser_secret = _browser_secret(store)
+        job_state = gr.BrowserState("", storage_key=BROWSER_STORAGE_KEY, secret=browser_secret)
+        # The voices last chosen for each role, remembered per browser.
+        prefs_state = gr.BrowserState({}, storage_key=PREFS_STORAGE_KEY, secret=browser_secret)
         shown = gr.State("")  # id of the job whose result is on screen (the video is set once, not per poll)
         timer = gr.Timer(POLL_INTERVAL_S, active=False)
         with gr.Row():
@@ -1258,10 +1271,15 @@ def build_ui(
         boxes.submit(update_overlay, scene_inputs, [overlay_img, overlay_msg])
         boxes.blur(update_overlay, scene_inputs, [overlay_img, overlay_msg])
         layout.change(lambda v: gr.Dropdown(visible=v == "backdrop"), layout, backdrop, **quiet)
-        tab_portraits.select(lambda: "portraits", None, source, **quiet)
-        tab_scene.select(lambda: "scene", None, source, **quiet)
+        # Events that set a gr.State with a .change listener stay queued: gradio reports State changes
+        # (which fire those listeners) only from queued events, not from queue=False ones.
+        tab_portraits.select(lambda: "portraits", None, source, show_progress="hidden")
+        tab_scene.select(lambda: "scene", None, source, show_progress="hidden")
 
-        script.change(h.parse_preview, script, [parse_html, names], trigger_mode="always_last", **quiet)
+        # Queued, as the tab events above: it sets `names`, whose change updates the labels and preview.
+        script.change(
+            h.parse_preview, script, [parse_html, names], trigger_mode="always_last", show_progress="hidden"
+        )
         for name, button in zip(EXAMPLES, example_buttons, strict=True):
             button.click(lambda text=EXAMPLES[name]: text, None, script, **quiet)
 
@@ -1294,7 +1312,13 @@ def build_ui(
             [max_length, unit_state],
             **quiet,
         )
-        estimate_inputs = form_inputs
+        # The estimate needs no images: leave them out so typing does not re-process uploads.
+        estimate_keys = [k for k in FORM_FIELDS if k not in ("left_image", "right_image", "scene_image")]
+        estimate_inputs = [form_components[k] for k in estimate_keys]
+
+        def on_estimate(*vals: Any) -> str:
+            return h.estimate(dict(zip(estimate_keys, vals, strict=True)))
+
         for comp in (
             preset,
             steps,
@@ -1305,13 +1329,7 @@ def build_ui(
             script,
             length_unit,
         ):
-            comp.change(
-                lambda *v: h.estimate(values_of(*v)),
-                estimate_inputs,
-                estimate_md,
-                trigger_mode="always_last",
-                **quiet,
-            )
+            comp.change(on_estimate, estimate_inputs, estimate_md, trigger_mode="always_last", **quiet)
 
         def on_generate(*vals: Any) -> tuple[Any, str]:
             job_id, msg = h.generate(values_of(*vals))
@@ -1373,14 +1391,25 @@ def build_ui(
         rerun_btn.click(on_rerun, selected, [job_box, submit_msg])
         refresh_btn.click(lambda: h.history(), None, [history, history_ids], **quiet)
 
-        def on_load(stored: Any, request: gr.Request) -> tuple[Any, ...]:
+        def save_prefs(v1: str, v2: str) -> dict[str, str]:
+            return {"voice1": v1, "voice2": v2}
+
+        voice1.input(save_prefs, [voice1, voice2], prefs_state, **quiet)
+        voice2.input(save_prefs, [voice1, voice2], prefs_state, **quiet)
+
+        def on_load(stored: Any, prefs: Any, request: gr.Request) -> tuple[Any, ...]:
             query = request.query_params.get("job") if request is not None else None
             rows, ids = h.history()
             current = h.current_job(stored, query)
             first_estimate = h.estimate({"preset": default_preset, **adv, "length_unit": "seconds"})
-            return h.header(), current, rows, ids, first_estimate
+            v1, v2 = h.remembered_voices(prefs)
+            return h.header(), current, rows, ids, first_estimate, v1 or gr.skip(), v2 or gr.skip()
 
-        demo.load(on_load, [job_state], [header, job_box, history, history_ids, estimate_md])
+        demo.load(
+            on_load,
+            [job_state, prefs_state],
+            [header, job_box, history, history_ids, estimate_md, voice1, voice2],
+        )
 
     demo.dialogue_handlers = h  # type: ignore[attr-defined]  # for tests and the entry point's diagnostics
     return demo

@@ -410,6 +410,12 @@ def test_voice_preview_without_engine(ui: UiHandlers) -> None:
     assert audio is None and "unknown voice" in msg
 
 
+def test_remembered_voices(ui: UiHandlers) -> None:
+    assert ui.remembered_voices({"voice1": "bf_emma", "voice2": "zm_yunxi"}) == ("bf_emma", "zm_yunxi")
+    assert ui.remembered_voices({"voice1": "gone_voice"}) == (None, None)
+    assert ui.remembered_voices(None) == (None, None)
+
+
 def test_voice_preview_with_engine_results(store: JobStore) -> None:
     # Test double of the TTS engine (the Kokoro engine has its own tests): tuple, WAV bytes, bad input.
     calls: list[tuple[str, str | None]] = []
