@@ -258,6 +258,20 @@ def voice_choices() -> list[tuple[str, str]]:
     return out
 
 
+def preset_summary() -> str:
+    """``"Fast: 16 steps, guidance text 1 / audio 4, 480p · ..."`` for the preset picker."""
+    from inference.settings import PRESETS
+
+    parts = []
+    for name, p in PRESETS.items():
+        s = p.settings
+        parts.append(
+            f"{PRESET_LABELS.get(name, name)}: {s.steps} steps, guidance text {s.text_guidance:g} / audio "
+            f"{s.audio_guidance:g}, {s.resolution}p"
+        )
+    return " · ".join(parts)
+
+
 def _field_label(field: str | None) -> str:
     labels = {
         "left_image": "Portrait of person 1 (left)",
@@ -1138,6 +1152,7 @@ def build_ui(
             [(PRESET_LABELS.get(n, n), n) for n in PRESETS],
             value=default_preset,
             label="Preset",
+            info=preset_summary(),
             elem_id="preset",
         )
         estimate_md = gr.Markdown(elem_id="estimate")

@@ -18,7 +18,7 @@ from PIL import Image
 
 from inference.settings import SettingsError
 from service.jobs import JobState, JobStore
-from service.ui import ADVANCED_FIELDS, EXAMPLES, UiHandlers, build_ui, mount_ui, submit_form
+from service.ui import ADVANCED_FIELDS, EXAMPLES, UiHandlers, build_ui, mount_ui, preset_summary, submit_form
 from service.validation import RequestError
 
 
@@ -180,6 +180,7 @@ def test_preset_fill_and_overrides(ui: UiHandlers) -> None:
     assert (
         dict(zip(ADVANCED_FIELDS, ui.preset_values("quality", "frames"), strict=True))["max_length"] == 1000
     )
+    assert "Fast: 16 steps, guidance text 1 / audio 4, 480p" in preset_summary()
     base = {"preset": "fast", "length_unit": "seconds", **fast}
     assert ui.settings_overrides(base) == {}
     changed = ui.settings_overrides({**base, "steps": 20.0, "seed": -1, "max_length": 60, "resolution": 720})
