@@ -1,7 +1,8 @@
 // Page-load check of the Gradio UI in a real headless Chromium:
 //   node tests/browser/ui_smoke.mjs --url URL --screenshot PATH [--timeout SECONDS]
 // Checks the title and that the main controls render, types a script and waits for the live parse
-// preview (a server round trip). Prints one JSON line; exits non-zero on failure.
+// preview and the speaker names in the voice labels, then loads an example script.
+// Prints one JSON line; exits non-zero on failure.
 import { openBrowser, parseArgs, run } from "./lib.mjs";
 
 const CONTROLS = [
@@ -31,10 +32,15 @@ run(async () => {
     for (const sel of CONTROLS) {
       if ((await page.locator(sel).count()) < 1) throw new Error(`control ${sel} is missing`);
     }
-    await page.locator("#script-box textarea").fill("Alice: Hello there!\nBob: Hi Alice.");
-    await page.locator("#parse-preview").getByText("Alice").first().waitFor({ timeout });
+    await page.locator("#script-box textarea").fill("Ann: Hello there!\nBen: Hi Ann.");
+    await page.locator("#parse-preview").getByText("2 turns").waitFor({ timeout });
+    // The speaker names reach the voice labels through a State change (a second server round trip).
+    await page.locator("#voice2").getByText("Ben").first().waitFor({ timeout });
+    // An example button fills the box (the "A: / B:" example has three turns).
+    await page.getByRole("button", { name: "A: / B:" }).click();
+    await page.locator("#parse-preview").getByText("3 turns").waitFor({ timeout });
     const preview = await page.locator("#parse-preview").innerText();
-    if (!preview.includes("2 turns")) throw new Error(`parse preview shows ${JSON.stringify(preview)}`);
+    if (!preview.includes("letters")) throw new Error(`parse preview shows ${JSON.stringify(preview)}`);
     await page.screenshot({ path: args.screenshot, fullPage: true });
     console.log(JSON.stringify({ ok: true, title, launch_ms: launched - t0, load_ms: loaded - launched,
                                  total_ms: Date.now() - t0 }));
