@@ -259,7 +259,7 @@ class Prepared:
 @dataclass(frozen=True)
 class RenderConfig:
     """How rank 0 runs its components. ``render_divisor`` shrinks the bucket (the tiny preset renders
-    at a quarter of the 480p bucket so a CPU can finish a long video in seconds)."""
+    at an eighth of the 480p bucket, e.g. 64x112, so a CPU finishes a long video in seconds)."""
 
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
@@ -336,6 +336,14 @@ def _image_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL RGB -> [3, H, W] in [-1, 1]."""
     arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32))
     return arr.permute(2, 0, 1) / 127.5 - 1.0
+
+
+def render_size(bucket: tuple[int, int], divisor: int) -> tuple[int, int]:
+    """The size a job renders at: the bucket, or for the tiny preset the bucket / divisor rounded to a
+    multiple of 16 (VAE stride 8 x patch 2), at least 32."""
+    if divisor == 1:
+        return bucket
+    return tuple(max(32, 16 * round(side / divisor / 16)) for side in bucket)  # type: ignore[return-value]
 
 
 def latent_masks_at(masks: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
@@ -455,9 +463,10 @@ class Renderer:
         scene.image.save(out_dir / "reference.png")
         scene.overlay.save(out_dir / "overlay.png")
         height, width = scene.bucket
-        div = self.config.render_divisor
-        render_hw = (height // div, width // div)
-        image = scene.image if div == 1 else scene.image.resize(render_hw[::-1], Image.BICUBIC)
+        render_hw = render_size(scene.bucket, self.config.render_divisor)
+        image = (
+            scene.image if render_hw == scene.bucket else scene.image.resize(render_hw[::-1], Image.BICUBIC)
+        )
         reference = _image_to_tensor(image).to(self.config.device)
         masks = latent_masks_at(scene.masks, (render_hw[0] // 8, render_hw[1] // 8)).to(self.config.device)
         timing("scene_time", time.monotonic() - t0)

@@ -281,7 +281,7 @@ class Runtime:
         logger.info("DiT loaded in %.1fs; %s", time.monotonic() - t0, report_memory(model, ctx.device))
         renderer = None
         if ctx.is_rank0:
-            divisor = 4 if options.preset == "tiny" else 1
+            divisor = 8 if options.preset == "tiny" else 1
             renderer = Renderer(
                 paths, RenderConfig(device=ctx.device, t5_cpu=options.t5_cpu, render_divisor=divisor)
             )
