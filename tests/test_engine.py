@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -249,3 +252,80 @@ def test_latent_divergence_is_fatal_on_every_rank() -> None:
     for o in outcomes:
         assert not o.hung and o.exitcode not in (0, None), (o.rank, o.exitcode)
         assert "RankDivergenceError" in o.error and "latents differ across ranks" in o.error
+
+
+TORCHRUN_SCRIPT = """
+import os, queue, sys
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+from inference.engine import Engine, Message, Op, TensorSpec
+from inference.parallel import ParallelContext
+
+ATTEMPT = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+
+
+class Worker:
+    def preflight(self, msg):
+        return None
+
+    def run(self, msg, tensors, job):
+        x = tensors["x"].clone()
+        for _ in range(3):
+            if job.step_boundary(x):
+                break
+            if ATTEMPT == 0 and job.parallel.rank == 1:
+                raise RuntimeError("injected failure on the first attempt")
+            torch.distributed.all_reduce(x, group=job.parallel.data)
+        return {"x": x}
+
+    def prepare(self, job):
+        t = {"x": torch.ones(3)}
+        return Message(Op.DENOISE, job, {}, (TensorSpec.of("x", t["x"]),)), t
+
+    def finish(self, job, result):
+        with open(sys.argv[1], "a") as f:
+            f.write(f"attempt {ATTEMPT}: {result['x'].tolist()}\\n")
+        ENGINE.request_shutdown()
+
+    def reject(self, job, reason):
+        pass
+
+
+@record
+def main():
+    global ENGINE
+    ctx = ParallelContext.from_env(device="cpu", data_timeout=20, control_timeout=40)
+    jobs = queue.Queue()
+    jobs.put("job")
+    ENGINE = Engine(Worker(), ctx, jobs, heartbeat_s=1.0)
+    ENGINE.serve()
+    ctx.destroy()
+
+
+main()
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_crash_in_collective_region_restarts_all_ranks_under_torchrun(tmp_path) -> None:
+    # Crash-only end to end: rank 1 raises inside the job, every rank exits non-zero, torchrun
+    # (--max-restarts=1) restarts both, and the second attempt serves the job and shuts down cleanly.
+    script, results = tmp_path / "serve.py", tmp_path / "results.txt"
+    script.write_text(TORCHRUN_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        "--max-restarts=1",
+        "--standalone",  # the agent picks a free port itself
+        str(script),
+        str(results),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=100, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "EngineFatalError: rank 1: job 'job' failed: RuntimeError: injected failure" in proc.stderr
+    assert results.read_text() == "attempt 1: [8.0, 8.0, 8.0]\n"
