@@ -19,9 +19,10 @@ Control plane (design B.1):
   and re-raised as ``EngineFatalError`` so the process exits non-zero and torchrun restarts every
   rank (crash-only; a half-issued collective cannot be resynchronised). The entry point should be
   decorated with ``torch.distributed.elastic.multiprocessing.errors.record``.
-- SIGINT/SIGTERM set a flag; rank 0 then broadcasts ``SHUTDOWN`` and ``serve`` returns on every
-  rank (the caller then calls ``ParallelContext.destroy`` and exits 0). A running job stops at its
-  next step boundary first.
+- SIGINT/SIGTERM on any rank set a flag, which the ranks share after every heartbeat (a tiny
+  all-reduce on the control group) and at every step boundary; rank 0 then broadcasts
+  ``SHUTDOWN`` and ``serve`` returns on every rank (the caller then calls
+  ``ParallelContext.destroy`` and exits 0). A running job stops at its next step boundary first.
 - ``JobContext.step_boundary`` all-reduces a cancel flag once per sampling step (and, in debug
   mode, a checksum of the latents), so a cancelled job stops at the same step on every rank.
 """
@@ -133,14 +134,16 @@ class JobContext:
         self,
         parallel: ParallelContext,
         msg: Message,
-        stop_requested: Callable[[], bool],
+        cancel_requested: Callable[[], bool],
+        stop: threading.Event,
         check_consistency: bool = False,
     ) -> None:
         self.parallel = parallel
         self.msg = msg
         self.step = 0
         self.cancelled = False
-        self._stop_requested = stop_requested
+        self._cancel_requested = cancel_requested
+        self._stop = stop
         self._check = check_consistency
 
     @property
@@ -150,29 +153,32 @@ class JobContext:
     def step_boundary(self, latents: torch.Tensor | None = None) -> bool:
         """Once per sampling step on every rank: True when the job must stop (same answer everywhere).
 
-        One all-reduce (MAX) on the data group carries the cancel flag (set by ``Engine.cancel`` on
-        rank 0, or by a shutdown signal on any rank) and, with ``check_consistency``, a checksum of
-        ``latents`` as (c, -c) so MAX and MIN come back together; a mismatch raises
+        One all-reduce (MAX) on the data group carries [cancel, shutdown] and, with
+        ``check_consistency``, two checksums of ``latents`` as (c, -c) so MAX and MIN come back
+        together. Cancel is set by ``Engine.cancel`` (rank 0); shutdown by a signal on *any* rank,
+        and it is propagated so every rank's engine then shuts down. Checksums that differ raise
         ``RankDivergenceError``.
         """
         self.step += 1
         ctx = self.parallel
-        local_stop = self._stop_requested()
+        stop = self._stop.is_set()
+        local = torch.tensor([float(stop or self._cancel_requested()), float(stop)], dtype=torch.float64)
         check = self._check and latents is not None
         if not ctx.distributed:
-            self.cancelled = local_stop
+            self.cancelled = bool(local[0] > 0)
             return self.cancelled
         sums = _checksums(latents) if check else torch.zeros(2, dtype=torch.float64)
-        flags = torch.cat((torch.tensor([float(local_stop)], dtype=torch.float64), sums, -sums)).to(
-            ctx.device
-        )
+        flags = torch.cat((local, sums, -sums)).to(ctx.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=ctx.data)
         flags = flags.cpu()
-        if check and not torch.equal(flags[1:3], -flags[3:5]):
+        if check and not torch.equal(flags[2:4], -flags[4:6]):
             raise RankDivergenceError(
                 f"job {self.job_id!r} step {self.step}: latents differ across ranks "
-                f"(checksum max {flags[1:3].tolist()} vs min {(-flags[3:5]).tolist()})"
+                f"(checksum max {flags[2:4].tolist()} vs min {(-flags[4:6]).tolist()})"
             )
+        if flags[1] > 0 and not stop:
+            logger.warning("rank %d: another rank is shutting down; stopping too", ctx.rank)
+            self._stop.set()
         self.cancelled = bool(flags[0] > 0)
         return self.cancelled
 
@@ -258,6 +264,7 @@ class Engine:
                     follow_up = None
                 msg = self._broadcast_message(msg)
                 if msg.op is Op.NOOP:
+                    self._agree_on_stop()
                     continue
                 if msg.op is Op.SHUTDOWN:
                     logger.info("rank %d: shutdown after %d job(s)", ctx.rank, self.jobs_run)
@@ -360,7 +367,7 @@ class Engine:
         ctx = self.ctx
         try:
             received = self._broadcast_tensors(msg, tensors)
-            job_ctx = JobContext(ctx, msg, self._stop_flag(msg.job_id), self.check_consistency)
+            job_ctx = JobContext(ctx, msg, self._cancel_flag(msg.job_id), self._stop, self.check_consistency)
             with torch.no_grad():
                 result = self.worker.run(msg, received, job_ctx)
         except BaseException as exc:
@@ -386,14 +393,27 @@ class Engine:
             out[spec.name] = t
         return out
 
-    def _stop_flag(self, job_id: str) -> Callable[[], bool]:
-        def stop_requested() -> bool:
-            if self._stop.is_set():
-                return True
+    def _cancel_flag(self, job_id: str) -> Callable[[], bool]:
+        def cancel_requested() -> bool:
             with self._lock:
                 return job_id in self._cancelled
 
-        return stop_requested
+        return cancel_requested
+
+    def _agree_on_stop(self) -> None:
+        """After each NOOP: one tiny all-reduce on the control group, so a signal that reached any
+        rank (not only rank 0) shuts the whole group down within one heartbeat."""
+        if not self.ctx.distributed:
+            return
+        flag = torch.tensor([float(self._stop.is_set())])
+        try:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ctx.control)
+        except Exception as exc:
+            logger.critical("rank %d: heartbeat all-reduce failed", self.ctx.rank, exc_info=True)
+            raise EngineFatalError(f"rank {self.ctx.rank}: heartbeat failed: {exc}") from exc
+        if flag.item() > 0 and not self._stop.is_set():
+            logger.warning("rank %d: another rank is shutting down; stopping too", self.ctx.rank)
+            self._stop.set()
 
     def _finish(
         self, job: Any, msg: Message, result: dict[str, torch.Tensor] | None, job_ctx: JobContext
