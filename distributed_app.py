@@ -1,0 +1,267 @@
+"""Entry point of the dialogue video service, for ``python`` (one process) and ``torchrun`` (P ranks).
+
+    python distributed_app.py --preset tiny                       # CPU demo, tiny random weights
+    torchrun --nproc-per-node=8 distributed_app.py --ulysses_size 8 --dit_fsdp full
+
+Every rank loads the DiT and runs the engine loop on its main thread; rank 0 also loads the encoders
+and TTS, serves the Gradio UI and the REST API (``--server_port``, default 8419) from a background
+thread, and feeds jobs from the durable store to the engine. Flags mirror upstream MultiTalk's;
+a flag this service cannot honour is refused at start-up with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+
+logger = logging.getLogger("distributed_app")
+
+SIZES = {"multitalk-480": 480, "multitalk-720": 720}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Two-person dialogue video service (MultiTalk).")
+    p.add_argument("--preset", choices=("multitalk-14b", "tiny"), default="multitalk-14b",
+                   help="model preset; tiny = random tiny weights made on first use (CPU demo)")  # fmt: skip
+    p.add_argument(
+        "--weights", type=Path, default=None, help="weights root (default weights/ or weights/tiny)"
+    )
+    p.add_argument(
+        "--ckpt_dir", type=Path, default=None, help="upstream's name: the Wan folder (its parent is the root)"
+    )
+    p.add_argument("--ulysses_size", type=int, default=None, help="Ulysses degree (default: all ranks)")
+    p.add_argument("--ring_size", type=int, default=1, help="ring attention degree (only 1 is supported)")
+    p.add_argument("--dit_fsdp", nargs="?", const="full", default="off", choices=("off", "full", "keep"),
+                   help="FSDP2 for the DiT: off (replicated), full (reshard after forward), keep")  # fmt: skip
+    p.add_argument("--t5_fsdp", action="store_true", help="refused: T5 runs on rank 0 only")
+    p.add_argument("--t5_cpu", action="store_true", help="keep T5 on the CPU")
+    p.add_argument("--offload_model", type=_bool, default=None, help="refused when true: not implemented")
+    p.add_argument("--num_persistent_param_in_dit", type=int, default=None, help="refused: not implemented")
+    p.add_argument("--frame_num", type=int, default=None, help="frames per clip (4n+1, default 81)")
+    p.add_argument("--motion_frame", type=int, default=None, help="overlap frames between clips (default 25)")
+    p.add_argument("--mode", choices=("streaming", "clip"), default=None, help="long video or one clip")
+    p.add_argument("--sample_steps", type=int, default=None, help="default denoising steps for jobs")
+    p.add_argument("--sample_shift", type=float, default=None, help="default timestep shift")
+    p.add_argument("--size", choices=tuple(SIZES), default=None, help="default resolution family")
+    p.add_argument("--server_port", type=int, default=8419)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--auth", default=None, help="user:pass for the UI (basic login)")
+    p.add_argument("--api_token", default=os.environ.get("DIALOGUE_API_TOKEN"),
+                   help="bearer token for /api (default $DIALOGUE_API_TOKEN)")  # fmt: skip
+    p.add_argument("--outputs_dir", type=Path, default=Path("outputs"))
+    p.add_argument("--max_queue", type=int, default=50)
+    p.add_argument("--retention_days", type=float, default=7.0)
+    p.add_argument("--max_upload_mb", type=float, default=25.0)
+    p.add_argument("--heartbeat_s", type=float, default=30.0)
+    p.add_argument("--debug_checksum", action="store_true", help="check latents are identical on all ranks")
+    p.add_argument("--selftest", action="store_true", help="tiny DiT at P ranks vs one process, then exit")
+    p.add_argument("--no_ui", action="store_true", help="REST API only")
+    return p
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse what cannot be honoured, with the reason and the supported options."""
+    from inference.parallelize import check_t5_fsdp
+    from inference.runtime import StartupError
+
+    check_t5_fsdp(args.t5_fsdp)
+    if args.offload_model:
+        raise StartupError("offload_model", "moving models to the CPU between uses is not implemented; "
+                           "use --dit_fsdp full to cut the DiT's memory per GPU, and --t5_cpu for T5")  # fmt: skip
+    if args.num_persistent_param_in_dit is not None:
+        raise StartupError("num_persistent_param_in_dit", "per-layer weight streaming is not implemented; "
+                           "use --dit_fsdp full (each GPU holds 1/P of the DiT)")  # fmt: skip
+    if args.ring_size != 1:
+        raise StartupError("ring_size", "ring attention is not implemented; use --ulysses_size equal to the "
+                           "number of ranks (40 heads: 1, 2, 4, 5 or 8 ranks) and --ring_size 1")  # fmt: skip
+
+
+def job_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """Start-up flags that become the default settings of every job (a job's own settings win)."""
+    from inference.settings import GenerationSettings
+
+    values: dict[str, Any] = {}
+    for flag, key in (("frame_num", "frame_num"), ("motion_frame", "motion_frames"), ("mode", "mode"),
+                      ("sample_steps", "steps"), ("sample_shift", "shift")):  # fmt: skip
+        if getattr(args, flag) is not None:
+            values[key] = getattr(args, flag)
+    if args.size is not None:
+        values["resolution"] = SIZES[args.size]
+    if args.preset == "tiny":
+        values.setdefault("steps", 6)  # the demo: seconds per job on a CPU
+    if values:
+        GenerationSettings.from_dict(values)  # validate now: a bad flag must stop the start-up
+    return values
+
+
+def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> None:
+    import uvicorn
+
+    from service.api import ServiceInfo, create_app
+    from service.jobs import JobStore
+    from service.runner import EngineMonitor, StoreJobSource, StoreSink, wav_bytes, weights_report
+    from service.validation import Limits
+
+    ctx = runtime.ctx
+    args.outputs_dir.mkdir(parents=True, exist_ok=True)
+    store = JobStore(args.outputs_dir / "jobs.db", args.outputs_dir, max_queue=args.max_queue,
+                     retention_days=args.retention_days)  # fmt: skip
+    recovered = store.recover_interrupted()
+    if recovered:
+        logger.warning("recovered %d job(s) interrupted by the last stop", len(recovered))
+    store.cleanup()
+    monitor = EngineMonitor(ctx.world_size, str(ctx.device))
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20))
+    renderer = runtime.renderer
+
+    def tts_preview(voice: str, text: str | None) -> bytes:
+        audio = renderer.tts.preview(voice) if not text else renderer.tts.synthesize(
+            text, voice, _language_of(text), seed=0)  # fmt: skip
+        return wav_bytes(audio, renderer.tts.sample_rate)
+
+    info = ServiceInfo(
+        world_size=ctx.world_size,
+        ulysses_size=ctx.world_size,
+        ring_size=1,
+        dit_fsdp=args.dit_fsdp != "off",
+        t5_fsdp=False,
+        model=args.preset,
+        resolution=defaults.get("resolution", 480),
+        versions=_versions(),
+        weights=weights_report(runtime.paths.root, args.preset),
+        engine_status=monitor.status,
+        heartbeat_timeout_s=max(120.0, 4 * args.heartbeat_s),
+        extra={"dit_fsdp_mode": args.dit_fsdp, "job_defaults": defaults, "device": str(ctx.device)},
+    )
+    app = create_app(store, info, auth_token=args.api_token, limits=limits, tts_preview=tts_preview)
+    if not args.no_ui:
+        from service.ui import build_ui, mount_ui, submit_form
+
+        info_dict = {"model": args.preset, "world_size": ctx.world_size, "ulysses_size": ctx.world_size,
+                     "engine": "tiny random weights (demo)" if args.preset == "tiny" else "MultiTalk 14B",
+                     "default_preset": info.default_preset}  # fmt: skip
+        blocks = build_ui(
+            store,
+            submit=lambda form, files: submit_form(store, form, files, limits=limits),
+            tts_preview=tts_preview,
+            info=lambda: info_dict,
+        )
+        auth = tuple(args.auth.split(":", 1)) if args.auth else None
+        mount_ui(app, blocks, store, auth=auth)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.server_port, log_level="warning",
+                                           access_log=False))  # fmt: skip
+    web = threading.Thread(target=server.run, name="web", daemon=True)
+    web.start()
+    for _ in range(600):
+        if server.started or not web.is_alive():
+            break
+        time.sleep(0.05)
+    if not server.started:
+        raise RuntimeError(f"the web server could not start on {args.host}:{args.server_port} (port in use?)")
+    logger.info("serving the UI and API at http://%s:%d (world size %d)", args.host, args.server_port,
+                ctx.world_size)  # fmt: skip
+    sink = StoreSink(store, monitor)
+    source = StoreJobSource(store, sink, monitor, defaults=defaults)
+    engine = runtime.make_engine(
+        sink, source, heartbeat_s=args.heartbeat_s, check_consistency=args.debug_checksum
+    )
+    try:
+        engine.serve()
+    except BaseException as exc:
+        monitor.stopped(f"engine stopped: {exc}")
+        raise
+    finally:
+        server.should_exit = True
+        web.join(timeout=5)
+    monitor.stopped("shut down")
+
+
+def _language_of(text: str) -> str:
+    from dialogue import detect_language
+
+    return detect_language(text)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "diffusers", "gradio", "kokoro"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from inference.runtime import Runtime, RuntimeOptions, setup_logging
+
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(rank)
+    torch.set_grad_enabled(False)
+    if args.selftest:
+        return _selftest()
+    try:
+        check_flags(args)
+        defaults = job_defaults(args)
+        weights = args.weights or (args.ckpt_dir.parent if args.ckpt_dir else None)
+        runtime = Runtime.start(RuntimeOptions(preset=args.preset, weights=weights,
+                                               ulysses_size=args.ulysses_size, ring_size=args.ring_size,
+                                               dit_fsdp=args.dit_fsdp, t5_cpu=args.t5_cpu))  # fmt: skip
+    except ValueError as exc:  # a start-up error the user can fix: say it, no traceback
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if runtime.ctx.is_rank0:
+            serve_rank0(args, runtime, defaults)
+        else:
+            runtime.make_engine(None, None, heartbeat_s=args.heartbeat_s,
+                                check_consistency=args.debug_checksum).serve()  # fmt: skip
+    finally:
+        runtime.close()
+    logger.info("rank %d: clean exit", runtime.ctx.rank)
+    return 0
+
+
+def _selftest() -> int:
+    from inference.parallel import ParallelContext
+    from inference.selftest import run_selftest
+
+    ctx = ParallelContext.from_env(data_timeout=120, control_timeout=300)
+    try:
+        ok, _, line = run_selftest(ctx)
+    finally:
+        if ctx.distributed:
+            ctx.destroy()
+    if ctx.is_rank0:
+        print(line, flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Glue between the durable job store and the SPMD engine on rank 0.
+
+- ``StoreJobSource``: the engine's job source. Claims the oldest queued job, turns its stored spec into
+  a ``RenderJob``; a job whose inputs cannot be read fails at once with the reason.
+- ``StoreSink``: the worker's sink. Progress, stage timings, states, outputs and errors go to the store;
+  a cancel request in the store is seen at the next step and stops every rank at the same step.
+- ``EngineMonitor``: live state for ``/api/health`` and ``/api/queue`` (last heartbeat, current job),
+  read by API threads without touching torch.distributed.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from inference.pipeline import JobRequest
+from inference.runtime import RenderJob
+from service.api import EngineStatus, WorkerStatus
+from service.jobs import JobState, JobStore
+
+logger = logging.getLogger(__name__)
+
+CLEANUP_EVERY_S = 3600.0
+
+
+class EngineMonitor:
+    """Thread-safe record of what the engine loop last did (rank 0)."""
+
+    def __init__(self, world_size: int, device: str) -> None:
+        self.world_size = world_size
+        self.device = device
+        self._lock = threading.Lock()
+        self._beat: float | None = None
+        self._job: str | None = None
+        self._stage: str | None = None
+        self._alive = True
+        self._message = ""
+
+    def beat(self, job_id: str | None = None, stage: str | None = None) -> None:
+        with self._lock:
+            self._beat = time.time()
+            if job_id is not None:
+                self._job, self._stage = job_id, stage
+
+    def idle(self) -> None:
+        with self._lock:
+            self._beat = time.time()
+            self._job = self._stage = None
+
+    def stopped(self, message: str) -> None:
+        with self._lock:
+            self._alive, self._message = False, message
+
+    def status(self) -> EngineStatus:
+        with self._lock:
+            workers = tuple(
+                WorkerStatus(
+                    rank=r,
+                    busy=self._job is not None,
+                    task_id=self._job,
+                    stage=self._stage,
+                    device=self.device if r == 0 else None,
+                )  # fmt: skip
+                for r in range(self.world_size)
+            )
+            return EngineStatus(self._alive, self._beat, workers, self._message)
+
+
+class StoreSink:
+    """Where ``DialogueWorker`` reports (see ``inference.runtime.JobSink``)."""
+
+    def __init__(self, store: JobStore, monitor: EngineMonitor) -> None:
+        self.store = store
+        self.monitor = monitor
+
+    def progress(self, job_id: str, percent: float, stage: str) -> None:
+        self.monitor.beat(job_id, stage)
+        self.store.update_progress(job_id, min(max(percent, 0.0), 100.0), stage)
+
+    def timing(self, job_id: str, name: str, seconds: float) -> None:
+        # The worker reports each name once, with its total.
+        self.store.add_timing(job_id, name, seconds)
+
+    def state(self, job_id: str, state: str) -> None:
+        if self.store.get(job_id).state != state:
+            self.store.set_state(job_id, state)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.store.is_cancel_requested(job_id)
+
+    def done(self, job_id: str, outputs: list[str]) -> None:
+        self.store.set_outputs(job_id, outputs)
+        self.store.update_progress(job_id, 100.0, "done")
+        self.store.set_state(job_id, JobState.DONE)
+        self.monitor.idle()
+        logger.info("job %s done: %s", job_id, ", ".join(outputs))
+
+    def failed(self, job_id: str, reason: str, cancelled: bool = False) -> None:
+        self.monitor.idle()
+        job = self.store.get(job_id)
+        if job.is_terminal:
+            return
+        if cancelled or job.cancel_requested:
+            self.store.set_state(job_id, JobState.CANCELLED, error=reason)
+            logger.info("job %s cancelled: %s", job_id, reason)
+        else:
+            self.store.set_state(job_id, JobState.FAILED, error=reason)
+            logger.warning("job %s failed: %s", job_id, reason)
+
+
+class StoreJobSource:
+    """``source(timeout_s) -> RenderJob | None`` for ``Engine``: polls the store, claims in order.
+
+    ``defaults`` are the service's start-up settings (``--sample_steps`` ...): they apply to every job
+    that did not set the same field itself.
+    """
+
+    def __init__(self, store: JobStore, sink: StoreSink, monitor: EngineMonitor, *, poll_s: float = 0.2,
+                 defaults: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+        self.store = store
+        self.sink = sink
+        self.monitor = monitor
+        self.poll_s = poll_s
+        self.defaults = dict(defaults or {})
+        self._last_cleanup = time.monotonic()
+
+    def __call__(self, timeout_s: float) -> RenderJob | None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.monitor.beat()
+            self._maybe_cleanup()
+            job = self.store.claim_next(worker="rank0")
+            if job is not None:
+                render_job = self._to_render_job(job)
+                if render_job is not None:
+                    return render_job
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(self.poll_s, left))
+
+    def _to_render_job(self, job) -> RenderJob | None:
+        settings = dict(job.settings)
+        explicit = set((job.spec.get("settings_overrides") or {}).keys())
+        for key, value in self.defaults.items():
+            if key not in explicit:
+                settings[key] = value
+        try:
+            request = JobRequest.from_spec(job.spec, settings, self.store.job_dir(job.id) / "inputs")
+        except ValueError as exc:
+            self.store.set_state(job.id, JobState.FAILED, error=f"cannot start the job: {exc}")
+            logger.warning("job %s refused: %s", job.id, exc)
+            return None
+        self.monitor.beat(job.id, "preparing")
+        return RenderJob(job.id, request, self.store.job_dir(job.id))
+
+    def _maybe_cleanup(self) -> None:
+        if time.monotonic() - self._last_cleanup < CLEANUP_EVERY_S:
+            return
+        self._last_cleanup = time.monotonic()
+        try:
+            removed = self.store.cleanup()
+            if removed:
+                logger.info("retention: removed outputs of %d old job(s)", len(removed))
+        except OSError:
+            logger.warning("retention clean-up failed", exc_info=True)
+
+
+def wav_bytes(audio, sample_rate: int) -> bytes:
+    """float32 mono -> 16-bit WAV bytes (for the voice preview endpoint)."""
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, audio, sample_rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def weights_report(root: Path, preset: str) -> dict[str, Any]:
+    """What /api/info says about the weights: the root, the preset and what is missing."""
+    from inference.weights import WeightPaths
+
+    paths = WeightPaths.under(root)
+    missing = paths.missing()
+    return {"root": str(root), "preset": preset, "complete": not missing, "missing": missing[:20],
+            "voices": paths.voices() if paths.kokoro_dir.is_dir() else []}  # fmt: skip
