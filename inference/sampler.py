@@ -273,6 +273,7 @@ def sample_clip(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     clip_index: int = 0,
+    step_boundary: Callable[[Tensor], bool] | None = None,
 ) -> Tensor:
     """Denoise one clip. noise: [C=16, T_lat, h, w]; timesteps: [steps + 1] from `timesteps()`.
 
@@ -282,6 +283,8 @@ def sample_clip(
     The fresh noise comes from `motion_noise_generator(settings.seed, clip_index)`, so settings.seed
     must be resolved (non-negative) when motion_latent is given.
 
+    step_boundary(latent), when given, replaces should_stop and also sees the current latent (the
+    engine all-reduces the cancel flag there and, in debug mode, checks the latents agree on every rank).
     should_stop() is polled before every step; True raises `Cancelled`. In a multi-rank group the
     answer must be the same on every rank (the engine decides it, not this loop).
     progress(done, total) is called after every step. Returns the clean latent [C, T_lat, h, w] fp32.
@@ -322,7 +325,11 @@ def sample_clip(
         inject(ts[0])
 
     for i in range(total):
-        if should_stop is not None and should_stop():
+        if step_boundary is not None:
+            stop = step_boundary(latent)
+        else:
+            stop = should_stop is not None and should_stop()
+        if stop:
             logger.info("clip %d cancelled before step %d/%d", clip_index, i + 1, total)
             raise Cancelled(i, total)
         t = ts[i : i + 1]
