@@ -8,7 +8,9 @@ JOB.json is upstream MultiTalk's format (``prompt``, ``cond_image``, ``cond_audi
 ``audio_type`` add|para, ``bbox``, ``tts_audio`` {text, human1_voice, human2_voice}) or ours
 (``left_image``, ``right_image`` or ``scene_image`` + ``boxes``, ``script`` in any supported format,
 ``voices``, ``prompt``, optional ``settings``). Relative paths are relative to the JSON file. Bad jobs
-print a clear error and exit 2. Under torchrun every rank denoises (Ulysses) and rank 0 writes the mp4.
+print a clear error and exit 2 (on one process before any weights load). Under torchrun every rank
+denoises (Ulysses) and rank 0 writes the mp4. ``--save_frames PATH.npy`` also keeps the uint8 frames
+[T, H, W, 3] as they went into the encoder, to compare renders exactly (e.g. 1 rank against P ranks).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -42,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ulysses_size", type=int, default=None, help="default: the world size")
     p.add_argument("--dit_fsdp", choices=("off", "full", "keep"), default="off")
     p.add_argument("--t5_cpu", action="store_true")
+    p.add_argument(
+        "--save_frames",
+        type=Path,
+        default=None,
+        metavar="PATH.npy",
+        help="also save the rendered frames before encoding (uint8 [T, H, W, 3], numpy .npy)",
+    )
     return p
 
 
@@ -54,7 +64,10 @@ def _settings(args: argparse.Namespace, job: dict):
     if isinstance(job.get("settings"), dict):
         values.update(job["settings"])
     if args.settings:
-        extra = json.loads(args.settings)
+        try:
+            extra = json.loads(args.settings)
+        except ValueError as exc:
+            raise ValueError(f"--settings: not valid JSON ({exc})") from None
         if not isinstance(extra, dict):
             raise ValueError("--settings: expected a JSON object")
         values.update(extra)
@@ -66,10 +79,31 @@ def _settings(args: argparse.Namespace, job: dict):
     return GenerationSettings.from_dict(values)
 
 
+def _load_job(args: argparse.Namespace):
+    """Read and check the job file -> ``JobRequest``; raises ValueError with a one-line message."""
+    from inference.pipeline import JobRequest
+
+    try:
+        job = json.loads(args.input.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the job file {args.input}: {exc}") from None
+    settings = _settings(args, job if isinstance(job, dict) else {})
+    return JobRequest.from_job_json(job, args.input.parent, settings)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from inference.runtime import Runtime, RuntimeOptions, setup_logging
 
+    req = None
+    if int(os.environ.get("WORLD_SIZE", "1") or "1") == 1:
+        # One process: refuse a bad job before loading any weights (minutes for the 14B model).
+        # Under torchrun rank 0 checks it after start-up, so that it can stop the other ranks.
+        try:
+            req = _load_job(args)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     runtime = None
     try:
         runtime = Runtime.start(
@@ -79,11 +113,12 @@ def main(argv: list[str] | None = None) -> int:
                 ulysses_size=args.ulysses_size,
                 dit_fsdp=args.dit_fsdp,
                 t5_cpu=args.t5_cpu,
+                save_frames=args.save_frames is not None,
             )
         )
         setup_logging(runtime.ctx.rank)
         if runtime.ctx.is_rank0:
-            return _rank0(args, runtime)
+            return _rank0(args, runtime, req)
         runtime.follow()
         return 0
     except (ValueError, OSError) as exc:
@@ -95,31 +130,31 @@ def main(argv: list[str] | None = None) -> int:
             runtime.close()
 
 
-def _rank0(args: argparse.Namespace, runtime) -> int:
-    from inference.pipeline import JobRequest
+def _rank0(args: argparse.Namespace, runtime, req) -> int:
+    from inference.pipeline import FRAMES_FILE, OUTPUT_VIDEO
 
     try:
-        job = json.loads(args.input.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        print(f"error: cannot read the job file {args.input}: {exc}", file=sys.stderr)
-        runtime.shutdown()
-        return 2
-    try:
-        settings = _settings(args, job if isinstance(job, dict) else {})
-        req = JobRequest.from_job_json(job, args.input.parent, settings)
+        if req is None:
+            req = _load_job(args)
         out = args.out
         out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".render-", dir=out.parent))
         try:
             names = runtime.render(req, work)
             for name in names:
-                target = out if name == "video.mp4" else out.parent / f"{out.stem}.{name}"
+                if name == OUTPUT_VIDEO:
+                    target = out
+                elif name == FRAMES_FILE and args.save_frames is not None:
+                    target = args.save_frames
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                else:
+                    target = out.parent / f"{out.stem}.{name}"
                 shutil.move(str(work / name), target)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        runtime.shutdown()
+        runtime.shutdown()  # ranks > 0 may still wait for a first message
         return 2
     runtime.shutdown()
     print(f"wrote {args.out}")

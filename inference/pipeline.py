@@ -67,6 +67,7 @@ OUTPUT_FILES = (
     "mix.wav",
     "timeline.json",
 )
+FRAMES_FILE = "frames.npy"  # uint8 [T, H, W, 3] as handed to the encoder (RenderConfig.save_frames)
 DEFAULT_PROMPT = "Two people are having a friendly conversation, facing the camera, natural expressions."
 AUDIO_MODES = ("add", "para")
 
@@ -173,16 +174,17 @@ class JobRequest:
         if "cond_image" in data:  # upstream MultiTalk's layout
             kwargs["scene_image"] = local("cond_image", data["cond_image"])
             if data.get("bbox") is not None:
-                bbox = data["bbox"]
-                kwargs["boxes"] = list(bbox.values()) if isinstance(bbox, dict) else bbox
+                kwargs["boxes"] = _boxes("bbox", data["bbox"])
             tts = data.get("tts_audio")
             if tts:
                 if not isinstance(tts, dict) or not isinstance(tts.get("text"), str):
                     raise JobInputError("tts_audio", "expected {text, human1_voice, human2_voice}")
-                kwargs["script"] = tts["text"]
+                if data.get("cond_audio"):  # upstream's TTS examples carry an empty cond_audio {}
+                    raise JobInputError("cond_audio", "give either tts_audio or cond_audio files, not both")
+                kwargs["script"] = _script("tts_audio.text", tts["text"])
                 kwargs["voices"] = (
-                    _voice_id(tts.get("human1_voice"), "af_heart"),
-                    _voice_id(tts.get("human2_voice"), "am_adam"),
+                    _voice_id("tts_audio.human1_voice", tts.get("human1_voice"), "af_heart"),
+                    _voice_id("tts_audio.human2_voice", tts.get("human2_voice"), "am_adam"),
                 )
             else:
                 audio = data.get("cond_audio")
@@ -199,17 +201,23 @@ class JobRequest:
         else:  # our own form
             if "scene_image" in data:
                 kwargs["scene_image"] = local("scene_image", data["scene_image"])
-                kwargs["boxes"] = data.get("boxes")
+                if data.get("boxes") is not None:
+                    kwargs["boxes"] = _boxes("boxes", data["boxes"])
             else:
                 kwargs["left_image"] = local("left_image", data.get("left_image"))
                 kwargs["right_image"] = local("right_image", data.get("right_image"))
                 kwargs["layout"] = data.get("layout", "side_by_side")
             if "script" in data:
-                kwargs["script"] = data["script"]
+                if data.get("audio") is not None:
+                    raise JobInputError("audio", "give either a script or audio files, not both")
+                kwargs["script"] = _script("script", data["script"])
                 voices = data.get("voices") or ["af_heart", "am_adam"]
                 if not isinstance(voices, list | tuple) or len(voices) != 2:
                     raise JobInputError("voices", "expected two voice ids")
-                kwargs["voices"] = (_voice_id(voices[0], "af_heart"), _voice_id(voices[1], "am_adam"))
+                kwargs["voices"] = (
+                    _voice_id("voices[0]", voices[0], "af_heart"),
+                    _voice_id("voices[1]", voices[1], "am_adam"),
+                )
             else:
                 files = data.get("audio")
                 if not isinstance(files, list | tuple) or not 1 <= len(files) <= 2:
@@ -222,14 +230,43 @@ class JobRequest:
         return cls(**kwargs)
 
 
-def _voice_id(value: Any, default: str) -> str:
-    """Upstream passes voice *paths* (weights/Kokoro-82M/voices/af_heart.pt); we keep the id."""
+def _voice_id(key: str, value: Any, default: str) -> str:
+    """A Kokoro voice id from the catalog. Upstream passes voice *paths*
+    (weights/Kokoro-82M/voices/af_heart.pt); we keep the id."""
+    from tts.voices import get_voice
+
     if value is None or value == "":
         return default
     if not isinstance(value, str):
-        raise JobInputError("voice", f"expected a voice id, got {type(value).__name__}")
+        raise JobInputError(key, f"expected a voice id, got {type(value).__name__}")
     name = Path(value).name
-    return name[:-3] if name.endswith(".pt") else name
+    voice = name[:-3] if name.endswith(".pt") else name
+    try:  # checked here so a typo fails before any model runs, naming the field
+        get_voice(voice)
+    except ValueError as exc:
+        raise JobInputError(key, str(exc)) from None
+    return voice
+
+
+def _script(key: str, text: Any) -> str:
+    """The dialogue script, parsed once to reject it early; the message names the line."""
+    from dialogue import parse_script
+
+    try:
+        parse_script(text)
+    except ValueError as exc:
+        raise JobInputError(key, str(exc)) from None
+    return text
+
+
+def _boxes(key: str, boxes: Any) -> list[list[float]]:
+    """Two boxes [y0, x0, y1, x1], person 1 first (a ``{person1, person2}`` dict may list them in any order)."""
+    from inference.scene import parse_boxes
+
+    try:
+        return [list(box) for box in parse_boxes(boxes)]
+    except ValueError as exc:
+        raise JobInputError(key, getattr(exc, "message", None) or str(exc)) from None
 
 
 @dataclass
@@ -259,7 +296,8 @@ class Prepared:
 @dataclass(frozen=True)
 class RenderConfig:
     """How rank 0 runs its components. ``render_divisor`` shrinks the bucket (the tiny preset renders
-    at an eighth of the 480p bucket, e.g. 64x112, so a CPU finishes a long video in seconds)."""
+    at an eighth of the 480p bucket, e.g. 64x112, so a CPU finishes a long video in seconds).
+    ``save_frames`` also writes the frames before encoding (``frames.npy``), for exact comparisons."""
 
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
@@ -267,6 +305,7 @@ class RenderConfig:
     render_divisor: int = 1
     tts_gap_s: float = 0.25
     max_audio_seconds: float = 600.0
+    save_frames: bool = False
 
 
 def denoise_clip(
@@ -354,7 +393,9 @@ def latent_masks_at(masks: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     out = F.one_hot(label, 3).permute(2, 0, 1).float()
     for c in range(3):  # a tiny render may lose a thin class: give it its best cell back
         if out[c].sum() == 0:
-            idx = int(area[c].flatten().argmax())
+            # ... but never a class's last cell, or fixing one class would empty another.
+            spare = out.sum((1, 2))[out.argmax(0)] > 1  # [h, w]
+            idx = int(torch.where(spare, area[c], -1.0).flatten().argmax())
             out[:, idx // size[1], idx % size[1]] = 0
             out[c, idx // size[1], idx % size[1]] = 1
     return out
@@ -571,7 +612,11 @@ class Renderer:
             "scene": prep.scene.to_json(),
         }
         (prep.out_dir / "render.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
-        return [n for n in (*OUTPUT_FILES, "render.json") if (prep.out_dir / n).is_file()]
+        names = [*OUTPUT_FILES, "render.json"]
+        if self.config.save_frames:
+            np.save(prep.out_dir / FRAMES_FILE, frames)
+            names.append(FRAMES_FILE)
+        return [n for n in names if (prep.out_dir / n).is_file()]
 
 
 def clip_progress(prep: Prepared, clip: ClipSpec, step: int, total: int) -> tuple[float, str]:

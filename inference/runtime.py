@@ -72,6 +72,7 @@ class RuntimeOptions:
     data_timeout_s: float = 300.0
     control_timeout_s: float = 1800.0
     make_tiny: bool = True
+    save_frames: bool = False  # rank 0 also writes the uint8 frames before encoding (frames.npy)
 
     @property
     def weights_root(self) -> Path:
@@ -282,9 +283,13 @@ class Runtime:
         renderer = None
         if ctx.is_rank0:
             divisor = 8 if options.preset == "tiny" else 1
-            renderer = Renderer(
-                paths, RenderConfig(device=ctx.device, t5_cpu=options.t5_cpu, render_divisor=divisor)
+            config = RenderConfig(
+                device=ctx.device,
+                t5_cpu=options.t5_cpu,
+                render_divisor=divisor,
+                save_frames=options.save_frames,
             )
+            renderer = Renderer(paths, config)
         return cls(options, ctx, model, paths, renderer)
 
     def make_engine(self, sink: JobSink | None, source: Callable[[float], Any] | None, *, heartbeat_s: float = 60.0,
@@ -321,7 +326,13 @@ class Runtime:
         self.make_engine(None, None).serve(install_signal_handlers=True)
 
     def shutdown(self) -> None:
-        """Rank 0 after ``render``: nothing left to send (``render`` already broadcast SHUTDOWN)."""
+        """Rank 0 when the CLI is done. After ``render`` nothing is left to send (its engine broadcast
+        SHUTDOWN); a job refused before ``render`` leaves ranks > 0 waiting in ``follow``, so stop them."""
+        if not self.ctx.distributed or not self.ctx.is_rank0 or self.engine is not None:
+            return
+        engine = self.make_engine(None, lambda timeout_s: None)
+        engine.request_shutdown()  # the first message it sends is SHUTDOWN
+        engine.serve(install_signal_handlers=False)
 
     def close(self) -> None:
         if self.ctx.distributed:
