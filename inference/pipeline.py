@@ -317,6 +317,7 @@ def denoise_clip(
     sp: SequenceParallelism | None = None,
     should_stop: Callable[[], bool] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    step_boundary: Callable[[torch.Tensor], bool] | None = None,
 ) -> torch.Tensor:
     """Denoise one clip; runs on every rank with identical ``tensors``. Returns the latent [16, T, h, w].
 
@@ -362,6 +363,7 @@ def denoise_clip(
         progress=progress,
         should_stop=should_stop,
         clip_index=clip_index,
+        step_boundary=step_boundary,
     )
 
 

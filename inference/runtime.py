@@ -156,7 +156,7 @@ class DialogueWorker:
                 settings,
                 clip_index=clip_index,
                 sp=self.sp,
-                should_stop=job.step_boundary,
+                step_boundary=job.step_boundary,  # cancel flag + optional latent checksum
                 progress=progress,
             )
         except Cancelled:
@@ -188,7 +188,9 @@ class DialogueWorker:
             self._state(job, "rendering")
         prep = job.prepared
         clip = prep.plan.clips[job.clip_index]
-        tensors = self.renderer.clip_inputs(prep, clip)
+        t0 = time.monotonic()
+        tensors = self.renderer.clip_inputs(prep, clip)  # CLIP + VAE encode of the clip's conditioning
+        job.add_time("conditioning_time", time.monotonic() - t0)
         specs = tuple(TensorSpec.of(name, t) for name, t in sorted(tensors.items()))
         settings = {"generation": prep.settings.to_dict(), "clip_index": clip.index}
         self._current = job
@@ -216,7 +218,7 @@ class DialogueWorker:
         outputs = self.renderer.write_outputs(prep)
         job.add_time("mux_time", time.monotonic() - t0)
         job.timings["total_time"] = time.monotonic() - job.started
-        for name in ("video_time", "decode_time", "mux_time", "total_time"):
+        for name in ("conditioning_time", "video_time", "decode_time", "mux_time", "total_time"):
             self._report_timing(job, name)
         self._current = None
         if self.sink:
