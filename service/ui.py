@@ -175,76 +175,21 @@ def submit_form(
 ) -> str:
     """The REST API's validation + store path for one form submission: returns the new job id.
 
-    ``form``/``files`` as :data:`SubmitFn`. Raises ``service.validation.RequestError`` (a ValueError with
+    ``form``/``files`` as :data:`SubmitFn` (structured values such as a settings dict are sent as the
+    JSON text the REST form would carry). Raises ``service.validation.RequestError`` (a ValueError with
     ``.field``) for bad input, and the store's QueueFullError / DiskFullError.
     """
-    from service.validation import (
-        FORM_FILE_FIELDS,
-        FORM_TEXT_FIELDS,
-        GenerateRequest,
-        Limits,
-        RequestError,
-        parse_json_field,
-        validate_generate,
-    )
+    from service.validation import Limits, request_from_form, validate_generate
 
     limits = Limits() if limits is None else limits
-    for key in form:
-        if key not in FORM_TEXT_FIELDS:
-            raise RequestError(key, f"unknown form field; allowed: {', '.join(FORM_TEXT_FIELDS)}")
-    for key, data in files.items():
-        if key not in FORM_FILE_FIELDS:
-            raise RequestError(key, f"unknown file field; allowed: {', '.join(FORM_FILE_FIELDS)}")
-        if not isinstance(data, bytes | bytearray):
-            raise RequestError(key, f"expected file bytes, got {type(data).__name__}")
-        if len(data) > limits.max_upload_bytes:
-            raise RequestError(key, f"file is larger than the limit of {limits.max_upload_bytes} bytes", 413)
-        if not data:
-            raise RequestError(key, "the file is empty")
-
-    def text(key: str) -> str | None:
-        value = form.get(key)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            return None
-        if not isinstance(value, str):
-            raise RequestError(key, f"expected text, got {type(value).__name__}")
-        return value
-
-    settings = form.get("settings")
-    if isinstance(settings, str):
-        settings = parse_json_field("settings", settings, dict, "a JSON object of settings")
-    boxes = form.get("boxes")
-    if isinstance(boxes, str) and not boxes.strip():
-        boxes = None
-    req = GenerateRequest(
-        left_image=_bytes_or_none(files.get("left_image")),
-        right_image=_bytes_or_none(files.get("right_image")),
-        scene_image=_bytes_or_none(files.get("scene_image")),
-        boxes=boxes,
-        script=form.get("script"),
-        voice1=text("voice1"),
-        voice2=text("voice2"),
-        prompt=form.get("prompt"),
-        preset=text("preset"),
-        settings=settings,
-        audio1=_bytes_or_none(files.get("audio1")),
-        audio2=_bytes_or_none(files.get("audio2")),
-        audio_mode=text("audio_mode"),
-        layout=text("layout"),
-        backdrop=text("backdrop"),
-        aspect=text("aspect"),
-        source="form",
-    )
-    submission = validate_generate(req, limits)
+    text = {
+        key: json.dumps(value) if isinstance(value, dict | list) else value
+        for key, value in form.items()
+        if value is not None
+    }
+    submission = validate_generate(request_from_form(text, files, limits), limits)
     job = store.submit(submission.spec, submission.settings, submission.files)
     return job.id
-
-
-def _bytes_or_none(data: bytes | bytearray | None) -> bytes | None:
-    return None if data is None else bytes(data)
-
-
-# ---------------------------------------------------------------------------------------------- helpers
 
 
 def voice_choices() -> list[tuple[str, str]]:
