@@ -266,13 +266,10 @@ def clean_prompt(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
 
 
-class T5Encoder:
-    """umT5-XXL text encoder (``UMT5EncoderModel``) with Wan's tokenisation and per-prompt cut."""
+class _ModelHolder:
+    """Device and dtype of a wrapped library model (``self.model``)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, text_len: int = TEXT_LEN) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.text_len = text_len
+    model: torch.nn.Module
 
     @property
     def device(self) -> torch.device:
@@ -281,6 +278,15 @@ class T5Encoder:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+
+class T5Encoder(_ModelHolder):
+    """umT5-XXL text encoder (``UMT5EncoderModel``) with Wan's tokenisation and per-prompt cut."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, text_len: int = TEXT_LEN) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.text_len = text_len
 
     @property
     def dim(self) -> int:
@@ -462,20 +468,12 @@ def clip_hf_to_wan(hf_sd: Mapping[str, torch.Tensor]) -> StateDict:
     return out
 
 
-class ClipImageEncoder:
+class ClipImageEncoder(_ModelHolder):
     """CLIP ViT-H/14 image features as Wan's ``CLIPModel.visual(..., use_31_block=True)``."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.image_size = int(model.config.image_size)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     @property
     def dim(self) -> int:
@@ -722,7 +720,7 @@ def _check_num_frames(num_frames: int) -> None:
         raise EncoderError("num_frames", f"{num_frames!r}: must be 4n + 1 (1, 5, ..., 81)")
 
 
-class WanVae:
+class WanVae(_ModelHolder):
     """Wan2.1 VAE (diffusers ``AutoencoderKLWan``) with Wan's latent normalisation.
 
     Encode takes the posterior mean (as Wan), decode clamps to [-1, 1]; both work on one video without a
@@ -734,14 +732,6 @@ class WanVae:
         self._mean = torch.tensor(VAE_LATENT_MEAN, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
         std = torch.tensor(VAE_LATENT_STD, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
         self._inv_std = 1.0 / std  # upstream multiplies by 1/std on encode and divides by it on decode
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     @classmethod
     def from_wan(
