@@ -99,11 +99,13 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def job_defaults(args: argparse.Namespace) -> dict[str, Any]:
     """Start-up flags that become the default settings of every job (a job's own settings win)."""
-    from inference.settings import GenerationSettings
+    from inference.runtime import StartupError
+    from inference.settings import GenerationSettings, SettingsError
 
     values: dict[str, Any] = {}
-    for flag, key in (("frame_num", "frame_num"), ("motion_frame", "motion_frames"), ("mode", "mode"),
-                      ("sample_steps", "steps"), ("sample_shift", "shift")):  # fmt: skip
+    flags = {"frame_num": "frame_num", "motion_frames": "motion_frame", "mode": "mode", "steps": "sample_steps",
+             "shift": "sample_shift"}  # fmt: skip
+    for key, flag in flags.items():
         if getattr(args, flag) is not None:
             values[key] = getattr(args, flag)
     if args.size is not None:
@@ -111,7 +113,13 @@ def job_defaults(args: argparse.Namespace) -> dict[str, Any]:
     if args.preset == "tiny":
         values.setdefault("steps", 6)  # the demo: seconds per job on a CPU
     if values:
-        GenerationSettings.from_dict(values)  # validate now: a bad flag must stop the start-up
+        try:
+            GenerationSettings.from_dict(values)  # validate now: a bad flag must stop the start-up
+        except SettingsError as exc:
+            # Name the flag the user typed (--sample_steps), not the setting behind it (steps).
+            if exc.field not in flags or getattr(args, flags[exc.field]) is None:
+                raise
+            raise StartupError(flags[exc.field], str(exc).split(": ", 1)[-1]) from None
     return values
 
 
