@@ -332,7 +332,7 @@ def test_sigkill_while_rendering_requeues_and_finishes(
     outputs, log = tmp_path / "outputs", tmp_path / "service.log"
     with running_service(tiny_weights, outputs, log) as svc:
         # More steps than the demo's 6: the rendering state lasts long enough to be caught.
-        task_id = submit(svc, portrait_pngs, settings='{"steps": 12}')
+        task_id = submit(svc, portrait_pngs, settings='{"steps": 20}')
         body = wait_status(svc, task_id, {"rendering", "encoding", "done"}, poll_s=0.05)
         assert body["status"] == "rendering", f"the job left rendering before it could be interrupted: {body}"
         os.killpg(svc.proc.pid, signal.SIGKILL)
@@ -341,7 +341,7 @@ def test_sigkill_while_rendering_requeues_and_finishes(
         assert "recovered 1 job(s)" in svc.log_tail(20000)
         body = wait_status(svc, task_id, {"done"})
         assert body["attempts"] == 2, body
-        assert body["settings"]["steps"] == 12
+        assert body["settings"]["steps"] == 20
         check_video(svc, task_id, tmp_path)
 
 
