@@ -205,6 +205,15 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
     monitor.stopped("shut down")
 
 
+def _flag_message(exc: ValueError) -> str:
+    """Parallel-layout errors name the option as the user typed it (``--ulysses_size``)."""
+    from inference.parallel import ParallelConfigError
+
+    if isinstance(exc, ParallelConfigError):
+        return f"--{exc.field}: {str(exc).split(': ', 1)[-1]}"
+    return str(exc)
+
+
 def _language_of(text: str) -> str:
     from dialogue import detect_language
 
@@ -242,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                                                dit_fsdp=args.dit_fsdp, t5_cpu=args.t5_cpu))  # fmt: skip
     except ValueError as exc:  # a start-up error the user can fix: say it, no traceback
         if rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_flag_message(exc)}", file=sys.stderr)
         return 2
     try:
         if runtime.ctx.is_rank0:
