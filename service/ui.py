@@ -86,6 +86,14 @@ ASPECT_CHOICES = [
 RESOLUTION_CHOICES = [("480p", 480), ("720p", 720)]
 LENGTH_UNITS = ["seconds", "frames"]
 PRESET_LABELS = {"fast": "Fast", "balanced": "Balanced", "quality": "Quality"}
+# Where the speech comes from: the tab of section 2 that is open when Generate is pressed.
+SPEECH_SCRIPT, SPEECH_AUDIO = "script", "audio"
+AUDIO_MODE_CHOICES = [
+    ("add: person 1 speaks first, then person 2 (one after the other)", "add"),
+    ("para: both tracks play at once, as recorded (overlapping speech)", "para"),
+]
+AUDIO_FORMATS_TEXT = "WAV, FLAC, MP3 or M4A"
+_AUDIO_CACHE_SIZE = 32
 
 # Order of the values the Generate button sends (tests pass a dict with these keys).
 FORM_FIELDS = (
@@ -112,6 +120,10 @@ FORM_FIELDS = (
     "color_correction",
     "negative_prompt",
     "apg",
+    "speech",
+    "audio1",
+    "audio2",
+    "audio_mode",
 )
 ADVANCED_FIELDS = (
     "steps",
@@ -234,6 +246,9 @@ def _field_label(field: str | None) -> str:
         "preset": "Preset",
         "settings": "Settings",
         "names": "Speaker names",
+        "audio1": "Recording of person 1 (left)",
+        "audio2": "Recording of person 2 (right)",
+        "audio_mode": "Audio mode",
     }
     if not field:
         return "Input"
@@ -336,11 +351,18 @@ class UiHandlers:
         submit: SubmitFn,
         tts_preview: TtsPreviewFn | None,
         info: InfoFn,
+        limits: Any = None,
     ) -> None:
+        from service.validation import Limits
+
         self.store = store
         self._submit = submit
         self._tts_preview = tts_preview
         self._info = info
+        # The REST limits (service.validation.Limits): the audio preview applies the same size/length rules.
+        self.limits = Limits() if limits is None else limits
+        # (path, size, mtime) -> seconds: the estimate asks again on every settings change.
+        self._audio_seconds: dict[tuple[str, int, int], float] = {}
 
     # -- service info
 
@@ -416,6 +438,96 @@ class UiHandlers:
             f"<tbody>{''.join(rows)}</tbody></table>"
         )
         return head + table, names
+
+    # -- uploaded audio
+
+    def audio_seconds(self, path: str, field: str) -> float:
+        """Length of one uploaded recording, decoded as a job will decode it (``tts.user_audio.load_audio``
+        after the submission's format sniffing): raises ValueError with ``.field`` for a file that is too
+        large, empty, not audio, corrupt, silent or too long."""
+        import tempfile
+
+        from service.validation import RequestError, audio_extension
+        from tts.user_audio import SAMPLE_RATE, load_audio
+
+        src = Path(path)
+        stat = src.stat()
+        if stat.st_size == 0:
+            raise RequestError(field, "the file is empty")
+        if stat.st_size > self.limits.max_upload_bytes:
+            raise RequestError(
+                field, f"the file is larger than the limit of {self.limits.max_upload_bytes / 2**20:g} MiB"
+            )
+        key = (str(src.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key in self._audio_seconds:
+            return self._audio_seconds[key]
+        data = src.read_bytes()
+        ext = audio_extension(field, data)
+        max_s = self.limits.max_audio_seconds
+        try:
+            if src.suffix.lower() == f".{ext}":
+                samples = load_audio(src, field, max_seconds=max_s)
+            else:  # the loader picks its decoder by extension: name the copy as the submission will
+                with tempfile.TemporaryDirectory(prefix="ui-audio-") as tmp:
+                    copy = Path(tmp) / f"{field}.{ext}"
+                    copy.write_bytes(data)
+                    samples = load_audio(copy, field, max_seconds=max_s)
+        except ValueError:
+            raise
+        except Exception as exc:  # a decoder can fail in more ways than ValueError on crafted bytes
+            logger.warning("%s: audio preview failed: %r", field, exc)
+            raise RequestError(
+                field, "the file could not be decoded as audio (corrupt or truncated)"
+            ) from None
+        seconds = samples.size / SAMPLE_RATE
+        if len(self._audio_seconds) >= _AUDIO_CACHE_SIZE:
+            self._audio_seconds.pop(next(iter(self._audio_seconds)))
+        self._audio_seconds[key] = seconds
+        return seconds
+
+    def audio_preview(self, audio1: str | None, audio2: str | None, mode: str | None) -> tuple[str, str, str]:
+        """(message under recording 1, message under recording 2, one summary line) for the audio tab.
+        Errors name the field and never carry a traceback."""
+        seconds: list[float | None] = []
+        messages: list[str] = []
+        for field, path in (("audio1", audio1), ("audio2", audio2)):
+            if not path:
+                seconds.append(None)
+                messages.append("")
+                continue
+            try:
+                s = self.audio_seconds(path, field)
+            except (ValueError, OSError) as exc:
+                seconds.append(None)
+                messages.append(_error_md(exc, field))
+                continue
+            seconds.append(s)
+            messages.append(f"✓ {_fmt_duration(s)}")
+        return messages[0], messages[1], self._audio_summary(seconds[0], seconds[1], mode, audio1, audio2)
+
+    def _audio_summary(
+        self, s1: float | None, s2: float | None, mode: str | None, audio1: str | None, audio2: str | None
+    ) -> str:
+        if not audio1 and not audio2:
+            return f"Upload one recording per person ({AUDIO_FORMATS_TEXT})."
+        if not audio1 or not audio2:
+            missing = "person 1 (left)" if not audio1 else "person 2 (right)"
+            return f"Upload the recording of {missing} too: each person needs their own track."
+        if s1 is None or s2 is None:
+            return "Fix the recording marked above to see the length."
+        total = self._speech_from_audio(s1, s2, mode)
+        if mode == "para":
+            text = f"Both at once: person 1 {_fmt_duration(s1)}, person 2 {_fmt_duration(s2)}"
+        else:
+            text = f"Person 1 speaks {_fmt_duration(s1)}, then person 2 {_fmt_duration(s2)}"
+        text += f" → about {_fmt_duration(total)} of video."
+        if total > self.limits.max_audio_seconds:
+            text += f" ⚠️ More than the limit of {_fmt_duration(self.limits.max_audio_seconds)} in total."
+        return text
+
+    @staticmethod
+    def _speech_from_audio(s1: float, s2: float, mode: str | None) -> float:
+        return max(s1, s2) if mode == "para" else s1 + s2
 
     # -- scene
 
@@ -566,17 +678,28 @@ class UiHandlers:
         except ValueError as exc:
             return "\n\n".join([*lines, _error_md(exc, "settings")])
         seconds = None
-        script = values.get("script")
-        if script and script.strip():
+        if values.get("speech") == SPEECH_AUDIO:
+            missing = "upload both recordings to estimate the length"
             try:
-                seconds = _speech_seconds(parse_script(script))
-            except ValueError:
+                if values.get("audio1") and values.get("audio2"):
+                    s1 = self.audio_seconds(values["audio1"], "audio1")
+                    s2 = self.audio_seconds(values["audio2"], "audio2")
+                    seconds = self._speech_from_audio(s1, s2, values.get("audio_mode"))
+            except (ValueError, OSError):  # the audio tab shows what is wrong with the file
                 seconds = None
+        else:
+            missing = "write a script to estimate the length"
+            script = values.get("script")
+            if script and script.strip():
+                try:
+                    seconds = _speech_seconds(parse_script(script))
+                except ValueError:
+                    seconds = None
         passes = settings.passes_per_step
         if seconds is None:
             lines.append(
                 f"{settings.steps} steps × {passes} model passes per step per clip "
-                f"({settings.resolution}p); write a script to estimate the length."
+                f"({settings.resolution}p); {missing}."
             )
             return "\n\n".join(lines)
         clips = count_clips(max(1, int(seconds * FPS)), settings)
@@ -675,14 +798,22 @@ class UiHandlers:
         from service.validation import RequestError
 
         form: dict[str, Any] = {
-            "script": values.get("script") or "",
-            "voice1": values.get("voice1"),
-            "voice2": values.get("voice2"),
             "prompt": (values.get("prompt") or "").strip() or None,
             "preset": values.get("preset"),
             "settings": self.settings_overrides(values),
         }
         files: dict[str, bytes] = {}
+        # The open tab decides: the validation refuses a script and recordings together, so send one.
+        if values.get("speech") == SPEECH_AUDIO:
+            for key, who in (("audio1", "person 1 (left)"), ("audio2", "person 2 (right)")):
+                if not values.get(key):
+                    raise RequestError(key, f"required: upload the recording of {who} ({AUDIO_FORMATS_TEXT})")
+                files[key] = Path(values[key]).read_bytes()
+            form["audio_mode"] = values.get("audio_mode") or "add"
+        else:
+            form.update(
+                script=values.get("script") or "", voice1=values.get("voice1"), voice2=values.get("voice2")
+            )
         if values.get("source") == "scene":
             if not values.get("scene_image"):
                 raise RequestError("scene_image", "required: upload one image with both people")
@@ -794,14 +925,14 @@ class UiHandlers:
         for job in self.store.list(limit):
             spec, settings = job.spec, job.settings
             script = spec.get("script")
+            voices = " + ".join(spec.get("voices") or [])
             if script:
                 first = " / ".join(line.strip() for line in script.splitlines() if line.strip())
                 what = first[:70] + ("…" if len(first) > 70 else "")
             elif spec.get("audio_source") == "files":
-                what = "(two audio files)"
+                what, voices = _audio_job_summary(spec), "own recordings"
             else:
                 what = ""
-            voices = " + ".join(spec.get("voices") or [])
             took = job.timings.get("total_time")
             if took is None and job.started_at and job.finished_at:
                 took = job.finished_at - job.started_at
@@ -884,6 +1015,17 @@ class UiHandlers:
         return form, files
 
 
+def _audio_job_summary(spec: Mapping[str, Any]) -> str:
+    """History text of an uploaded-audio job: ``"audio files, add: 3.2 s + 4.1 s"``."""
+    mode = spec.get("audio_mode") or "add"
+    seconds = spec.get("audio_seconds") or {}
+    lengths = [seconds.get(k) for k in ("person1", "person2")]
+    if all(isinstance(v, int | float) for v in lengths):
+        joiner = " + " if mode == "add" else " ‖ "
+        return f"audio files, {mode}: " + joiner.join(_fmt_duration(v) for v in lengths)
+    return f"audio files, {mode}"
+
+
 def _as_audio(result: Any) -> tuple[int, np.ndarray]:
     """(sample rate, mono float32 [N]) from a tts_preview result: such a tuple, or WAV bytes."""
     if isinstance(result, bytes | bytearray):
@@ -961,6 +1103,7 @@ def build_ui(
     submit: SubmitFn,
     tts_preview: TtsPreviewFn | None,
     info: InfoFn,
+    limits: Any = None,
 ) -> gr.Blocks:
     """The whole page as a ``gr.Blocks`` (not launched). Mount it with :func:`mount_ui` (CSS, allowed
     paths, auth) or ``blocks.launch(css=UI_CSS, allowed_paths=[str(store.outputs_dir)], ...)``.
@@ -968,13 +1111,15 @@ def build_ui(
     ``submit(form, files) -> job id`` is the REST API's validation + store path (:func:`submit_form`);
     ``tts_preview(voice, text|None)`` speaks a sample (None: the preview says no TTS engine is attached);
     ``info()`` describes the service (keys read: model, world_size, ulysses_size, engine, default_preset,
-    step_time_s (seconds per model pass per clip, a number or {480: s, 720: s}), clip_overhead_s).
+    step_time_s (seconds per model pass per clip, a number or {480: s, 720: s}), clip_overhead_s);
+    ``limits`` (``service.validation.Limits``, default the REST defaults) sizes the audio preview's checks:
+    pass the ones ``submit`` uses.
     """
     from inference.settings import PRESETS
     from service.validation import DEFAULT_PROMPT
     from tts.voices import DEFAULT_VOICES
 
-    h = UiHandlers(store, submit=submit, tts_preview=tts_preview, info=info)
+    h = UiHandlers(store, submit=submit, tts_preview=tts_preview, info=info, limits=limits)
     default_preset = str(h.info().get("default_preset") or "balanced")
     if default_preset not in PRESETS:
         default_preset = "balanced"
@@ -983,7 +1128,8 @@ def build_ui(
 
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(
-            f"# {TITLE}\nTwo people, one script: portraits + dialogue → a talking video with subtitles."
+            f"# {TITLE}\nTwo people, one script (or their own recordings): portraits + dialogue → a talking "
+            "video with subtitles."
         )
         header = gr.Markdown(elem_id="service-info")
 
@@ -1047,35 +1193,77 @@ def build_ui(
                     "Upload the two portraits to see who is where.", elem_id="overlay-message"
                 )
 
-        # ---- 2. script
+        # ---- 2. script, or the speakers' own recordings
         gr.Markdown("## 2 · Dialogue script")
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=3):
-                script = gr.Textbox(
-                    label="Script",
-                    lines=8,
-                    max_lines=30,
-                    placeholder="(s1) Hello! How are you?\n(s2) Fine, thanks. And you?",
-                    elem_id="script-box",
+        speech = gr.State(SPEECH_SCRIPT)
+        with gr.Tabs():
+            with (
+                gr.Tab("Script (text to speech)", id=SPEECH_SCRIPT) as tab_script,
+                gr.Row(equal_height=False),
+            ):
+                with gr.Column(scale=3):
+                    script = gr.Textbox(
+                        label="Script",
+                        lines=8,
+                        max_lines=30,
+                        placeholder="(s1) Hello! How are you?\n(s2) Fine, thanks. And you?",
+                        elem_id="script-box",
+                    )
+                    with gr.Row():
+                        example_buttons = [gr.Button(name, size="sm") for name in EXAMPLES]
+                    with gr.Accordion("Script formats and pauses", open=False):
+                        gr.Markdown(FORMAT_HELP)
+                with gr.Column(scale=2):
+                    parse_html = gr.HTML(
+                        h.parse_preview("")[0], label="Parsed turns", elem_id="parse-preview"
+                    )
+            with gr.Tab("Upload audio", id=SPEECH_AUDIO, elem_id="audio-tab") as tab_audio:
+                gr.Markdown(
+                    f"One recording per person ({AUDIO_FORMATS_TEXT}, up to "
+                    f"{_fmt_duration(h.limits.max_audio_seconds)}). They are used as they are: the voices in "
+                    "section 3 apply to a script only and are ignored while this tab is open."
                 )
-                with gr.Row():
-                    example_buttons = [gr.Button(name, size="sm") for name in EXAMPLES]
-                with gr.Accordion("Script formats and pauses", open=False):
-                    gr.Markdown(FORMAT_HELP)
-            with gr.Column(scale=2):
-                parse_html = gr.HTML(h.parse_preview("")[0], label="Parsed turns", elem_id="parse-preview")
+                with gr.Row(equal_height=False):
+                    with gr.Column():
+                        audio1 = gr.Audio(
+                            label="Recording of person 1 (left)",
+                            type="filepath",
+                            sources=["upload"],
+                            elem_id="audio1",
+                        )
+                        audio1_msg = gr.Markdown(elem_id="audio1-message")
+                    with gr.Column():
+                        audio2 = gr.Audio(
+                            label="Recording of person 2 (right)",
+                            type="filepath",
+                            sources=["upload"],
+                            elem_id="audio2",
+                        )
+                        audio2_msg = gr.Markdown(elem_id="audio2-message")
+                audio_mode = gr.Radio(
+                    AUDIO_MODE_CHOICES, value="add", label="How the recordings play", elem_id="audio-mode"
+                )
+                audio_summary = gr.Markdown(h.audio_preview(None, None, "add")[2], elem_id="audio-preview")
 
         # ---- 3. voices and prompt
         gr.Markdown("## 3 · Voices and scene")
         with gr.Row():
             with gr.Column():
                 voice1 = gr.Dropdown(
-                    voices, value=DEFAULT_VOICES[0], label="Voice of person 1 (left)", elem_id="voice1"
+                    voices,
+                    value=DEFAULT_VOICES[0],
+                    label="Voice of person 1 (left)",
+                    info="For a script; ignored with uploaded audio.",
+                    elem_id="voice1",
                 )
                 preview1 = gr.Button("▶ Preview voice 1", size="sm")
             with gr.Column():
                 voice2 = gr.Dropdown(
-                    voices, value=DEFAULT_VOICES[1], label="Voice of person 2 (right)", elem_id="voice2"
+                    voices,
+                    value=DEFAULT_VOICES[1],
+                    label="Voice of person 2 (right)",
+                    info="For a script; ignored with uploaded audio.",
+                    elem_id="voice2",
                 )
                 preview2 = gr.Button("▶ Preview voice 2", size="sm")
             with gr.Column():
@@ -1210,6 +1398,10 @@ def build_ui(
             "color_correction": color_correction,
             "negative_prompt": negative_prompt,
             "apg": apg,
+            "speech": speech,
+            "audio1": audio1,
+            "audio2": audio2,
+            "audio_mode": audio_mode,
         }
         form_inputs = [form_components[k] for k in FORM_FIELDS]
         quiet: dict[str, Any] = {"show_progress": "hidden", "queue": False}
@@ -1240,6 +1432,9 @@ def build_ui(
         script.change(
             h.parse_preview, script, [parse_html, names], trigger_mode="always_last", show_progress="hidden"
         )
+        # Queued, as above: `speech` is a State whose change refreshes the estimate.
+        tab_script.select(lambda: SPEECH_SCRIPT, None, speech, show_progress="hidden")
+        tab_audio.select(lambda: SPEECH_AUDIO, None, speech, show_progress="hidden")
         for name, button in zip(EXAMPLES, example_buttons, strict=True):
             button.click(lambda text=EXAMPLES[name]: text, None, script, **quiet)
 
@@ -1288,8 +1483,19 @@ def build_ui(
             max_length,
             script,
             length_unit,
+            speech,
         ):
             comp.change(on_estimate, estimate_inputs, estimate_md, trigger_mode="always_last", **quiet)
+        # The estimate after the preview, so that it finds each recording's length already measured.
+        audio_inputs = [audio1, audio2, audio_mode]
+        for comp in audio_inputs:
+            comp.change(
+                h.audio_preview,
+                audio_inputs,
+                [audio1_msg, audio2_msg, audio_summary],
+                trigger_mode="always_last",
+                show_progress="minimal",
+            ).then(on_estimate, estimate_inputs, estimate_md, **quiet)
 
         def on_generate(*vals: Any) -> tuple[Any, str]:
             job_id, msg = h.generate(values_of(*vals))

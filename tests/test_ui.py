@@ -73,6 +73,18 @@ def _values(ui: UiHandlers, portraits: tuple[str, str], **over: Any) -> dict[str
     return values
 
 
+def _tone(path: Path, seconds: float, rate: int = 16000, fmt: str = "WAV") -> str:
+    """A 220 Hz tone (uploaded speech must not be silent) written as ``fmt`` at ``path``."""
+    t = np.arange(round(seconds * rate)) / rate
+    soundfile.write(path, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate, format=fmt)
+    return str(path)
+
+
+@pytest.fixture
+def recordings(tmp_path: Path) -> tuple[str, str]:
+    return _tone(tmp_path / "one.wav", 1.0), _tone(tmp_path / "two.flac", 1.5, fmt="FLAC")
+
+
 def _finish(store: JobStore, job_id: str, outputs: dict[str, bytes]) -> None:
     """What an engine does: claim, render, write outputs, done."""
     job = store.claim_next("test")
@@ -97,8 +109,20 @@ def test_build_ui_renders_every_main_control(store: JobStore) -> None:
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     for elem in ("left-portrait", "right-portrait", "scene-image", "boxes", "layout", "resolution",
                  "overlay-preview", "script-box", "parse-preview", "voice1", "voice2", "prompt", "preset",
-                 "generate-btn", "cancel-btn", "job-id", "job-status", "result-video", "downloads", "history"):  # fmt: skip
+                 "generate-btn", "cancel-btn", "job-id", "job-status", "result-video", "downloads", "history",
+                 "audio-tab", "audio1", "audio2", "audio-mode", "audio-preview"):  # fmt: skip
         assert elem in ids, elem
+    # The script tab comes first (the default): the browser tests type into #script-box.
+    tabs = [b for b in demo.blocks.values() if type(b).__name__ == "Tab"]
+    labels = [t.label for t in tabs]
+    assert labels.index("Script (text to speech)") + 1 == labels.index("Upload audio")
+    audio = [
+        b for b in demo.blocks.values() if type(b).__name__ == "Audio" and b.elem_id in ("audio1", "audio2")
+    ]
+    assert [(a.type, a.label) for a in audio] == [
+        ("filepath", "Recording of person 1 (left)"),
+        ("filepath", "Recording of person 2 (right)"),
+    ]
     kinds = {type(b).__name__ for b in demo.blocks.values()}
     assert {"BrowserState", "Timer", "Video", "Dataframe", "Accordion"} <= kinds
     voice_dd = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "voice1")
@@ -267,6 +291,120 @@ def test_submit_form_contract(store: JobStore, portraits: tuple[str, str]) -> No
     with pytest.raises(RequestError) as err:
         submit_form(store, {"script": "(s1) a", "settings": "{oops"}, files)
     assert err.value.field == "settings"
+
+
+# ---------------------------------------------------------------------------------------------- audio
+
+
+def test_audio_preview_lengths_and_modes(ui: UiHandlers, recordings: tuple[str, str]) -> None:
+    m1, m2, line = ui.audio_preview(*recordings, "add")
+    assert m1 == "✓ 1.0 s" and m2 == "✓ 1.5 s"
+    assert "Person 1 speaks 1.0 s, then person 2 1.5 s → about 2.5 s of video" in line
+    assert "about 1.5 s of video" in ui.audio_preview(*recordings, "para")[2]
+    assert "Upload one recording per person" in ui.audio_preview(None, None, "add")[2]
+
+
+def test_audio_preview_errors_inline_with_field(
+    ui: UiHandlers, recordings: tuple[str, str], tmp_path: Path
+) -> None:
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" + bytes(range(256)) * 4)
+    m1, m2, line = ui.audio_preview(str(corrupt), recordings[1], "add")
+    assert m1.startswith("⚠️ **Recording of person 1 (left)**:") and "not a readable audio file" in m1
+    assert m2 == "✓ 1.5 s" and "Fix the recording" in line and "Traceback" not in m1
+    silent = tmp_path / "silent.wav"
+    soundfile.write(silent, np.zeros(16000, np.float32), 16000)
+    m2 = ui.audio_preview(recordings[0], str(silent), "para")[1]
+    assert m2.startswith("⚠️ **Recording of person 2 (right)**:") and "silent" in m2
+    m1, m2, line = ui.audio_preview(recordings[0], None, "add")
+    assert m1 == "✓ 1.0 s" and m2 == "" and "recording of person 2 (right) too" in line
+    short = _handlers(store=ui.store)
+    short.limits = type(ui.limits)(max_audio_seconds=1.2)
+    assert "too long" in short.audio_preview(*recordings, "para")[1]
+
+
+def test_generate_in_audio_mode_sends_files_not_script(
+    ui: UiHandlers, store: JobStore, portraits: tuple[str, str], recordings: tuple[str, str]
+) -> None:
+    sent: list[tuple[dict[str, Any], dict[str, bytes]]] = []
+
+    def spy(form: dict[str, Any], files: dict[str, bytes]) -> str:
+        sent.append((form, files))
+        return submit_form(store, form, files)
+
+    spying = UiHandlers(store, submit=spy, tts_preview=None, info=lambda: {})
+    # The script and voices keep their values while the audio tab is open: the tab decides what is sent.
+    values = _values(
+        ui, portraits, speech="audio", audio1=recordings[0], audio2=recordings[1], audio_mode="para"
+    )
+    job_id, msg = spying.generate(values)
+    assert job_id is not None, msg
+    form, files = sent[-1]
+    assert form["audio_mode"] == "para" and not {"script", "voice1", "voice2"} & form.keys()
+    assert files["audio1"] == Path(recordings[0]).read_bytes() and set(files) >= {"audio1", "audio2"}
+    job = store.get(job_id)
+    assert job.spec["audio_source"] == "files" and job.spec["audio_mode"] == "para"
+    assert job.spec["script"] is None and job.spec["voices"] is None
+    assert job.spec["audio_seconds"] == {"person1": 1.0, "person2": 1.5}
+    assert (
+        store.input_path(job_id, job.spec["audio"]["person2"]).read_bytes()
+        == Path(recordings[1]).read_bytes()
+    )
+
+    # Back on the script tab the same values send the script and voices, and no audio.
+    job_id, msg = spying.generate({**values, "speech": "script"})
+    assert job_id is not None, msg
+    form, files = sent[-1]
+    assert form["script"].startswith("(s1) Hello") and form["voice1"] == "af_heart"
+    assert "audio_mode" not in form and not {"audio1", "audio2"} & files.keys()
+    assert store.get(job_id).spec["audio_source"] == "tts"
+
+
+def test_generate_in_audio_mode_names_the_bad_field(
+    ui: UiHandlers, store: JobStore, portraits: tuple[str, str], recordings: tuple[str, str], tmp_path: Path
+) -> None:
+    audio = _values(ui, portraits, speech="audio", audio1=recordings[0], audio2=None, audio_mode="add")
+    job_id, msg = ui.generate(audio)
+    assert job_id is None and msg.startswith("⚠️ **Recording of person 2 (right)**: required")
+    corrupt = tmp_path / "corrupt.mp3"
+    corrupt.write_bytes(b"\xff\xfb" + b"\x13" * 3000)
+    job_id, msg = ui.generate({**audio, "audio2": str(corrupt)})
+    assert job_id is None and msg.startswith("⚠️ **Recording of person 2 (right)**:")
+    job_id, msg = ui.generate({**audio, "audio2": recordings[1], "audio_mode": "loud"})
+    assert job_id is None and "**Audio mode**" in msg and "'para'" in msg
+    assert store.count() == 0
+
+
+def test_estimate_in_audio_mode_uses_recording_lengths(store: JobStore, recordings: tuple[str, str]) -> None:
+    ui = _handlers(store, info=lambda: {})
+    values = {"preset": "fast", "length_unit": "seconds", "speech": "audio", "audio_mode": "add"}
+    values.update(dict(zip(ADVANCED_FIELDS, ui.preset_values("fast"), strict=True)))
+    assert "upload both recordings" in ui.estimate(values)
+    assert "≈ 2.5 s of video" in ui.estimate({**values, "audio1": recordings[0], "audio2": recordings[1]})
+    para = {**values, "audio1": recordings[0], "audio2": recordings[1], "audio_mode": "para"}
+    assert "≈ 1.5 s of video" in ui.estimate(para)
+    assert "write a script" in ui.estimate({**para, "speech": "script"})
+
+
+def test_history_and_rerun_of_ui_audio_job(
+    ui: UiHandlers, store: JobStore, portraits: tuple[str, str], recordings: tuple[str, str]
+) -> None:
+    values = _values(
+        ui, portraits, speech="audio", audio1=recordings[0], audio2=recordings[1], audio_mode="add"
+    )
+    first, msg = ui.generate(values)
+    assert first is not None, msg
+    _finish(store, first, {"video.mp4": b"x"})
+    rows, ids = ui.history()
+    assert (
+        ids == [first] and rows[0][7] == "own recordings" and rows[0][8] == "audio files, add: 1.0 s + 1.5 s"
+    )
+    again, msg = ui.rerun(first)
+    assert again is not None and again in msg
+    a, b = store.get(first), store.get(again)
+    assert b.spec == a.spec and b.settings == a.settings and b.spec["audio_source"] == "files"
+    for name in a.inputs:
+        assert store.input_path(again, name).read_bytes() == store.input_path(first, name).read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------- status
