@@ -174,6 +174,7 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
             submit=lambda form, files: submit_form(store, form, files, limits=limits),
             tts_preview=tts_preview,
             info=lambda: info_dict,
+            limits=limits,
         )
         auth = tuple(args.auth.split(":", 1)) if args.auth else None
         mount_ui(app, blocks, store, auth=auth)
