@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ OUTPUT_FILES = (
     "mix.wav",
     "timeline.json",
 )
+FRAMES_SPILL_DIR = ".frames"  # per-clip decoded frames until the mux
 FRAMES_FILE = "frames.npy"  # uint8 [T, H, W, 3] as handed to the encoder (RenderConfig.save_frames)
 DEFAULT_PROMPT = "Two people are having a friendly conversation, facing the camera, natural expressions."
 AUDIO_MODES = ("add", "para")
@@ -284,7 +286,9 @@ class Prepared:
     context_null: torch.Tensor  # [1, L', text_dim]
     masks: torch.Tensor  # [3, h, w] at latent resolution
     plan: ClipPlan
-    frames: list[np.ndarray] = field(default_factory=list)  # uint8 [t, H, W, 3] per clip
+    # Decoded clips spill to disk (uint8 [t, H, W, 3], one .npy per clip) so a 1000-frame 720p video never
+    # sits in RAM whole (~2.7 GB); the muxer reads them back one clip at a time.
+    frame_files: list[Path] = field(default_factory=list)
     motion: torch.Tensor | None = None  # [3, motion_frames, H, W] in [-1, 1]
     started: float = field(default_factory=time.monotonic)
 
@@ -587,7 +591,11 @@ class Renderer:
         video = self.vae.decode(latent.to(self.config.device))  # [3, frame_num, H, W]
         if prep.settings.color_correction > 0:
             video = color_match(video, prep.reference, prep.settings.color_correction)
-        prep.frames.append(_to_uint8_frames(clip_new_frames(video, clip)))
+        spill = prep.out_dir / FRAMES_SPILL_DIR
+        spill.mkdir(exist_ok=True)
+        path = spill / f"clip_{clip.index:04d}.npy"
+        np.save(path, _to_uint8_frames(clip_new_frames(video, clip)))
+        prep.frame_files.append(path)
         if not clip.is_last:
             prep.motion = next_motion_frames(video, prep.settings.motion_frames).contiguous()
 
@@ -595,10 +603,12 @@ class Renderer:
         """Mux the mp4 (atomically) with the mixed speech and subtitles; returns the output names."""
         from inference.video_io import write_video
 
-        frames = np.concatenate(prep.frames, axis=0)
         timeline = prep.timeline
+        clips = [np.load(p, mmap_mode="r") for p in prep.frame_files]
+        num_frames = sum(c.shape[0] for c in clips)
+        height, width = clips[0].shape[1:3]
         write_video(
-            frames,
+            (np.asarray(c) for c in clips),
             timeline.mix,
             timeline.sample_rate,
             prep.out_dir / OUTPUT_VIDEO,
@@ -606,9 +616,9 @@ class Renderer:
             subtitles={"srt": timeline.to_srt(), "vtt": timeline.to_vtt()},
         )
         meta = {
-            "frames": int(frames.shape[0]),
+            "frames": int(num_frames),
             "fps": FPS,
-            "size": [int(frames.shape[2]), int(frames.shape[1])],
+            "size": [int(width), int(height)],
             "clips": prep.num_clips,
             "settings": prep.settings.to_dict(),
             "scene": prep.scene.to_json(),
@@ -616,8 +626,10 @@ class Renderer:
         (prep.out_dir / "render.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
         names = [*OUTPUT_FILES, "render.json"]
         if self.config.save_frames:
-            np.save(prep.out_dir / FRAMES_FILE, frames)
+            np.save(prep.out_dir / FRAMES_FILE, np.concatenate(clips, axis=0))
             names.append(FRAMES_FILE)
+        del clips
+        shutil.rmtree(prep.out_dir / FRAMES_SPILL_DIR, ignore_errors=True)
         return [n for n in names if (prep.out_dir / n).is_file()]
 
 
