@@ -165,6 +165,17 @@ class DialogueWorker:
 
     # ---- rank 0 ---------------------------------------------------------------------------------
 
+    def working_bytes(self, y_shape: torch.Size) -> int:
+        """A lower bound of the activation memory one forward needs on each rank, for the pre-flight:
+        the FFN hidden state plus q/k/v/out and their all-to-all buffers for this rank's tokens, in the
+        compute dtype, doubled for allocator slack. y: [1, 20, T_lat, h, w]."""
+        cfg = self.model.config
+        t_lat, h, w = y_shape[2:]
+        tokens = t_lat * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+        local = -(-tokens // self.sp.size)
+        itemsize = 2 if self.ctx.device.type == "cuda" else 4
+        return int(2 * local * (cfg.ffn_dim + 8 * cfg.dim) * itemsize)
+
     def _progress(self, step: int, total: int) -> None:
         job = self._current
         if job is None or job.prepared is None or self.sink is None:
@@ -192,7 +203,11 @@ class DialogueWorker:
         tensors = self.renderer.clip_inputs(prep, clip)  # CLIP + VAE encode of the clip's conditioning
         job.add_time("conditioning_time", time.monotonic() - t0)
         specs = tuple(TensorSpec.of(name, t) for name, t in sorted(tensors.items()))
-        settings = {"generation": prep.settings.to_dict(), "clip_index": clip.index}
+        settings = {
+            "generation": prep.settings.to_dict(),
+            "clip_index": clip.index,
+            "min_free_bytes": self.working_bytes(tensors["y"].shape),
+        }
         self._current = job
         job.clip_started = time.monotonic()
         return Message(Op.DENOISE, job.job_id, settings, specs), tensors
