@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -290,6 +291,7 @@ class Prepared:
     # sits in RAM whole (~2.7 GB); the muxer reads them back one clip at a time.
     frame_files: list[Path] = field(default_factory=list)
     motion: torch.Tensor | None = None  # [3, motion_frames, H, W] in [-1, 1]
+    start_clip: int = 0  # > 0 when an interrupted render resumes after its last finished clip
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -494,8 +496,8 @@ class Renderer:
         """Everything before the first clip. ``out_dir`` receives the side outputs as they appear."""
         progress = progress or (lambda p, s: None)
         timing = timing or (lambda n, s: None)
-        settings = req.settings if req.settings.seed >= 0 else req.settings.with_resolved_seed()
         out_dir = Path(out_dir)
+        settings = _resolve_seed(req.settings, _read_spill_state(out_dir))
         out_dir.mkdir(parents=True, exist_ok=True)
 
         progress(1, "synthesising speech" if req.script is not None else "loading audio")
@@ -540,7 +542,7 @@ class Renderer:
             settings.steps,
         )
         progress(_PREPARE_END, f"prepared: {len(plan.clips)} clip(s)")
-        return Prepared(
+        prep = Prepared(
             request=req,
             settings=settings,
             out_dir=out_dir,
@@ -553,6 +555,8 @@ class Renderer:
             masks=masks,
             plan=plan,
         )
+        _resume_or_reset(prep)
+        return prep
 
     # ---- per clip ---------------------------------------------------------------------------
 
@@ -594,7 +598,10 @@ class Renderer:
         spill = prep.out_dir / FRAMES_SPILL_DIR
         spill.mkdir(exist_ok=True)
         path = spill / f"clip_{clip.index:04d}.npy"
-        np.save(path, _to_uint8_frames(clip_new_frames(video, clip)))
+        tmp = spill / f".clip_{clip.index:04d}.npy.tmp"
+        with open(tmp, "wb") as f:  # written whole, then renamed: a crash never leaves half a clip
+            np.save(f, _to_uint8_frames(clip_new_frames(video, clip)))
+        os.replace(tmp, path)
         prep.frame_files.append(path)
         if not clip.is_last:
             prep.motion = next_motion_frames(video, prep.settings.motion_frames).contiguous()
@@ -633,6 +640,66 @@ class Renderer:
         return [n for n in names if (prep.out_dir / n).is_file()]
 
 
+SPILL_STATE = "state.json"
+
+
+def _read_spill_state(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads((out_dir / FRAMES_SPILL_DIR / SPILL_STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("settings"), dict) else None
+
+
+def _resolve_seed(settings: GenerationSettings, earlier: dict[str, Any] | None) -> GenerationSettings:
+    """A negative seed means "draw one". An interrupted attempt of the same job already drew it (it is
+    in the spill state): reuse it so the resumed clips continue the same video."""
+    if settings.seed >= 0:
+        return settings
+    if earlier is not None:
+        drawn = earlier["settings"].get("seed")
+        if (
+            isinstance(drawn, int)
+            and drawn >= 0
+            and {**earlier["settings"], "seed": settings.seed} == settings.to_dict()
+        ):
+            return GenerationSettings.from_dict({**settings.to_dict(), "seed": drawn})
+    return settings.with_resolved_seed()
+
+
+def _resume_or_reset(prep: Prepared) -> None:
+    """Resume after the last clip an interrupted attempt finished, or start the spill folder afresh.
+
+    An earlier attempt's clips are reused only when it rendered the same plan with the same settings
+    (the inputs are the job's own saved files, and TTS, scene and noise are seeded). The next clip's
+    motion frames come back from the last saved clip (its last ``motion_frames`` frames, 8-bit).
+    """
+    spill = prep.out_dir / FRAMES_SPILL_DIR
+    state = {
+        "settings": prep.settings.to_dict(),
+        "num_audio_frames": prep.plan.num_audio_frames,
+        "clips": len(prep.plan.clips),
+    }
+    done: list[Path] = []
+    if _read_spill_state(prep.out_dir) == state:
+        for clip in prep.plan.clips[:-1]:  # the last clip is cheap to redo and ends the job
+            path = spill / f"clip_{clip.index:04d}.npy"
+            if not path.is_file():
+                break
+            done.append(path)
+    if not done:
+        shutil.rmtree(spill, ignore_errors=True)
+        spill.mkdir(parents=True)
+        (spill / SPILL_STATE).write_text(json.dumps(state))
+        return
+    last = np.load(done[-1], mmap_mode="r")
+    motion = torch.from_numpy(np.array(last[-prep.settings.motion_frames :], dtype=np.float32))
+    prep.motion = (motion.permute(3, 0, 1, 2) / 127.5 - 1.0).to(prep.reference.device).contiguous()
+    prep.frame_files = done
+    prep.start_clip = len(done)
+    logger.info("resuming after %d finished clip(s) of %d", len(done), len(prep.plan.clips))
+
+
 def clip_progress(prep: Prepared, clip: ClipSpec, step: int, total: int) -> tuple[float, str]:
     """Percent and stage text for step ``step`` of ``total`` in ``clip``."""
     done = (clip.index + step / max(total, 1)) / prep.num_clips
@@ -657,7 +724,7 @@ def generate(
     t_start = time.monotonic()
     prep = renderer.prepare(req, out_dir, progress=progress, timing=timing)
     video_time = decode_time = 0.0
-    for clip in prep.plan.clips:
+    for clip in prep.plan.clips[prep.start_clip :]:
         tensors = renderer.clip_inputs(prep, clip)
         t0 = time.monotonic()
         latent = denoise_clip(

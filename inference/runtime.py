@@ -196,6 +196,7 @@ class DialogueWorker:
                 progress=lambda p, s: self.sink and self.sink.progress(job.job_id, p, s),
                 timing=lambda n, s: self._timing(job, n, s),
             )
+            job.clip_index = job.prepared.start_clip
             self._state(job, "rendering")
         prep = job.prepared
         clip = prep.plan.clips[job.clip_index]
