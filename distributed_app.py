@@ -128,7 +128,14 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
 
     from service.api import ServiceInfo, create_app
     from service.jobs import JobStore
-    from service.runner import EngineMonitor, StoreJobSource, StoreSink, wav_bytes, weights_report
+    from service.runner import (
+        EngineMonitor,
+        StoreJobSource,
+        StoreSink,
+        learn_from_history,
+        wav_bytes,
+        weights_report,
+    )
     from service.validation import Limits
 
     ctx = runtime.ctx
@@ -140,6 +147,7 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
         logger.warning("recovered %d job(s) interrupted by the last stop", len(recovered))
     store.cleanup()
     monitor = EngineMonitor(ctx.world_size, str(ctx.device))
+    learn_from_history(store, monitor)  # estimates in the UI come from this service's own past jobs
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20))
     renderer = runtime.renderer
 
@@ -173,7 +181,7 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
             store,
             submit=lambda form, files: submit_form(store, form, files, limits=limits),
             tts_preview=tts_preview,
-            info=lambda: info_dict,
+            info=lambda: {**info_dict, **monitor.speed()},
             limits=limits,
         )
         auth = tuple(args.auth.split(":", 1)) if args.auth else None

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import threading
 import time
@@ -29,11 +30,14 @@ CLEANUP_EVERY_S = 3600.0
 
 
 class EngineMonitor:
-    """Thread-safe record of what the engine loop last did (rank 0)."""
+    """Thread-safe record of what the engine loop last did (rank 0), and the measured speed of this
+    service (seconds per model pass and per-clip overhead, by resolution) for the UI's estimates."""
 
     def __init__(self, world_size: int, device: str) -> None:
         self.world_size = world_size
         self.device = device
+        self._pass_time: dict[int, float] = {}
+        self._clip_overhead: dict[int, float] = {}
         self._lock = threading.Lock()
         self._beat: float | None = None
         self._job: str | None = None
@@ -55,6 +59,29 @@ class EngineMonitor:
     def stopped(self, message: str) -> None:
         with self._lock:
             self._alive, self._message = False, message
+
+    def learn_speed(self, job: Any, clips: int) -> None:
+        """Fold one finished job's timings into the running estimates (exponential average)."""
+        settings, timing = job.settings, job.timings
+        passes = 2 if float(settings.get("text_guidance", 5.0)) == 1.0 else 3
+        steps, resolution = int(settings.get("steps", 0)), int(settings.get("resolution", 480))
+        video = timing.get("video_time")
+        if not video or clips < 1 or steps < 1:
+            return
+        per_pass = video / (clips * steps * passes)
+        overhead = (timing.get("conditioning_time", 0.0) + timing.get("decode_time", 0.0)) / clips
+        with self._lock:
+            for table, value in ((self._pass_time, per_pass), (self._clip_overhead, overhead)):
+                old = table.get(resolution)
+                table[resolution] = value if old is None else 0.7 * old + 0.3 * value
+
+    def speed(self) -> dict[str, Any]:
+        """``{"step_time_s": {res: s}, "clip_overhead_s": s}`` as far as measured (empty before any job)."""
+        with self._lock:
+            if not self._pass_time:
+                return {}
+            overhead = max(self._clip_overhead.values()) if self._clip_overhead else 0.0
+            return {"step_time_s": dict(self._pass_time), "clip_overhead_s": overhead}
 
     def status(self) -> EngineStatus:
         with self._lock:
@@ -98,6 +125,7 @@ class StoreSink:
         self.store.update_progress(job_id, 100.0, "done")
         self.store.set_state(job_id, JobState.DONE)
         self.monitor.idle()
+        learn_from(self.store, self.monitor, self.store.get(job_id))
         logger.info("job %s done: %s", job_id, ", ".join(outputs))
 
     def failed(self, job_id: str, reason: str, cancelled: bool = False) -> None:
@@ -170,6 +198,21 @@ class StoreJobSource:
                 logger.info("retention: removed outputs of %d old job(s)", len(removed))
         except OSError:
             logger.warning("retention clean-up failed", exc_info=True)
+
+
+def learn_from(store: JobStore, monitor: EngineMonitor, job: Any) -> None:
+    """Teach ``monitor`` the speed seen in one finished job (its clip count is in render.json)."""
+    try:
+        meta = json.loads(store.output_path(job.id, "render.json").read_text())
+        monitor.learn_speed(job, int(meta["clips"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        logger.debug("no speed sample from job %s", job.id, exc_info=True)
+
+
+def learn_from_history(store: JobStore, monitor: EngineMonitor, limit: int = 20) -> None:
+    """Seed the speed estimates from the last finished jobs in the store (oldest first)."""
+    for job in reversed(store.list(limit=limit, state=JobState.DONE)):
+        learn_from(store, monitor, job)
 
 
 def wav_bytes(audio, sample_rate: int) -> bytes:

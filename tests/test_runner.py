@@ -1,0 +1,58 @@
+"""service/runner.py: the store-backed sink/source and the speed estimates the UI shows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from service.jobs import JobState, JobStore
+from service.runner import EngineMonitor, StoreSink, learn_from_history
+
+SPEC = {"kind": "dialogue", "version": 1}
+
+
+def _finished_job(store: JobStore, *, steps: int, text_guidance: float, video: float, clips: int) -> str:
+    job = store.submit(SPEC, {"steps": steps, "text_guidance": text_guidance, "resolution": 480}, {})
+    claimed = store.claim_next(worker="test")
+    assert claimed is not None and claimed.id == job.id
+    store.set_state(job.id, JobState.RENDERING)
+    store.set_state(job.id, JobState.ENCODING)
+    store.add_timing(job.id, "video_time", video)
+    store.add_timing(job.id, "decode_time", 2.0 * clips)
+    (store.job_dir(job.id) / "render.json").write_text(json.dumps({"clips": clips}))
+    return job.id
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> JobStore:
+    return JobStore(tmp_path / "jobs.db", tmp_path / "outputs")
+
+
+def test_speed_is_learned_from_a_finished_job(store: JobStore) -> None:
+    monitor = EngineMonitor(world_size=2, device="cpu")
+    assert monitor.speed() == {}  # nothing measured yet: the UI shows no time estimate
+    job_id = _finished_job(store, steps=10, text_guidance=5.0, video=60.0, clips=2)
+    StoreSink(store, monitor).done(job_id, ["render.json"])
+    speed = monitor.speed()
+    assert speed["step_time_s"] == {480: pytest.approx(60.0 / (2 * 10 * 3))}  # 3 passes per step
+    assert speed["clip_overhead_s"] == pytest.approx(2.0)
+    assert store.get(job_id).state == JobState.DONE
+
+
+def test_two_pass_jobs_count_two_passes_and_history_seeds_the_estimate(store: JobStore) -> None:
+    sink = StoreSink(store, EngineMonitor(1, "cpu"))
+    job_id = _finished_job(store, steps=8, text_guidance=1.0, video=32.0, clips=1)
+    sink.done(job_id, ["render.json"])
+    fresh = EngineMonitor(1, "cpu")  # a restarted service
+    learn_from_history(store, fresh)
+    assert fresh.speed()["step_time_s"][480] == pytest.approx(32.0 / (8 * 2))
+
+
+def test_a_job_without_render_json_teaches_nothing(store: JobStore) -> None:
+    monitor = EngineMonitor(1, "cpu")
+    job_id = _finished_job(store, steps=8, text_guidance=5.0, video=32.0, clips=1)
+    (store.job_dir(job_id) / "render.json").unlink()
+    StoreSink(store, monitor).done(job_id, [])
+    assert monitor.speed() == {}
