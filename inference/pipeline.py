@@ -723,9 +723,11 @@ def generate(
     timing = timing or (lambda n, s: None)
     t_start = time.monotonic()
     prep = renderer.prepare(req, out_dir, progress=progress, timing=timing)
-    video_time = decode_time = 0.0
+    video_time = decode_time = conditioning_time = 0.0
     for clip in prep.plan.clips[prep.start_clip :]:
+        t0 = time.monotonic()
         tensors = renderer.clip_inputs(prep, clip)
+        conditioning_time += time.monotonic() - t0
         t0 = time.monotonic()
         latent = denoise_clip(
             model,
@@ -740,6 +742,7 @@ def generate(
         t0 = time.monotonic()
         renderer.accept_clip(prep, clip, latent)
         decode_time += time.monotonic() - t0
+    timing("conditioning_time", conditioning_time)
     timing("video_time", video_time)
     timing("decode_time", decode_time)
     progress(_RENDER_END, "encoding the video")
