@@ -672,6 +672,20 @@ def create_router(
             **{str(k): _plain(v) for k, v in service_info.extra.items()},
         }
 
+    @protected.get(
+        "/metrics",
+        summary="Prometheus metrics: jobs by state, queue, engine liveness, stage timings",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    async def metrics() -> Response:
+        from service.metrics import render_metrics
+
+        text = await run_in_threadpool(
+            render_metrics, store, service_info.engine_status, service_info.world_size
+        )
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @protected.get("/voices", summary="Voices for the script's speakers")
     async def voices() -> dict[str, Any]:
         from tts.voices import VOICES
