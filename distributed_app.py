@@ -148,7 +148,8 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
     store.cleanup()
     monitor = EngineMonitor(ctx.world_size, str(ctx.device))
     learn_from_history(store, monitor)  # estimates in the UI come from this service's own past jobs
-    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20))
+    installed = frozenset(runtime.paths.voices())  # the tiny demo has 4 voices, the real folder 54
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), installed_voices=installed)
     renderer = runtime.renderer
 
     def tts_preview(voice: str, text: str | None) -> bytes:

@@ -690,7 +690,14 @@ def create_router(
     async def voices() -> dict[str, Any]:
         from tts.voices import VOICES
 
-        return {"success": True, "voices": [{"id": vid, **_plain(v)} for vid, v in VOICES.items()]}
+        installed = limits.installed_voices
+        return {
+            "success": True,
+            "voices": [
+                {"id": vid, **_plain(v), "installed": installed is None or vid in installed}
+                for vid, v in VOICES.items()
+            ],
+        }
 
     @protected.post(
         "/tts/preview",
@@ -699,7 +706,7 @@ def create_router(
         responses={200: {"content": {"audio/wav": {}}}},
     )
     async def tts_preview_route(body: TtsPreviewRequest) -> Response:
-        voice = await run_in_threadpool(check_voice, "voice", body.voice)
+        voice = await run_in_threadpool(check_voice, "voice", body.voice, None, limits.installed_voices)
         text = body.text if body.text is not None and body.text.strip() else None
         if text is not None and len(text) > limits.max_preview_chars:
             raise ApiError(

@@ -204,14 +204,16 @@ def submit_form(
     return job.id
 
 
-def voice_choices() -> list[tuple[str, str]]:
-    """Dropdown choices ``(label, id)`` grouped by language: ``"af_heart — American English, female, ..."``."""
+def voice_choices(installed: frozenset[str] | None = None) -> list[tuple[str, str]]:
+    """Dropdown choices ``(label, id)`` grouped by language: ``"af_heart — American English, female, ..."``;
+    only the installed voices when the service says which (the tiny demo has four)."""
     from tts.voices import voices_by_language
 
     out: list[tuple[str, str]] = []
     for voices in voices_by_language().values():
         for v in voices:
-            out.append((f"{v.id} — {v.language_name}, {v.gender}, {v.description}", v.id))
+            if installed is None or v.id in installed:
+                out.append((f"{v.id} — {v.language_name}, {v.gender}, {v.description}", v.id))
     return out
 
 
@@ -1124,7 +1126,7 @@ def build_ui(
     if default_preset not in PRESETS:
         default_preset = "balanced"
     adv = dict(zip(ADVANCED_FIELDS, h.preset_values(default_preset), strict=True))
-    voices = voice_choices()
+    voices = voice_choices(None if limits is None else limits.installed_voices)
 
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(

@@ -67,6 +67,8 @@ class Limits:
     Image size rules (formats, megapixels, short side) belong to ``inference.scene``.
     max_preview_chars: longest text for POST /api/tts/preview.
     max_list_limit: largest ``limit`` of GET /api/jobs.
+    installed_voices: voice ids whose files this service has (None: every catalog voice); a voice that
+        is in Kokoro's catalog but not installed is refused at submission, not when the job runs.
     """
 
     max_upload_bytes: int = 25 * 2**20
@@ -76,6 +78,7 @@ class Limits:
     max_audio_seconds: float = 600.0
     max_preview_chars: int = 500
     max_list_limit: int = 200
+    installed_voices: frozenset[str] | None = None
 
 
 class RequestError(ValueError):
@@ -541,8 +544,11 @@ def resolve_settings(preset: Any, overrides: Any) -> tuple[str, dict[str, Any], 
     return name, dict(overrides), resolved.to_dict()
 
 
-def check_voice(field: str, voice_id: Any, default: str | None = None) -> str:
-    """A known voice id (``default`` when none was given); RequestError otherwise."""
+def check_voice(
+    field: str, voice_id: Any, default: str | None = None, installed: frozenset[str] | None = None
+) -> str:
+    """A known (and, when ``installed`` is given, installed) voice id, ``default`` when none was given;
+    RequestError otherwise."""
     from tts.voices import get_voice
 
     if voice_id is None or voice_id == "":
@@ -555,6 +561,9 @@ def check_voice(field: str, voice_id: Any, default: str | None = None) -> str:
         get_voice(voice_id)
     except ValueError as exc:
         raise RequestError(field, message_of(exc)) from None
+    if installed is not None and voice_id not in installed:
+        have = ", ".join(sorted(installed)) or "none"
+        raise RequestError(field, f"voice {voice_id!r} is not installed on this service; installed: {have}")
     return voice_id
 
 
@@ -618,8 +627,13 @@ def validate_generate(req: GenerateRequest, limits: Limits) -> Submission:
             raise RequestError("audio_mode", "applies to uploaded audio files only")
         from tts.voices import DEFAULT_VOICES
 
-        v1 = check_voice("tts_audio.human1_voice" if json_src else "voice1", req.voice1, DEFAULT_VOICES[0])
-        v2 = check_voice("tts_audio.human2_voice" if json_src else "voice2", req.voice2, DEFAULT_VOICES[1])
+        installed = limits.installed_voices
+        v1 = check_voice(
+            "tts_audio.human1_voice" if json_src else "voice1", req.voice1, DEFAULT_VOICES[0], installed
+        )
+        v2 = check_voice(
+            "tts_audio.human2_voice" if json_src else "voice2", req.voice2, DEFAULT_VOICES[1], installed
+        )
         summary = check_script(script, limits)
         spec.update(
             audio_source="tts", script=script, voices=[v1, v2], audio=None, audio_mode=None, **summary

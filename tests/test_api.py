@@ -888,3 +888,28 @@ def test_unknown_api_paths_stay_json_with_a_ui_mounted_at_root(env) -> None:
     _err(client.put("/api/jobs"), 404, None, "PUT /api/jobs")
     _err(client.get("/api/download/..%2F..%2Fetc%2Fpasswd"), 404, None)
     assert client.get("/api/jobs").status_code == 200
+
+
+def test_voices_not_installed_are_refused_at_submission(tmp_path: Path) -> None:
+    installed = frozenset({"af_heart", "am_adam"})
+    store, _, client = _make(tmp_path, limits=Limits(installed_voices=installed))
+    files = {"left_image": ("l.png", _png(), "image/png"), "right_image": ("r.png", _png(), "image/png")}
+    form = {"script": "(s1) Hello there.\n(s2) Hi!", "voice1": "af_heart", "voice2": "bf_emma"}
+    _err(client.post("/api/generate", data=form, files=files), 400, "voice2", "not installed", "am_adam")
+    assert store.count() == 0
+    ok = client.post("/api/generate", data={**form, "voice2": "am_adam"}, files=files)
+    assert ok.status_code == 200, ok.text
+    voices = {v["id"]: v["installed"] for v in client.get("/api/voices").json()["voices"]}
+    assert voices["af_heart"] and not voices["bf_emma"] and len(voices) > 50
+    _err(client.post("/api/tts/preview", json={"voice": "zf_xiaobei"}), 400, "voice", "not installed")
+    store.close()
+
+
+def test_ui_lists_only_installed_voices() -> None:
+    from service.ui import voice_choices
+
+    assert [vid for _, vid in voice_choices(frozenset({"am_adam", "zf_xiaobei"}))] == [
+        "am_adam",
+        "zf_xiaobei",
+    ]
+    assert len(voice_choices()) > 50
