@@ -256,7 +256,8 @@ def write_video(
 
     The audio is cropped or zero-padded to exactly ``T / fps`` seconds. ``audio=None`` writes a silent
     video without an audio stream. ``subtitles`` (``{"srt": text, "vtt": text}``) are written beside the
-    video as ``subtitles.srt`` / ``subtitles.vtt``. Every file appears atomically; returns the mp4 path.
+    video as ``subtitles.srt`` / ``subtitles.vtt``, and the SRT also goes into the mp4 as a soft
+    ``mov_text`` track (when there is audio). Every file appears atomically; returns the mp4 path.
     """
     out = Path(out_path)
     if not out.parent.is_dir():
@@ -270,6 +271,7 @@ def write_video(
     tmp_video = out.parent / f".{out.name}.{tag}.video.tmp"
     tmp_audio = out.parent / f".{out.name}.{tag}.audio.tmp"
     tmp_final = out.parent / f".{out.name}.{tag}.mux.tmp"
+    tmp_srt = out.parent / f".{out.name}.{tag}.srt"
     try:
         n_frames, h, w = _encode_video(frames, tmp_video, fps, crf, preset)
         if wav is None:
@@ -277,17 +279,23 @@ def write_video(
         else:
             n_samples = round(n_frames * sample_rate / fps)
             _fit_audio(wav, n_samples).tofile(tmp_audio)
+            # A soft subtitle track (mov_text) inside the mp4 too, so players can switch captions on.
+            sub_args: list[str] = []
+            if subs.get("srt", "").strip():
+                tmp_srt.write_text(subs["srt"], encoding="utf-8")
+                sub_args = ["-i", str(tmp_srt), "-map", "2:s:0", "-c:s", "mov_text",
+                            "-metadata:s:s:0", "handler_name=Dialogue"]  # fmt: skip
             _run_ffmpeg(
                 ["-i", str(tmp_video), "-f", "f32le", "-ar", str(int(sample_rate)), "-ac", "1", "-i", str(tmp_audio),
-                 "-map", "0:v:0", "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-b:a", audio_bitrate,
-                 "-movflags", "+faststart", "-f", "mp4", str(tmp_final)],
+                 *sub_args[:2], "-map", "0:v:0", "-map", "1:a:0", *sub_args[2:], "-c:v", "copy", "-c:a", "aac",
+                 "-b:a", audio_bitrate, "-movflags", "+faststart", "-f", "mp4", str(tmp_final)],
                 "muxing audio",
             )  # fmt: skip
             os.replace(tmp_final, out)
         for fmt, text in subs.items():
             _atomic_write_text(out.parent / f"subtitles.{fmt}", text)
     finally:
-        for tmp in (tmp_video, tmp_audio, tmp_final):
+        for tmp in (tmp_video, tmp_audio, tmp_final, tmp_srt):
             tmp.unlink(missing_ok=True)
     logger.info("wrote %s: %d frames %dx%d at %s fps", out, n_frames, w, h, fps)
     return out

@@ -145,3 +145,22 @@ def test_missing_folder_and_bad_media(tmp_path):
         probe_media(tmp_path / "x.mp4")
     with pytest.raises(VideoIOError, match="not found"):
         read_frames(tmp_path / "missing.mp4")
+
+
+def test_srt_is_also_a_soft_subtitle_track_in_the_mp4(tmp_path):
+    import av
+
+    srt = (
+        "1\n00:00:00,000 --> 00:00:00,800\nAlice: 你好, hello\n\n2\n00:00:00,900 --> 00:00:01,500\nBob: Hi!\n"
+    )
+    out = write_video(
+        gradient_frames(40), tone(1.6, 16000), 16000, tmp_path / "v.mp4", subtitles={"srt": srt}
+    )
+    with av.open(str(out)) as container:
+        subs = [s for s in container.streams if s.type == "subtitle"]
+        assert len(subs) == 1 and subs[0].codec_context.name == "mov_text"
+        texts = [bytes(p).decode("utf-8", "replace") for p in container.demux(subs[0]) if p.size]
+    assert any("Alice: 你好, hello" in t for t in texts) and any("Bob: Hi!" in t for t in texts)
+    info = probe_media(out)
+    assert info.frames == 40 and info.audio_codec == "aac"  # video and audio unaffected
+    assert leftovers(tmp_path) == ["subtitles.srt", "v.mp4"]  # no temporary files left
