@@ -98,7 +98,8 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def job_defaults(args: argparse.Namespace) -> dict[str, Any]:
-    """Start-up flags that become the default settings of every job (a job's own settings win)."""
+    """Start-up flags that become the default settings of every job: applied over the job's preset at
+    submission; a setting the job gives itself wins."""
     from inference.runtime import StartupError
     from inference.settings import GenerationSettings, SettingsError
 
@@ -110,8 +111,6 @@ def job_defaults(args: argparse.Namespace) -> dict[str, Any]:
             values[key] = getattr(args, flag)
     if args.size is not None:
         values["resolution"] = SIZES[args.size]
-    if args.preset == "tiny":
-        values.setdefault("steps", 6)  # the demo: seconds per job on a CPU
     if values:
         try:
             GenerationSettings.from_dict(values)  # validate now: a bad flag must stop the start-up
@@ -149,7 +148,9 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
     monitor = EngineMonitor(ctx.world_size, str(ctx.device))
     learn_from_history(store, monitor)  # estimates in the UI come from this service's own past jobs
     installed = frozenset(runtime.paths.voices())  # the tiny demo has 4 voices, the real folder 54
-    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), installed_voices=installed)
+    limits = Limits(
+        max_upload_bytes=int(args.max_upload_mb * 2**20), installed_voices=installed, job_defaults=defaults
+    )
     renderer = runtime.renderer
 
     def tts_preview(voice: str, text: str | None) -> bytes:
@@ -200,7 +201,7 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
     logger.info("serving the UI and API at http://%s:%d (world size %d)", args.host, args.server_port,
                 ctx.world_size)  # fmt: skip
     sink = StoreSink(store, monitor)
-    source = StoreJobSource(store, sink, monitor, defaults=defaults)
+    source = StoreJobSource(store, sink, monitor)
     engine = runtime.make_engine(
         sink, source, heartbeat_s=args.heartbeat_s, check_consistency=args.debug_checksum
     )

@@ -15,7 +15,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -143,18 +142,16 @@ class StoreSink:
 
 class StoreJobSource:
     """``source(timeout_s) -> RenderJob | None`` for ``Engine``: polls the store, claims in order.
-
-    ``defaults`` are the service's start-up settings (``--sample_steps`` ...): they apply to every job
-    that did not set the same field itself.
+    A job renders with exactly the settings stored with it (start-up defaults were applied at submission).
     """
 
-    def __init__(self, store: JobStore, sink: StoreSink, monitor: EngineMonitor, *, poll_s: float = 0.2,
-                 defaults: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, store: JobStore, sink: StoreSink, monitor: EngineMonitor, *, poll_s: float = 0.2
+    ) -> None:
         self.store = store
         self.sink = sink
         self.monitor = monitor
         self.poll_s = poll_s
-        self.defaults = dict(defaults or {})
         self._last_cleanup = time.monotonic()
 
     def __call__(self, timeout_s: float) -> RenderJob | None:
@@ -174,13 +171,8 @@ class StoreJobSource:
             time.sleep(min(self.poll_s, left))
 
     def _to_render_job(self, job) -> RenderJob | None:
-        settings = dict(job.settings)
-        explicit = set((job.spec.get("settings_overrides") or {}).keys())
-        for key, value in self.defaults.items():
-            if key not in explicit:
-                settings[key] = value
         try:
-            request = JobRequest.from_spec(job.spec, settings, self.store.job_dir(job.id) / "inputs")
+            request = JobRequest.from_spec(job.spec, job.settings, self.store.job_dir(job.id) / "inputs")
         except ValueError as exc:
             self.store.set_state(job.id, JobState.FAILED, error=f"cannot start the job: {exc}")
             logger.warning("job %s refused: %s", job.id, exc)

@@ -67,6 +67,8 @@ class Limits:
     Image size rules (formats, megapixels, short side) belong to ``inference.scene``.
     max_preview_chars: longest text for POST /api/tts/preview.
     max_list_limit: largest ``limit`` of GET /api/jobs.
+    job_defaults: the service's start-up settings (``--sample_steps`` ...), applied over the preset and
+        under the job's own settings.
     installed_voices: voice ids whose files this service has (None: every catalog voice); a voice that
         is in Kokoro's catalog but not installed is refused at submission, not when the job runs.
     """
@@ -79,6 +81,7 @@ class Limits:
     max_preview_chars: int = 500
     max_list_limit: int = 200
     installed_voices: frozenset[str] | None = None
+    job_defaults: Mapping[str, Any] | None = None
 
 
 class RequestError(ValueError):
@@ -525,8 +528,13 @@ def _check_text(field: str, value: Any, max_chars: int, *, required: bool) -> st
     return value
 
 
-def resolve_settings(preset: Any, overrides: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(preset name, overrides, resolved settings dict) or RequestError naming the setting."""
+def resolve_settings(
+    preset: Any, overrides: Any, defaults: Mapping[str, Any] | None = None
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(preset name, overrides, resolved settings dict) or RequestError naming the setting.
+
+    Layers: the preset, then the service's start-up ``defaults`` (``--sample_steps`` ...), then the
+    job's own ``overrides``. The stored settings are therefore exactly what the job renders with."""
     from inference.settings import PRESETS
 
     name = DEFAULT_PRESET if preset is None or preset == "" else preset
@@ -537,7 +545,7 @@ def resolve_settings(preset: Any, overrides: Any) -> tuple[str, dict[str, Any], 
     if not isinstance(overrides, dict):
         raise RequestError("settings", f"expected a JSON object of settings, got {type(overrides).__name__}")
     try:
-        resolved = PRESETS[name].apply(overrides)
+        resolved = PRESETS[name].apply({**(defaults or {}), **overrides})
     except ValueError as exc:
         field = getattr(exc, "field", None) or "settings"
         raise RequestError(field if field == "settings" else f"settings.{field}", message_of(exc)) from None
@@ -592,7 +600,7 @@ def validate_generate(req: GenerateRequest, limits: Limits) -> Submission:
     spec: dict[str, Any] = {"kind": "dialogue", "version": SPEC_VERSION, "source": req.source}
     files: dict[str, bytes] = {}
 
-    preset, overrides, settings = resolve_settings(req.preset, req.settings)
+    preset, overrides, settings = resolve_settings(req.preset, req.settings, limits.job_defaults)
     prompt = _check_text("prompt", req.prompt, limits.max_prompt_chars, required=False)
 
     # -- speech: a script with two voices, or two audio tracks

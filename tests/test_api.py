@@ -913,3 +913,16 @@ def test_ui_lists_only_installed_voices() -> None:
         "zf_xiaobei",
     ]
     assert len(voice_choices()) > 50
+
+
+def test_start_up_defaults_apply_over_the_preset_under_the_jobs_own_settings(tmp_path: Path) -> None:
+    store, _, client = _make(tmp_path, limits=Limits(job_defaults={"steps": 7, "frame_num": 41}))
+    files = {"left_image": ("l.png", _png(), "image/png"), "right_image": ("r.png", _png(), "image/png")}
+    form = {"script": "(s1) Hello there.\n(s2) Hi!", "preset": "quality"}
+    plain = client.post("/api/generate", data=form, files=files).json()["task_id"]
+    own = client.post("/api/generate", data={**form, "settings": '{"steps": 9}'}, files=files).json()[
+        "task_id"
+    ]
+    assert store.get(plain).settings["steps"] == 7 and store.get(plain).settings["frame_num"] == 41
+    assert store.get(own).settings["steps"] == 9 and store.get(own).settings["frame_num"] == 41
+    store.close()
