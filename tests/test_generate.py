@@ -4,7 +4,6 @@ against one process on the frames before encoding."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from inference.video_io import probe_media, read_audio, read_frames
+from tests.subprocess_env import offline_env
 
 REPO = Path(__file__).resolve().parents[1]
 FPS = 25
@@ -31,18 +31,7 @@ CLI_TIMEOUT_S = 300
 
 
 def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        GRADIO_ANALYTICS_ENABLED="False",
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-        PYTHONPATH=str(REPO),
-    )
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
+    return offline_env(PYTHONPATH=str(REPO))
 
 
 def run_cli(args: list[str], *, ranks: int = 1) -> subprocess.CompletedProcess:

@@ -29,6 +29,7 @@ import requests
 
 from inference.settings import FPS
 from inference.video_io import probe_media
+from tests.subprocess_env import offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -44,20 +45,7 @@ pytestmark = pytest.mark.slow
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        GRADIO_ANALYTICS_ENABLED="False",
-        OMP_NUM_THREADS="1",
-        PYTHONDONTWRITEBYTECODE="1",
-        PYTHONUNBUFFERED="1",
-    )
-    env.pop("DIALOGUE_API_TOKEN", None)
-    # Variables of an enclosing torchrun would make the service think it is one rank of a group.
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
-        env.pop(key, None)
-    return env
+    return offline_env()
 
 
 def free_port() -> int:
