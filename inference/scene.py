@@ -32,9 +32,7 @@ import io
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,6 +50,7 @@ from inference.buckets import (
     resize_and_center_crop,
     transform_box,
 )
+from inference.video_io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -272,14 +271,14 @@ class Scene:
         """Write ``reference.png``, ``overlay.png``, ``masks.npz`` and ``scene.json`` (last), each atomically."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "reference.png", lambda f: self.image.save(f, format="PNG"))
-        _atomic_write(out / "overlay.png", lambda f: self.overlay.save(f, format="PNG"))
-        _atomic_write(
+        atomic_write(out / "reference.png", lambda f: self.image.save(f, format="PNG"))
+        atomic_write(out / "overlay.png", lambda f: self.overlay.save(f, format="PNG"))
+        atomic_write(
             out / "masks.npz",
             lambda f: np.savez_compressed(f, masks=self.masks, latent_masks=self.latent_masks),
         )
         text = json.dumps(self.to_json(), indent=2).encode()
-        _atomic_write(out / "scene.json", lambda f: f.write(text))
+        atomic_write(out / "scene.json", lambda f: f.write(text))
         return out
 
     @classmethod
@@ -305,20 +304,6 @@ class Scene:
             layout=str(meta["layout"]),
             names=(str(meta["names"][0]), str(meta["names"][1])),
         )
-
-
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary output files
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------

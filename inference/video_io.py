@@ -20,10 +20,11 @@ import os
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -225,12 +226,14 @@ def _check_subtitles(subtitles: Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through ``write(f)`` on a binary temp file beside it, fsync, then ``os.replace``, so
+    readers never see a partial file; the temp file is removed if anything fails."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary output files
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -293,7 +296,7 @@ def write_video(
             )  # fmt: skip
             os.replace(tmp_final, out)
         for fmt, text in subs.items():
-            _atomic_write_text(out.parent / f"subtitles.{fmt}", text)
+            atomic_write(out.parent / f"subtitles.{fmt}", lambda f, text=text: f.write(text.encode("utf-8")))
     finally:
         for tmp in (tmp_video, tmp_audio, tmp_final, tmp_srt):
             tmp.unlink(missing_ok=True)
