@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -168,7 +169,7 @@ class Timeline:
             ("speaker2.wav", self.tracks[1]),
             ("mix.wav", self.mix),
         ):
-            written[name] = _atomic_write(
+            written[name] = atomic_write(
                 out / name, lambda tmp, a=audio: _write_wav(tmp, a, self.sample_rate)
             )
         for name, text in (
@@ -176,7 +177,7 @@ class Timeline:
             ("subtitles.vtt", self.to_vtt()),
             ("timeline.json", self.to_json()),
         ):
-            written[name] = _atomic_write(
+            written[name] = atomic_write(
                 out / name, lambda tmp, s=text: Path(tmp).write_text(s, encoding="utf-8")
             )
         return written
@@ -186,7 +187,11 @@ def _write_wav(path: str, audio: np.ndarray, rate: int) -> None:
     sf.write(path, audio, rate, format="WAV", subtype="FLOAT")
 
 
-def _atomic_write(path: Path, writer: Any) -> Path:
+def atomic_write(path: Path, writer: Callable[[str], object]) -> Path:
+    """Call ``writer(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    A reader never sees a half-written file; the result is world-readable (0644).
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from tts.engine import REPO_ID
+from tts.timeline import atomic_write
 from tts.voices import get_voice
 
 logger = logging.getLogger(__name__)
@@ -117,15 +118,11 @@ def _voice_pack(voice_id: str, seed: int) -> torch.Tensor:
 
 
 def _atomic_save(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary readable data files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _marker(seed: int, voices: tuple[str, ...]) -> dict:
@@ -178,10 +175,9 @@ def write_tiny_kokoro(
     _atomic_save(state, out / "kokoro-v1_0.pth")
     for vid in voices:
         _atomic_save(_voice_pack(vid, seed), out / "voices" / f"{vid}.pt")
-    tmp_cfg = out / ".config.json.tmp"
-    tmp_cfg.write_text(json.dumps(config, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp_cfg, out / "config.json")
-    marker_path.write_text(json.dumps(_marker(seed, voices), indent=1))
+    _atomic_text(out / "config.json", json.dumps(config, ensure_ascii=False, indent=1))
+    # The marker goes last: its presence says every other file is complete.
+    _atomic_text(marker_path, json.dumps(_marker(seed, voices), indent=1))
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("wrote tiny Kokoro (%.1f M random parameters, seed %d) to %s", n_params / 1e6, seed, out)
     return out
