@@ -183,11 +183,7 @@ class _Builder:
         if self.current is None and not self.drafts:
             if PAUSE_LIKE_RE.match(line):
                 return  # reported by _add_pause with a clearer message
-            raise ScriptError(
-                f"text before the first speaker {self._label_hint()}: start the line with one, "
-                "or make it a comment with '#'",
-                number,
-            )
+            raise self._text_before_speaker(number)
         role = role_at(line)
         if self.format == "tags" and role is not None:
             raise ScriptError(
@@ -196,13 +192,17 @@ class _Builder:
                 number,
             )
 
-    def _label_hint(self) -> str:
-        return {
+    def _text_before_speaker(self, number: int) -> ScriptError:
+        hint = {
             "tags": "tag ((s1) or (s2))",
             "roles": "label (角色1: or 角色2:)",
             "letters": "label (A: or B:)",
             "names": "label (Name:)",
         }.get(self.format, "label")
+        return ScriptError(
+            f"text before the first speaker {hint}: start the line with one, or make it a comment with '#'",
+            number,
+        )
 
     # -- speakers
     def _speaker_of(self, label: Label, number: int) -> int:
@@ -277,11 +277,7 @@ class _Builder:
         if not text:
             return
         if self.current is None:
-            raise ScriptError(
-                f"text before the first speaker {self._label_hint()}: start the line with one, "
-                "or make it a comment with '#'",
-                number,
-            )
+            raise self._text_before_speaker(number)
         if self.current.closed:
             self._start(self.current.speaker, number)
             assert self.current is not None
