@@ -766,13 +766,18 @@ class UiHandlers:
         ), f"{v.id}: {v.language_name}, {v.gender}, {v.description} ({len(audio) / sr:.1f} s)"
 
     def remembered_voices(self, prefs: Any) -> tuple[str | None, str | None]:
-        """Voices stored in the browser (``{"voice1": id, "voice2": id}``); unknown ids become None."""
+        """Voices stored in the browser (``{"voice1": id, "voice2": id}``); ids that are unknown, or not
+        installed on this service (so not in the dropdowns, and refused at submission), become None."""
         from tts.voices import VOICES
 
         if not isinstance(prefs, Mapping):
             return None, None
-        v1, v2 = prefs.get("voice1"), prefs.get("voice2")
-        return (v1 if v1 in VOICES else None), (v2 if v2 in VOICES else None)
+        installed = self.limits.installed_voices
+
+        def usable(v: Any) -> str | None:
+            return v if v in VOICES and (installed is None or v in installed) else None
+
+        return usable(prefs.get("voice1")), usable(prefs.get("voice2"))
 
     # -- submit
 
@@ -1126,7 +1131,7 @@ def build_ui(
     if default_preset not in PRESETS:
         default_preset = "balanced"
     adv = dict(zip(ADVANCED_FIELDS, h.preset_values(default_preset), strict=True))
-    voices = voice_choices(None if limits is None else limits.installed_voices)
+    voices = voice_choices(h.limits.installed_voices)
 
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(

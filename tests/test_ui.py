@@ -19,7 +19,7 @@ from PIL import Image
 from inference.settings import SettingsError
 from service.jobs import JobState, JobStore
 from service.ui import ADVANCED_FIELDS, EXAMPLES, UiHandlers, build_ui, mount_ui, preset_summary, submit_form
-from service.validation import RequestError
+from service.validation import Limits, RequestError
 
 
 def _portrait(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (320, 400)) -> str:
@@ -553,6 +553,9 @@ def test_remembered_voices(ui: UiHandlers) -> None:
     assert ui.remembered_voices({"voice1": "bf_emma", "voice2": "zm_yunxi"}) == ("bf_emma", "zm_yunxi")
     assert ui.remembered_voices({"voice1": "gone_voice"}) == (None, None)
     assert ui.remembered_voices(None) == (None, None)
+    # A catalog voice that this service has not installed is not in the dropdowns: not restored.
+    only_two = _handlers(ui.store, limits=Limits(installed_voices=frozenset({"af_heart", "bf_emma"})))
+    assert only_two.remembered_voices({"voice1": "bf_emma", "voice2": "zm_yunxi"}) == ("bf_emma", None)
 
 
 def test_voice_preview_with_engine_results(store: JobStore) -> None:
