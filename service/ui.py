@@ -789,9 +789,7 @@ class UiHandlers:
         try:
             form, files = self._form_from_values(values)
             job_id = self._submit(form, files)
-        except QueueFullError as exc:
-            return None, f"⚠️ {exc}"
-        except DiskFullError as exc:
+        except (QueueFullError, DiskFullError) as exc:
             return None, f"⚠️ {exc}"
         except OSError as exc:
             return None, f"⚠️ could not read an uploaded file: {exc}"
@@ -940,9 +938,7 @@ class UiHandlers:
                 what, voices = _audio_job_summary(spec), "own recordings"
             else:
                 what = ""
-            took = job.timings.get("total_time")
-            if took is None and job.started_at and job.finished_at:
-                took = job.finished_at - job.started_at
+            took = _took_seconds(job)
             status = job.state.value
             if job.state == JobState.QUEUED and job.queue_position:
                 status += f" (#{job.queue_position})"
@@ -1053,6 +1049,14 @@ def _as_audio(result: Any) -> tuple[int, np.ndarray]:
     return int(sr), audio
 
 
+def _took_seconds(job: Job) -> float | None:
+    """How long a job took: the engine's total_time, else finished - started; None while unknown."""
+    took = job.timings.get("total_time")
+    if took is None and job.started_at and job.finished_at:
+        took = job.finished_at - job.started_at
+    return took
+
+
 def _status_html(job: Job, store: JobStore, note: str) -> str:
     state = job.state.value
     progress = 100.0 if job.state == JobState.DONE else job.progress
@@ -1080,9 +1084,7 @@ def _status_html(job: Job, store: JobStore, note: str) -> str:
         if job.cancel_requested:
             lines.append(" · <b>cancelling…</b>")
     elif job.state == JobState.DONE:
-        total = job.timings.get("total_time")
-        if total is None and job.started_at and job.finished_at:
-            total = job.finished_at - job.started_at
+        total = _took_seconds(job)
         parts = [
             f"{k.removesuffix('_time').replace('_', ' ')} {_fmt_duration(v)}" for k, v in job.timings.items()
         ]
@@ -1455,17 +1457,7 @@ def build_ui(
         preview1.click(h.preview_voice, voice1, [preview_audio, preview_msg])
         preview2.click(h.preview_voice, voice2, [preview_audio, preview_msg])
 
-        advanced_outputs = [
-            steps,
-            text_guidance,
-            audio_guidance,
-            seed,
-            resolution,
-            max_length,
-            color_correction,
-            negative_prompt,
-            apg,
-        ]
+        advanced_outputs = [form_components[k] for k in ADVANCED_FIELDS]
         preset.input(h.preset_values, [preset, length_unit], advanced_outputs, **quiet)
         unit_state = gr.State("seconds")
         length_unit.change(
