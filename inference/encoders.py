@@ -23,7 +23,7 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,30 @@ def _meta_init(build):
 
     with init_empty_weights(include_buffers=False):
         return build()
+
+
+def _checkpoint_file(path: str | Path, name: str) -> Path:
+    """``path`` itself, or ``path/name`` when ``path`` is a Wan folder."""
+    path = Path(path)
+    return path / name if path.is_dir() else path
+
+
+def _build_loaded(
+    build: Callable[[], torch.nn.Module],
+    sd: StateDict,
+    field: str,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> torch.nn.Module:
+    """Build a library model on the meta device, assign ``sd`` cast to ``dtype`` (a tensor stored under two
+    keys stays one tensor), then move it to ``device`` in eval mode without gradients."""
+    cast: dict[int, torch.Tensor] = {}
+    for t in sd.values():
+        if id(t) not in cast:
+            cast[id(t)] = t.to(dtype)
+    model = _meta_init(build)
+    _load_into(model, {k: cast[id(t)] for k, t in sd.items()}, field)
+    return _finish(model, torch.device(device), dtype)
 
 
 def _finish(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -305,19 +329,15 @@ class T5Encoder(_ModelHolder):
         ``.pth`` itself; the tokenizer defaults to ``google/umt5-xxl/`` beside the checkpoint."""
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        path = Path(path)
-        ckpt = path / T5_CHECKPOINT if path.is_dir() else path
+        ckpt = _checkpoint_file(path, T5_CHECKPOINT)
         tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else ckpt.parent / T5_TOKENIZER_DIR
         if not tok_dir.is_dir():
             raise EncoderError("t5_tokenizer", f"tokenizer folder not found: {tok_dir}")
         sd = load_wan_state_dict(ckpt, "t5_checkpoint")
         config = t5_config_from_wan(sd)
-        hf_sd = {k: v.to(dtype) for k, v in t5_wan_to_hf(sd).items()}
-        if hf_sd["shared.weight"] is not hf_sd["encoder.embed_tokens.weight"]:
-            hf_sd["encoder.embed_tokens.weight"] = hf_sd["shared.weight"]
-        model = _meta_init(lambda: UMT5EncoderModel(config))
-        _load_into(model, hf_sd, "t5_checkpoint")
-        model = _finish(model, torch.device(device), dtype)
+        model = _build_loaded(
+            lambda: UMT5EncoderModel(config), t5_wan_to_hf(sd), "t5_checkpoint", device, dtype
+        )
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         except (OSError, ValueError) as exc:
@@ -495,14 +515,12 @@ class ClipImageEncoder(_ModelHolder):
         Upstream runs CLIP in fp16 (``clip_dtype``)."""
         from transformers import CLIPVisionModel
 
-        path = Path(path)
-        ckpt = path / CLIP_CHECKPOINT if path.is_dir() else path
+        ckpt = _checkpoint_file(path, CLIP_CHECKPOINT)
         sd = load_wan_state_dict(ckpt, "clip_checkpoint")
         config = clip_config_from_wan(sd, num_heads)
-        hf_sd = {k: v.to(dtype) for k, v in clip_wan_to_hf(sd).items()}
-        model = _meta_init(lambda: CLIPVisionModel(config))
-        _load_into(model, hf_sd, "clip_checkpoint")
-        model = _finish(model, torch.device(device), dtype)
+        model = _build_loaded(
+            lambda: CLIPVisionModel(config), clip_wan_to_hf(sd), "clip_checkpoint", device, dtype
+        )
         logger.info(
             "CLIP visual loaded from %s: %d of %d blocks, width %d, %s on %s",
             ckpt,
@@ -740,14 +758,10 @@ class WanVae(_ModelHolder):
         """Load from a Wan folder or from ``Wan2.1_VAE.pth``. Upstream runs the VAE in float32."""
         from diffusers import AutoencoderKLWan
 
-        path = Path(path)
-        ckpt = path / VAE_CHECKPOINT if path.is_dir() else path
+        ckpt = _checkpoint_file(path, VAE_CHECKPOINT)
         sd = load_wan_state_dict(ckpt, "vae_checkpoint")
         d_sd, config = vae_wan_to_diffusers(sd)
-        d_sd = {k: v.to(dtype) for k, v in d_sd.items()}
-        model = _meta_init(lambda: AutoencoderKLWan(**config))
-        _load_into(model, d_sd, "vae_checkpoint")
-        model = _finish(model, torch.device(device), dtype)
+        model = _build_loaded(lambda: AutoencoderKLWan(**config), d_sd, "vae_checkpoint", device, dtype)
         logger.info("VAE loaded from %s: base width %d, %s on %s", ckpt, config["base_dim"], dtype, device)
         return cls(model)
 
