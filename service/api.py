@@ -296,9 +296,13 @@ def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _video_name(job: Job) -> str | None:
+    """The output GET /api/download serves without ``?file=``: the job's first mp4."""
+    return next((n for n in job.outputs if n.endswith(".mp4")), None)
+
+
 def _job_view(job: Job, prefix: str, *, full: bool) -> dict[str, Any]:
     files = {name: f"{prefix}/api/download/{job.id}?file={name}" for name in job.outputs}
-    video = next((n for n in job.outputs if n.endswith(".mp4")), None)
     return {
         "success": True,
         "task_id": job.id,
@@ -315,7 +319,7 @@ def _job_view(job: Job, prefix: str, *, full: bool) -> dict[str, Any]:
         "attempts": job.attempts,
         "cancel_requested": job.cancel_requested,
         "outputs": list(job.outputs),
-        "download_url": f"{prefix}/api/download/{job.id}" if video else None,
+        "download_url": f"{prefix}/api/download/{job.id}" if _video_name(job) else None,
         "files": files,
         "purged": job.purged_at is not None,
         "spec": job.spec if full else None,
@@ -634,7 +638,7 @@ def create_router(
         job = await run_in_threadpool(store.get, job_id)
         name = file
         if name is None:
-            name = next((n for n in job.outputs if n.endswith(".mp4")), None)
+            name = _video_name(job)
             if name is None:
                 if job.state != JobState.DONE:
                     raise ApiError(
