@@ -406,7 +406,7 @@ class JobStore:
             raise DiskFullError(free, needed, self.min_free_bytes)
         # Cheap early check so a full queue does not cost a file write; the authoritative check is
         # repeated inside the insert transaction.
-        if self._count_queued() >= self.max_queue:
+        if self.count(state=JobState.QUEUED) >= self.max_queue:
             raise QueueFullError(self.max_queue)
 
         job_id = uuid.uuid4().hex
@@ -433,9 +433,6 @@ class JobStore:
                 shutil.rmtree(job_dir, ignore_errors=True)
         logger.info("job %s submitted (%d input files, %d bytes)", job_id, len(files), needed)
         return self.get(job_id)
-
-    def _count_queued(self) -> int:
-        return self._conn().execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
 
     def get(self, job_id: str) -> Job:
         validate_job_id(job_id)
