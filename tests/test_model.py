@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from inference.attention import frame_local_attention
-from inference.audio_window import window_audio, window_persons
 from inference.config import ConfigError, DiTConfig
 from inference.model import (
     ModelInputError,
@@ -264,22 +263,6 @@ def test_sinusoid_and_modulation_in_fp32_with_bf16_weights(tiny_model):
 
 
 # ---- audio windows and packing -----------------------------------------------------------
-
-
-def test_window_audio_clamps_at_both_edges():
-    emb = torch.arange(10.0)[:, None, None].expand(10, 2, 3)  # value == frame index
-    win = window_audio(emb, start=0, num_frames=10)
-    assert win.shape == (10, 5, 2, 3)
-    assert win[0, :, 0, 0].tolist() == [0, 0, 0, 1, 2]
-    assert win[1, :, 0, 0].tolist() == [0, 0, 1, 2, 3]
-    assert win[5, :, 0, 0].tolist() == [3, 4, 5, 6, 7]
-    assert win[9, :, 0, 0].tolist() == [7, 8, 9, 9, 9]
-    later = window_audio(emb, start=7, num_frames=4)  # runs past the end: clamped to frame 9
-    assert later[:, 2, 0, 0].tolist() == [7, 8, 9, 9]
-    both = window_persons([emb, emb + 100], start=2, num_frames=3)
-    assert both.shape == (2, 3, 5, 2, 3) and both[1, 0, 0, 0, 0] == 100
-    with pytest.raises(ValueError):
-        window_audio(emb, start=0, num_frames=3, window=4)
 
 
 def test_pack_audio_windows_3113_layout():
