@@ -140,12 +140,20 @@ def _fit_audio(audio: np.ndarray, n_samples: int) -> np.ndarray:
     return out
 
 
+def _ffmpeg_cmd(args: list[str]) -> list[str]:
+    """The bundled ffmpeg, quiet except for errors, overwriting its output, then ``args``."""
+    return [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args]
+
+
+def _ffmpeg_error(verb: str, what: str, rc: int, stderr: bytes) -> RuntimeError:
+    tail = stderr.decode(errors="replace").strip()[-2000:]
+    return RuntimeError(f"ffmpeg {verb} while {what} (exit {rc}): {tail}")
+
+
 def _run_ffmpeg(args: list[str], what: str) -> None:
-    proc = subprocess.run([ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args],
-                          capture_output=True, check=False)  # fmt: skip
+    proc = subprocess.run(_ffmpeg_cmd(args), capture_output=True, check=False)
     if proc.returncode != 0:
-        tail = proc.stderr.decode(errors="replace").strip()[-2000:]
-        raise RuntimeError(f"ffmpeg failed while {what} (exit {proc.returncode}): {tail}")
+        raise _ffmpeg_error("failed", what, proc.returncode, proc.stderr)
 
 
 def _encode_video(
@@ -163,14 +171,13 @@ def _encode_video(
     if first is None or shape is None or first.shape[0] == 0:
         raise VideoIOError("frames", "no frames to write; need at least one [H, W, 3] uint8 frame")
     h, w = shape
-    cmd = [
-        ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+    cmd = _ffmpeg_cmd([
         "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-framerate", _fps_text(fps), "-i", "pipe:0",
         "-an", "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
         # BT.709 tags so players do not guess the colour matrix differently per resolution.
         "-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "bt709",
         "-f", "mp4", str(path),
-    ]  # fmt: skip
+    ])  # fmt: skip
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
         count = 0
@@ -188,16 +195,14 @@ def _encode_video(
         except BrokenPipeError:
             rc = proc.wait()
             err.seek(0)
-            tail = err.read().decode(errors="replace").strip()[-2000:]
-            raise RuntimeError(f"ffmpeg stopped while encoding video (exit {rc}): {tail}") from None
+            raise _ffmpeg_error("stopped", "encoding video", rc, err.read()) from None
         except BaseException:
             proc.kill()
             proc.wait()
             raise
         if rc != 0:
             err.seek(0)
-            tail = err.read().decode(errors="replace").strip()[-2000:]
-            raise RuntimeError(f"ffmpeg failed while encoding video (exit {rc}): {tail}")
+            raise _ffmpeg_error("failed", "encoding video", rc, err.read())
     return count, h, w
 
 
