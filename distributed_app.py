@@ -201,7 +201,7 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
     logger.info("serving the UI and API at http://%s:%d (world size %d)", args.host, args.server_port,
                 ctx.world_size)  # fmt: skip
     sink = StoreSink(store, monitor)
-    source = StoreJobSource(store, sink, monitor)
+    source = StoreJobSource(store, monitor)
     engine = runtime.make_engine(
         sink, source, heartbeat_s=args.heartbeat_s, check_consistency=args.debug_checksum
     )

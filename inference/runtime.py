@@ -92,7 +92,10 @@ class JobSink(Protocol):
 
     def done(self, job_id: str, outputs: list[str]) -> None: ...
 
-    def failed(self, job_id: str, reason: str, cancelled: bool = False) -> None: ...
+    def failed(self, job_id: str, reason: str, *, cancelled: bool = False, interrupted: bool = False) -> None:
+        """The job ended without a video: ``cancelled`` by its user, ``interrupted`` by a service
+        shutdown (it should run again after the restart), or failed (``reason`` says why)."""
+        ...
 
 
 @dataclass
@@ -244,8 +247,9 @@ class DialogueWorker:
     def reject(self, job: RenderJob, reason: str) -> None:
         self._current = None
         if self.sink:
-            cancelled = reason.startswith("cancelled")
-            self.sink.failed(job.job_id, reason, cancelled=cancelled)
+            interrupted = self.engine is not None and self.engine.stopping
+            cancelled = self.sink.cancel_requested(job.job_id)
+            self.sink.failed(job.job_id, reason, cancelled=cancelled, interrupted=interrupted)
 
     def _state(self, job: RenderJob, state: str) -> None:
         if self.sink:
@@ -385,7 +389,7 @@ class _CollectingSink:
         self.outputs = outputs
         self.finished = True
 
-    def failed(self, job_id: str, reason: str, cancelled: bool = False) -> None:
+    def failed(self, job_id: str, reason: str, *, cancelled: bool = False, interrupted: bool = False) -> None:
         self.error = ValueError(reason)
         self.finished = True
 

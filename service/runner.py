@@ -127,10 +127,17 @@ class StoreSink:
         learn_from(self.store, self.monitor, self.store.get(job_id))
         logger.info("job %s done: %s", job_id, ", ".join(outputs))
 
-    def failed(self, job_id: str, reason: str, cancelled: bool = False) -> None:
+    def failed(self, job_id: str, reason: str, *, cancelled: bool = False, interrupted: bool = False) -> None:
         self.monitor.idle()
         job = self.store.get(job_id)
         if job.is_terminal:
+            return
+        if interrupted and not cancelled:
+            # A shutdown (SIGTERM, systemd restart) is not the job's fault: leave it active so that
+            # recover_interrupted() re-queues it at the next start, where it resumes after its last clip.
+            logger.warning(
+                "job %s interrupted by the shutdown (%s); it runs again after the restart", job_id, reason
+            )
             return
         if cancelled or job.cancel_requested:
             self.store.set_state(job_id, JobState.CANCELLED, error=reason)
@@ -145,11 +152,8 @@ class StoreJobSource:
     A job renders with exactly the settings stored with it (start-up defaults were applied at submission).
     """
 
-    def __init__(
-        self, store: JobStore, sink: StoreSink, monitor: EngineMonitor, *, poll_s: float = 0.2
-    ) -> None:
+    def __init__(self, store: JobStore, monitor: EngineMonitor, *, poll_s: float = 0.2) -> None:
         self.store = store
-        self.sink = sink
         self.monitor = monitor
         self.poll_s = poll_s
         self._last_cleanup = time.monotonic()

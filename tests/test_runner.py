@@ -56,3 +56,30 @@ def test_a_job_without_render_json_teaches_nothing(store: JobStore) -> None:
     (store.job_dir(job_id) / "render.json").unlink()
     StoreSink(store, monitor).done(job_id, [])
     assert monitor.speed() == {}
+
+
+def _rendering_job(store: JobStore) -> str:
+    job = store.submit(SPEC, {"steps": 4}, {})
+    store.claim_next(worker="test")
+    store.set_state(job.id, JobState.RENDERING)
+    return job.id
+
+
+def test_a_shutdown_leaves_the_job_for_recovery_instead_of_ending_it(store: JobStore) -> None:
+    sink = StoreSink(store, EngineMonitor(1, "cpu"))
+    job_id = _rendering_job(store)
+    sink.failed(job_id, "cancelled at step 3 (shutdown)", interrupted=True)
+    assert store.get(job_id).state == JobState.RENDERING  # not cancelled, not failed
+    assert [j.id for j in store.recover_interrupted()] == [job_id]  # the next start re-queues it
+    assert store.get(job_id).state == JobState.QUEUED
+
+
+def test_a_user_cancel_during_a_shutdown_still_cancels(store: JobStore) -> None:
+    sink = StoreSink(store, EngineMonitor(1, "cpu"))
+    job_id = _rendering_job(store)
+    store.request_cancel(job_id)
+    sink.failed(job_id, "cancelled at step 3 (cancel request)", cancelled=True, interrupted=True)
+    assert store.get(job_id).state == JobState.CANCELLED
+    other = _rendering_job(store)
+    sink.failed(other, "RuntimeError: decode failed")
+    assert store.get(other).state == JobState.FAILED and "decode failed" in store.get(other).error
