@@ -607,6 +607,7 @@ def validate_generate(req: GenerateRequest, limits: Limits) -> Submission:
     has_audio = req.audio1 is not None or req.audio2 is not None
     script = _check_text("script", req.script, limits.max_script_chars, required=False)
     audio_names = ("cond_audio.person1", "cond_audio.person2") if json_src else ("audio1", "audio2")
+    mode_field = "audio_type" if json_src else "audio_mode"
     if has_audio and script is not None:
         raise RequestError("script", "give either a script (spoken by TTS) or two audio files, not both")
     if has_audio:
@@ -616,7 +617,7 @@ def validate_generate(req: GenerateRequest, limits: Limits) -> Submission:
         mode = req.audio_mode if req.audio_mode not in (None, "") else "add"
         if mode not in AUDIO_MODES:
             raise RequestError(
-                "audio_type" if json_src else "audio_mode",
+                mode_field,
                 f"unknown value {str(mode)[:40]!r}; allowed: 'add' (person 1 speaks, then person 2) or 'para' "
                 "(both tracks play at once, as given)",
             )
@@ -679,7 +680,6 @@ def validate_generate(req: GenerateRequest, limits: Limits) -> Submission:
     spec.update(layout="portraits" if portraits else "scene", images=images, scene=scene)
 
     if has_audio:
-        mode_field = "audio_type" if json_src else "audio_mode"
         audio_files, audio_spec = check_audio((req.audio1, req.audio2), mode, limits, audio_names, mode_field)
         files.update(audio_files)
         spec.update(audio_source="files", script=None, voices=None, **audio_spec)
