@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -328,11 +328,15 @@ def _job_view(job: Job, prefix: str, *, full: bool) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
+    """JSON-ready copy of dataclasses, mappings and collections. Fields are read directly: ``asdict``
+    deep-copies, which fails on read-only mappings such as ``MappingProxyType``."""
     if is_dataclass(value) and not isinstance(value, type):
-        return {k: _plain(v) for k, v in asdict(value).items()}
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
+    if isinstance(value, set | frozenset):  # sorted: a set's order changes from one process to the next
+        return sorted((_plain(v) for v in value), key=str)
+    if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     if isinstance(value, str | int | float | bool) or value is None:
         return value
@@ -669,7 +673,7 @@ def create_router(
             "versions": _plain(service_info.versions),
             "weights": _plain(service_info.weights),
             "engine": None if engine is None else _plain(engine),
-            "limits": asdict(limits),
+            "limits": _plain(limits),
             "max_queue": store.max_queue,
             "retention_days": store.retention_days,
             "auth_required": auth_token is not None,

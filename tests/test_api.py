@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -902,6 +903,15 @@ def test_voices_not_installed_are_refused_at_submission(tmp_path: Path) -> None:
     voices = {v["id"]: v["installed"] for v in client.get("/api/voices").json()["voices"]}
     assert voices["af_heart"] and not voices["bf_emma"] and len(voices) > 50
     _err(client.post("/api/tts/preview", json={"voice": "zf_xiaobei"}), 400, "voice", "not installed")
+    assert client.get("/api/info").json()["limits"]["installed_voices"] == ["af_heart", "am_adam"]
+    store.close()
+
+
+def test_info_serves_read_only_start_up_defaults(tmp_path: Path) -> None:
+    store, _, client = _make(tmp_path, limits=Limits(job_defaults=MappingProxyType({"steps": 7})))
+    r = client.get("/api/info")
+    assert r.status_code == 200, r.text
+    assert r.json()["limits"]["job_defaults"] == {"steps": 7}
     store.close()
 
 
