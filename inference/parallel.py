@@ -28,9 +28,11 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+# Aliased: ``attention`` here would read as the sp method of the same name.
+from inference.attention import attention as sdpa
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +88,6 @@ class SequenceParallelism(Protocol):
     def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def all_reduce_min(self, x: torch.Tensor) -> torch.Tensor: ...
-
-
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Plain attention on [B, S, H, D] tensors (SDPA wants [B, H, S, D])."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
 
 
 class NoParallel:

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from inference.attention import attention
 from inference.parallel import (
     NoParallel,
     ParallelConfigError,
@@ -21,7 +22,6 @@ from inference.parallel import (
     attend,
     check_heads,
     check_parallel_sizes,
-    sdpa,
 )
 from tests.dist_harness import run_spmd
 
@@ -192,7 +192,7 @@ def test_token_layout_without_communication() -> None:
 def test_no_parallel_is_plain_attention() -> None:
     q, k, v, masks = _inputs(10, 1, seed=3)
     out, stat = NoParallel().attention(q, k, v, 10, rope_1d, make_head_fn(masks))
-    ref = sdpa(rope_1d(q), rope_1d(k), v)
+    ref = attention(rope_1d(q), rope_1d(k), v)
     assert torch.equal(out, ref)
-    assert torch.equal(attend(q, k, v), sdpa(q, k, v))  # CPU: SDPA
+    assert torch.equal(attend(q, k, v), attention(q, k, v))  # CPU: SDPA
     assert stat is not None and stat.shape == (N_CLASS, 10)
