@@ -73,6 +73,9 @@ FRAMES_SPILL_DIR = ".frames"  # per-clip decoded frames until the mux
 FRAMES_FILE = "frames.npy"  # uint8 [T, H, W, 3] as handed to the encoder (RenderConfig.save_frames)
 DEFAULT_PROMPT = "Two people are having a friendly conversation, facing the camera, natural expressions."
 AUDIO_MODES = ("add", "para")
+# Kokoro's vocoder draws noise: speech is seeded with a constant, so the same script and voices always
+# sound the same (whatever the video seed), and a resumed render continues over identical audio.
+TTS_SEED = 0
 
 # Progress bands: preparing 0..10, rendering 10..95, encoding 95..100.
 _PREPARE_END = 10.0
@@ -110,7 +113,6 @@ class JobRequest:
     layout: str = "side_by_side"
     backdrop: str = "blur"
     aspect: str | None = None
-    tts_seed: int = 0
 
     def __post_init__(self) -> None:
         if (self.script is None) == (self.audio_files is None):
@@ -292,7 +294,6 @@ class Prepared:
     frame_files: list[Path] = field(default_factory=list)
     motion: torch.Tensor | None = None  # [3, motion_frames, H, W] in [-1, 1]
     start_clip: int = 0  # > 0 when an interrupted render resumes after its last finished clip
-    started: float = field(default_factory=time.monotonic)
 
     @property
     def num_clips(self) -> int:
@@ -306,7 +307,6 @@ class RenderConfig:
     ``save_frames`` also writes the frames before encoding (``frames.npy``), for exact comparisons."""
 
     device: torch.device = torch.device("cpu")
-    dtype: torch.dtype = torch.float32
     t5_cpu: bool = False
     render_divisor: int = 1
     tts_gap_s: float = 0.25
@@ -355,7 +355,7 @@ def denoise_clip(
             tensors["clip_fea"],
             y,
             audio_in,
-            masks if audio_in.shape[1] == 2 else None,
+            masks if audio_in.shape[1] == 2 else None,  # no routing for one (silent) person
             sp=sp,
         )
         return out[0]
@@ -442,7 +442,8 @@ class Renderer:
 
     # ---- front half -------------------------------------------------------------------------
 
-    def _timeline(self, req: JobRequest, names: tuple[str, str] | None):
+    def _timeline(self, req: JobRequest):
+        """The speech timeline and the two speaker names (from the script, or generic for recordings)."""
         from tts.timeline import build_timeline
         from tts.user_audio import timeline_from_files
 
@@ -451,7 +452,7 @@ class Renderer:
 
             dialogue = parse_script(req.script)
             timeline = build_timeline(
-                dialogue, req.voices, self.tts, gap_s=self.config.tts_gap_s, seed=req.tts_seed
+                dialogue, req.voices, self.tts, gap_s=self.config.tts_gap_s, seed=TTS_SEED
             )
             return timeline, tuple(s.name for s in dialogue.speakers)
         assert req.audio_files is not None
@@ -460,7 +461,6 @@ class Renderer:
             req.audio_files[1],
             req.audio_mode,
             max_seconds=self.config.max_audio_seconds,
-            speaker_names=names or ("Speaker 1", "Speaker 2"),
         )
         return timeline, timeline.speaker_names
 
@@ -502,7 +502,7 @@ class Renderer:
 
         progress(1, "synthesising speech" if req.script is not None else "loading audio")
         t0 = time.monotonic()
-        timeline, names = self._timeline(req, None)
+        timeline, names = self._timeline(req)
         timing("tts_time", time.monotonic() - t0)
         timeline.write(out_dir)
 
@@ -511,13 +511,17 @@ class Renderer:
         scene = self._scene(req, names)
         scene.image.save(out_dir / "reference.png")
         scene.overlay.save(out_dir / "overlay.png")
-        height, width = scene.bucket
         render_hw = render_size(scene.bucket, self.config.render_divisor)
         image = (
             scene.image if render_hw == scene.bucket else scene.image.resize(render_hw[::-1], Image.BICUBIC)
         )
         reference = _image_to_tensor(image).to(self.config.device)
-        masks = latent_masks_at(scene.masks, (render_hw[0] // 8, render_hw[1] // 8)).to(self.config.device)
+        if render_hw == scene.bucket:  # the scene's own latent masks (nearest, as upstream)
+            masks = torch.from_numpy(scene.latent_masks).to(self.config.device)
+        else:
+            masks = latent_masks_at(scene.masks, (render_hw[0] // 8, render_hw[1] // 8)).to(
+                self.config.device
+            )
         timing("scene_time", time.monotonic() - t0)
 
         progress(6, "encoding audio (wav2vec2)")
