@@ -497,7 +497,7 @@ class Renderer:
         progress = progress or (lambda p, s: None)
         timing = timing or (lambda n, s: None)
         out_dir = Path(out_dir)
-        settings = _resolve_seed(req.settings, _read_spill_state(out_dir))
+        settings = req.settings.with_resolved_seed()  # the service stores a concrete seed already
         out_dir.mkdir(parents=True, exist_ok=True)
 
         progress(1, "synthesising speech" if req.script is not None else "loading audio")
@@ -653,22 +653,6 @@ def _read_spill_state(out_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) and isinstance(state.get("settings"), dict) else None
-
-
-def _resolve_seed(settings: GenerationSettings, earlier: dict[str, Any] | None) -> GenerationSettings:
-    """A negative seed means "draw one". An interrupted attempt of the same job already drew it (it is
-    in the spill state): reuse it so the resumed clips continue the same video."""
-    if settings.seed >= 0:
-        return settings
-    if earlier is not None:
-        drawn = earlier["settings"].get("seed")
-        if (
-            isinstance(drawn, int)
-            and drawn >= 0
-            and {**earlier["settings"], "seed": settings.seed} == settings.to_dict()
-        ):
-            return GenerationSettings.from_dict({**settings.to_dict(), "seed": drawn})
-    return settings.with_resolved_seed()
 
 
 def _resume_or_reset(prep: Prepared) -> None:

@@ -549,7 +549,9 @@ def resolve_settings(
     except ValueError as exc:
         field = getattr(exc, "field", None) or "settings"
         raise RequestError(field if field == "settings" else f"settings.{field}", message_of(exc)) from None
-    return name, dict(overrides), resolved.to_dict()
+    # A random seed (negative) is drawn here, once: the stored job then always renders the same video,
+    # also when a restart re-runs it and it resumes after its last finished clip.
+    return name, dict(overrides), resolved.with_resolved_seed().to_dict()
 
 
 def check_voice(

@@ -936,3 +936,15 @@ def test_start_up_defaults_apply_over_the_preset_under_the_jobs_own_settings(tmp
     assert store.get(plain).settings["steps"] == 7 and store.get(plain).settings["frame_num"] == 41
     assert store.get(own).settings["steps"] == 9 and store.get(own).settings["frame_num"] == 41
     store.close()
+
+
+def test_a_random_seed_is_drawn_once_at_submission(tmp_path: Path) -> None:
+    store, _, client = _make(tmp_path)
+    files = {"left_image": ("l.png", _png(), "image/png"), "right_image": ("r.png", _png(), "image/png")}
+    form = {"script": "(s1) Hello there.\n(s2) Hi!", "settings": '{"seed": -1}'}
+    job_id = client.post("/api/generate", data=form, files=files).json()["task_id"]
+    seed = store.get(job_id).settings["seed"]
+    assert (
+        isinstance(seed, int) and seed >= 0
+    )  # stored concrete: a re-run after a restart renders the same video
+    store.close()
