@@ -51,7 +51,7 @@ from inference.sampler import (
     sample_clip,
     timesteps,
 )
-from inference.settings import FPS, GenerationSettings
+from inference.settings import DEFAULT_PROMPT, FPS, GenerationSettings
 from inference.weights import WeightPaths
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,6 @@ OUTPUT_FILES = (
 )
 FRAMES_SPILL_DIR = ".frames"  # per-clip decoded frames until the mux
 FRAMES_FILE = "frames.npy"  # uint8 [T, H, W, 3] as handed to the encoder (RenderConfig.save_frames)
-DEFAULT_PROMPT = "Two people are having a friendly conversation, facing the camera, natural expressions."
 AUDIO_MODES = ("add", "para")
 # Kokoro's vocoder draws noise: speech is seeded with a constant, so the same script and voices always
 # sound the same (whatever the video seed), and a resumed render continues over identical audio.

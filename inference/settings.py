@@ -39,6 +39,11 @@ WAN_NEGATIVE_PROMPT_ZH = (
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
+# The scene description used when a job gives none (REST, UI and CLI alike).
+DEFAULT_PROMPT = (
+    "Two people are having a conversation, facing each other and the camera, with natural facial "
+    "expressions, lip movements and small gestures; realistic, well lit, steady camera."
+)
 DEFAULT_SHIFT = {480: 7.0, 720: 11.0}
 MODES = ("streaming", "clip")
 RESOLUTIONS = (480, 720)

@@ -38,16 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from inference.settings import DEFAULT_PROMPT  # the UI and API share it with the CLI
+
 logger = logging.getLogger(__name__)
 
 SPEC_VERSION = 1
 AUDIO_MODES = ("add", "para")
 DEFAULT_PRESET = "balanced"
-# Used when a request has no prompt; a plain description of the scene every job shares.
-DEFAULT_PROMPT = (
-    "Two people are having a conversation, facing each other and the camera, with natural facial "
-    "expressions, lip movements and small gestures; realistic, well lit, steady camera."
-)
 _IMAGE_EXT = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif"}
 _SF_AUDIO_EXT = {"WAV": "wav", "FLAC": "flac", "OGG": "ogg", "MP3": "mp3"}
 _DATA_URL_RE = re.compile(
