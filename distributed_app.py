@@ -82,26 +82,26 @@ def _bool(text: str) -> bool:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse what cannot be honoured, with the reason and the supported options."""
-    from inference.parallelize import check_t5_fsdp
-    from inference.runtime import StartupError
+    from inference.parallel.fsdp import check_t5_fsdp
+    from inference.render.worker import StartupError
 
     check_t5_fsdp(args.t5_fsdp)
     if args.offload_model:
-        raise StartupError("offload_model", "moving models to the CPU between uses is not implemented; "
+        raise StartupError("--offload_model", "moving models to the CPU between uses is not implemented; "
                            "use --dit_fsdp full to cut the DiT's memory per GPU, and --t5_cpu for T5")  # fmt: skip
     if args.num_persistent_param_in_dit is not None:
-        raise StartupError("num_persistent_param_in_dit", "per-layer weight streaming is not implemented; "
+        raise StartupError("--num_persistent_param_in_dit", "per-layer weight streaming is not implemented; "
                            "use --dit_fsdp full (each GPU holds 1/P of the DiT)")  # fmt: skip
     if args.ring_size != 1:
-        raise StartupError("ring_size", "ring attention is not implemented; use --ulysses_size equal to the "
+        raise StartupError("--ring_size", "ring attention is not implemented; use --ulysses_size equal to the "
                            "number of ranks (40 heads: 1, 2, 4, 5 or 8 ranks) and --ring_size 1")  # fmt: skip
 
 
 def job_defaults(args: argparse.Namespace) -> dict[str, Any]:
     """Start-up flags that become the default settings of every job: applied over the job's preset at
     submission; a setting the job gives itself wins."""
-    from inference.runtime import StartupError
-    from inference.settings import GenerationSettings, SettingsError
+    from inference.render.settings import GenerationSettings, SettingsError
+    from inference.render.worker import StartupError
 
     values: dict[str, Any] = {}
     flags = {"frame_num": "frame_num", "motion_frames": "motion_frame", "mode": "mode", "steps": "sample_steps",
@@ -118,7 +118,7 @@ def job_defaults(args: argparse.Namespace) -> dict[str, Any]:
             # Name the flag the user typed (--sample_steps), not the setting behind it (steps).
             if exc.field not in flags or getattr(args, flags[exc.field]) is None:
                 raise
-            raise StartupError(flags[exc.field], str(exc).split(": ", 1)[-1]) from None
+            raise StartupError(f"--{flags[exc.field]}", exc.message) from None
     return values
 
 
@@ -218,7 +218,7 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
 
 def _flag_message(exc: ValueError) -> str:
     """Parallel-layout errors name the option as the user typed it (``--ulysses_size``)."""
-    from inference.parallel import ParallelConfigError
+    from inference.parallel.layout import ParallelConfigError
 
     if isinstance(exc, ParallelConfigError):
         return f"--{exc.field}: {str(exc).split(': ', 1)[-1]}"
@@ -246,7 +246,7 @@ def _versions() -> dict[str, str]:
 @record
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from inference.runtime import Runtime, RuntimeOptions, setup_logging
+    from inference.render.worker import Runtime, RuntimeOptions, setup_logging
 
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
@@ -277,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _selftest() -> int:
-    from inference.parallel import ParallelContext
-    from inference.selftest import run_selftest
+    from inference.parallel.context import ParallelContext
+    from inference.parallel.selftest import run_selftest
 
     ctx = ParallelContext.from_env(data_timeout=120, control_timeout=300)
     try:

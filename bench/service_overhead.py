@@ -129,8 +129,8 @@ def run_in_process(args: argparse.Namespace, weights: Path, work: Path, rest: di
     """The service's first job again, through ``generate`` in this process."""
     import torch
 
-    from inference.pipeline import JobRequest, generate
-    from inference.runtime import Runtime, RuntimeOptions
+    from inference.render.pipeline import JobRequest, generate
+    from inference.render.worker import Runtime, RuntimeOptions
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -163,7 +163,7 @@ def main() -> None:
     args = p.parse_args()
     os.environ.update(_env(args.threads))
 
-    from inference.weights import make_tiny
+    from inference.checkpoint.weights import make_tiny
 
     work = Path(tempfile.mkdtemp(prefix="service_overhead_"))
     try:

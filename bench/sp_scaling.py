@@ -31,9 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from inference.config import DiTConfig
-from inference.model import MultiTalkDiT
-from inference.parallel import NoParallel, ParallelContext, SequenceParallel
+from inference.model.config import DiTConfig
+from inference.model.dit import MultiTalkDiT
+from inference.model.sp import NoParallel
+from inference.parallel.context import ParallelContext
+from inference.parallel.ulysses import SequenceParallel
 
 CONFIG = DiTConfig(dim=512, ffn_dim=1536, num_heads=8, num_layers=4, freq_dim=256)
 

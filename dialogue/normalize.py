@@ -15,6 +15,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 
+from common.errors import InputError
 from dialogue.mathspeech import GREEK_CHARS, SYMBOL_CHARS, greek_word, op_word, speak_math
 from dialogue.numbers import (
     en_cardinal,
@@ -39,10 +40,8 @@ LANGUAGES = ("en", "zh")
 _CJK_RE = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
 
 
-class LanguageError(ValueError):
+class LanguageError(InputError):
     """An unsupported language code was given to the normaliser."""
-
-    field = "language"
 
 
 def detect_language(text: str) -> str:
@@ -59,7 +58,7 @@ def normalize_for_speech(text: str, language: str) -> str:
     '二零二四年增长了百分之三点五'
     """
     if language not in LANGUAGES:
-        raise LanguageError(f"language: {language!r} is not supported; use one of {', '.join(LANGUAGES)}")
+        raise LanguageError("language", f"{language!r} is not supported; use one of {', '.join(LANGUAGES)}")
     for rewrite in _PASSES:
         text = rewrite(text, language)
     return text

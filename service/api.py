@@ -656,7 +656,7 @@ def create_router(
     @protected.get("/info", summary="Service configuration")
     async def info() -> dict[str, Any]:
         engine = _engine_status(service_info)
-        from inference.settings import PRESETS
+        from inference.render.settings import PRESETS
 
         return {
             "success": True,

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from inference.pipeline import JobRequest
-from inference.runtime import RenderJob
+from inference.render.pipeline import JobRequest
+from inference.render.worker import RenderJob
 from service.api import EngineStatus, WorkerStatus
 from service.jobs import JobState, JobStore
 
@@ -222,7 +222,7 @@ def wav_bytes(audio, sample_rate: int) -> bytes:
 
 def weights_report(root: Path, preset: str) -> dict[str, Any]:
     """What /api/info says about the weights: the root, the preset and what is missing."""
-    from inference.weights import WeightPaths
+    from inference.checkpoint.weights import WeightPaths
 
     paths = WeightPaths.under(root)
     missing = paths.missing()

@@ -219,7 +219,7 @@ def voice_choices(installed: frozenset[str] | None = None) -> list[tuple[str, st
 
 def preset_summary() -> str:
     """``"Fast: 16 steps, guidance text 1 / audio 4, 480p · ..."`` for the preset picker."""
-    from inference.settings import PRESETS
+    from inference.render.settings import PRESETS
 
     parts = []
     for name, p in PRESETS.items():
@@ -547,7 +547,7 @@ class UiHandlers:
         names: Sequence[str] | None,
     ) -> tuple[Any, str]:
         """Compose the reference scene as the engine will and return (overlay image or None, message)."""
-        from inference.scene import DEFAULT_NAMES, compose_scene, scene_from_image
+        from inference.scene.compose import DEFAULT_NAMES, compose_scene, scene_from_image
 
         names_t = (
             tuple(names)
@@ -597,7 +597,7 @@ class UiHandlers:
 
     def preset_values(self, preset: str, length_unit: str = "seconds") -> tuple[Any, ...]:
         """Advanced-settings values of a preset, in ADVANCED_FIELDS order."""
-        from inference.settings import PRESETS
+        from inference.render.settings import PRESETS
 
         s = PRESETS[preset].settings
         max_length = s.max_frames if length_unit == "frames" else round(s.max_frames / FPS, 2)
@@ -623,7 +623,7 @@ class UiHandlers:
 
         Raises ValueError with ``.field`` for a length shorter than one clip or a bad number.
         """
-        from inference.settings import PRESETS, SettingsError
+        from inference.render.settings import PRESETS, SettingsError
 
         preset = PRESETS[values["preset"]]
         base = preset.settings.to_dict()
@@ -668,7 +668,7 @@ class UiHandlers:
         """Markdown: preset description, speech length and model passes, and a time when the service
         knows its time per model pass (``info()["step_time_s"]``)."""
         from dialogue import parse_script
-        from inference.settings import PRESETS, count_clips, estimate_seconds
+        from inference.render.settings import PRESETS, count_clips, estimate_seconds
 
         preset = PRESETS.get(values.get("preset") or "")
         if preset is None:
@@ -1124,7 +1124,7 @@ def build_ui(
     ``limits`` (``service.validation.Limits``, default the REST defaults) sizes the audio preview's checks:
     pass the ones ``submit`` uses.
     """
-    from inference.settings import PRESETS
+    from inference.render.settings import PRESETS
     from service.validation import DEFAULT_PROMPT
     from tts.voices import DEFAULT_VOICES
 

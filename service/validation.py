@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inference.settings import DEFAULT_PROMPT  # the UI and API share it with the CLI
+from common.errors import InputError
+from inference.render.settings import DEFAULT_PROMPT  # the UI and API share it with the CLI
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +82,16 @@ class Limits:
     job_defaults: Mapping[str, Any] | None = None
 
 
-class RequestError(ValueError):
+class RequestError(InputError):
     """A bad request: ``field`` names the input, ``status`` is the HTTP status to answer."""
 
-    def __init__(self, field: str, message: str, status: int = 400) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
-        self.status = status
+    status = 400
+
+
+class PayloadTooLargeError(RequestError):
+    """An upload over its size limit (HTTP 413)."""
+
+    status = 413
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,9 @@ def request_from_form(
         if not isinstance(data, bytes | bytearray):
             raise RequestError(key, f"expected file bytes, got {type(data).__name__}")
         if len(data) > limits.max_upload_bytes:
-            raise RequestError(key, f"file is larger than the limit of {limits.max_upload_bytes} bytes", 413)
+            raise PayloadTooLargeError(
+                key, f"file is larger than the limit of {limits.max_upload_bytes} bytes"
+            )
         if not data:
             raise RequestError(key, "the uploaded file is empty")
 
@@ -252,7 +257,7 @@ def decode_data_url(field: str, value: Any, limits: Limits) -> bytes:
     payload = value[m.end() :]
     # 4 base64 characters carry 3 bytes: refuse before decoding anything too large.
     if len(payload) // 4 * 3 > limits.max_upload_bytes + 3:
-        raise RequestError(field, f"file is larger than the limit of {limits.max_upload_bytes} bytes", 413)
+        raise PayloadTooLargeError(field, f"file is larger than the limit of {limits.max_upload_bytes} bytes")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -260,7 +265,7 @@ def decode_data_url(field: str, value: Any, limits: Limits) -> bytes:
     if not data:
         raise RequestError(field, "the file is empty")
     if len(data) > limits.max_upload_bytes:
-        raise RequestError(field, f"file is larger than the limit of {limits.max_upload_bytes} bytes", 413)
+        raise PayloadTooLargeError(field, f"file is larger than the limit of {limits.max_upload_bytes} bytes")
     return data
 
 
@@ -397,7 +402,7 @@ def image_extension(data: bytes) -> str:
 def _decode_image(field: str, data: bytes) -> Any:
     """Decode one uploaded image with the scene module's rules. Any failure while decoding user bytes is
     the file's fault (a crafted or truncated file can raise more than ValueError inside a decoder)."""
-    from inference.scene import load_image
+    from inference.scene.compose import load_image
 
     try:
         return load_image(data, field)
@@ -411,7 +416,7 @@ def _decode_image(field: str, data: bytes) -> Any:
 def build_scene(req: GenerateRequest, resolution: int) -> dict[str, Any]:
     """Compose/check the reference scene exactly as the engine will (``inference.scene``), so bad
     portraits, boxes or layouts are refused now. Returns the spec's scene part."""
-    from inference.scene import compose_scene, scene_from_image
+    from inference.scene.compose import compose_scene, scene_from_image
 
     json_src = req.source == "json"
     json_names = {"scene_image": "cond_image", "boxes": "bbox"} if json_src else {}
@@ -447,7 +452,7 @@ def build_scene(req: GenerateRequest, resolution: int) -> dict[str, Any]:
 
 
 def _original_boxes(boxes: Any) -> list[list[int]]:
-    from inference.scene import parse_boxes
+    from inference.scene.compose import parse_boxes
 
     return [[int(v) for v in box] for box in parse_boxes(boxes)]
 
@@ -532,7 +537,7 @@ def resolve_settings(
 
     Layers: the preset, then the service's start-up ``defaults`` (``--sample_steps`` ...), then the
     job's own ``overrides``. The stored settings are therefore exactly what the job renders with."""
-    from inference.settings import PRESETS
+    from inference.render.settings import PRESETS
 
     name = DEFAULT_PRESET if preset is None or preset == "" else preset
     if not isinstance(name, str) or name not in PRESETS:

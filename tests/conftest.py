@@ -23,7 +23,7 @@ def tiny_weights(tiny_kokoro_dir: Path, tmp_path_factory: pytest.TempPathFactory
     225 MB copy; ``make_tiny`` itself writes everything else and the marker, so the CLI's own
     ``make_tiny`` call finds the root complete and leaves it alone."""
     import tts.tiny
-    from inference.weights import make_tiny
+    from inference.checkpoint.weights import make_tiny
 
     def link_kokoro(out: str | Path, seed: int = 0) -> Path:
         assert seed == 0, "tiny_kokoro_dir holds seed 0"

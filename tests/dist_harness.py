@@ -77,7 +77,7 @@ def _child(
     import torch
 
     torch.set_num_threads(1)
-    from inference.parallel import ParallelContext
+    from inference.parallel.context import ParallelContext
 
     code = 0
     try:

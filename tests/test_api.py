@@ -232,7 +232,7 @@ def test_generate_multipart_portraits_with_audio_files(env) -> None:
     assert spec["audio_seconds"] == {"person1": 0.4, "person2": 0.6}
     assert spec["scene"]["layout"] == "backdrop" and len(spec["scene"]["scene_boxes"]) == 2
     assert spec["prompt"] == "two friends in a cafe" and spec["preset"] == "fast"
-    from inference.settings import PRESETS, GenerationSettings
+    from inference.render.settings import PRESETS, GenerationSettings
 
     settings = GenerationSettings.from_dict(job.settings)  # the engine rebuilds settings like this
     assert settings.steps == 6 and settings.seed == 3

@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from inference import tiny_encoders as te
-from inference.audio_encoder import AudioEncoder, AudioEncoderError, interpolate_features, num_video_frames
+from inference.encoders import tiny as te
+from inference.encoders.wav2vec2 import (
+    AudioEncoder,
+    AudioEncoderError,
+    interpolate_features,
+    num_video_frames,
+)
 
 torch.set_num_threads(1)
 

@@ -147,7 +147,7 @@ def test_page_loads(store: JobStore, tmp_path: Path) -> None:
 
 def _store_engine(store: JobStore, stop: threading.Event) -> None:
     """Test double of the engine: claims jobs and writes a real (grey, 1 s) mp4 with subtitles."""
-    from inference.video_io import write_video
+    from inference.render.video_io import write_video
 
     while not stop.is_set():
         job = store.claim_next("test-engine")

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from inference.checkpoint import (
+from inference.checkpoint.loader import (
     INDEX_NAME,
     MULTITALK_FILE_NAME,
     CheckpointError,
@@ -19,8 +19,8 @@ from inference.checkpoint import (
     open_checkpoint,
     save_checkpoint,
 )
-from inference.config import DiTConfig
-from inference.model import MultiTalkDiT
+from inference.model.config import DiTConfig
+from inference.model.dit import MultiTalkDiT
 
 
 def tiny_inputs() -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inference import tiny_encoders as te
 from inference.encoders import (
     CLIP_CHECKPOINT,
     T5_CHECKPOINT,
@@ -26,6 +25,7 @@ from inference.encoders import (
     vae_diffusers_to_wan,
     vae_wan_to_diffusers,
 )
+from inference.encoders import tiny as te
 
 torch.set_num_threads(1)
 

@@ -7,8 +7,6 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from inference import tiny_encoders as te
-from inference.audio_encoder import AudioEncoder
 from inference.encoders import (
     CLIP_CHECKPOINT,
     T5_CHECKPOINT,
@@ -18,6 +16,8 @@ from inference.encoders import (
     T5Encoder,
     WanVae,
 )
+from inference.encoders import tiny as te
+from inference.encoders.wav2vec2 import AudioEncoder
 
 torch.set_num_threads(1)
 

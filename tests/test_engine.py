@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from inference.engine import Engine, JobContext, Message, Op, TensorSpec
-from inference.parallel import ParallelContext
+from inference.parallel.context import ParallelContext
+from inference.parallel.engine import Engine, JobContext, Message, Op, TensorSpec
 from tests.dist_harness import post, start_spmd
 
 
@@ -271,8 +271,8 @@ TORCHRUN_SCRIPT = """
 import os, queue, sys
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
-from inference.engine import Engine, Message, Op, TensorSpec
-from inference.parallel import ParallelContext
+from inference.parallel.engine import Engine, Message, Op, TensorSpec
+from inference.parallel.context import ParallelContext
 
 ATTEMPT = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from inference.checkpoint import open_checkpoint, save_checkpoint
-from inference.config import DiTConfig
-from inference.parallel import NoParallel, ParallelConfigError, ParallelContext
-from inference.parallelize import (
+from inference.checkpoint.loader import open_checkpoint, save_checkpoint
+from inference.model.config import DiTConfig
+from inference.model.sp import NoParallel
+from inference.parallel.context import ParallelContext
+from inference.parallel.fsdp import (
     apply_fsdp,
     check_fsdp_mode,
     check_t5_fsdp,
@@ -18,6 +19,7 @@ from inference.parallelize import (
     param_bytes,
     report_memory,
 )
+from inference.parallel.layout import ParallelConfigError
 from tests.dist_harness import run_spmd
 from tests.test_parallel_model import dit_inputs, tiny_dit
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.video_io import probe_media, read_audio, read_frames
+from inference.render.video_io import probe_media, read_audio, read_frames
 from tests.subprocess_env import offline_env
 
 REPO = Path(__file__).resolve().parents[1]

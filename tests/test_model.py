@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inference.attention import frame_local_attention
-from inference.config import ConfigError, DiTConfig
-from inference.model import (
+from inference.model.__main__ import main as _main
+from inference.model.attention import frame_local_attention
+from inference.model.config import ConfigError, DiTConfig
+from inference.model.dit import (
     ModelInputError,
     MultiTalkDiT,
     WanAudioCrossAttention,
-    _main,
     audio_key_positions,
     build_model,
     pack_audio_windows,
@@ -24,7 +24,7 @@ from inference.model import (
     routing_positions,
     sinusoidal_embedding_1d,
 )
-from inference.parallel import NoParallel
+from inference.model.sp import NoParallel
 
 T_LAT, H_LAT, W_LAT = 3, 4, 6  # token grid 3 x 2 x 3 = 18 tokens, 6 per frame
 

@@ -12,17 +12,11 @@ import math
 import pytest
 import torch
 
-from inference.attention import attention
-from inference.parallel import (
-    NoParallel,
-    ParallelConfigError,
-    ParallelContext,
-    SequenceParallel,
-    allowed_sizes,
-    attend,
-    check_heads,
-    check_parallel_sizes,
-)
+from inference.model.attention import attend, attention
+from inference.model.sp import NoParallel
+from inference.parallel.context import ParallelContext
+from inference.parallel.layout import ParallelConfigError, allowed_sizes, check_heads, check_parallel_sizes
+from inference.parallel.ulysses import SequenceParallel
 from tests.dist_harness import run_spmd
 
 HEADS, HEAD_DIM, N_REF, N_CLASS = 8, 16, 6, 3

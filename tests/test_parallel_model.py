@@ -17,11 +17,13 @@ import logging
 import pytest
 import torch
 
-from inference.checkpoint import save_checkpoint
-from inference.config import DiTConfig
-from inference.model import MultiTalkDiT
-from inference.parallel import NoParallel, ParallelContext, SequenceParallel
-from inference.parallelize import load_dit, param_bytes
+from inference.checkpoint.loader import save_checkpoint
+from inference.model.config import DiTConfig
+from inference.model.dit import MultiTalkDiT
+from inference.model.sp import NoParallel
+from inference.parallel.context import ParallelContext
+from inference.parallel.fsdp import load_dit, param_bytes
+from inference.parallel.ulysses import SequenceParallel
 from tests.dist_harness import run_spmd
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.pipeline import (
+from inference.render.pipeline import (
     DEFAULT_PROMPT,
     JobInputError,
     JobRequest,
@@ -19,8 +19,8 @@ from inference.pipeline import (
     latent_masks_at,
     render_size,
 )
-from inference.sampler import Cancelled
-from inference.settings import GenerationSettings
+from inference.render.sampler import Cancelled
+from inference.render.settings import GenerationSettings
 
 SCRIPT = "(s1) Hello there, how are you today?\n(s2) I am fine, thank you."
 SETTINGS = GenerationSettings(steps=2)
@@ -336,7 +336,7 @@ def assert_partition(m: torch.Tensor) -> None:
 
 
 def test_latent_masks_of_a_real_scene_at_tiny_size(portrait_pngs) -> None:
-    from inference.scene import compose_scene
+    from inference.scene.compose import compose_scene
 
     scene = compose_scene(*portrait_pngs, size=480)
     hw = render_size(scene.bucket, 8)
@@ -388,8 +388,8 @@ def test_expected_frames() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_dit():
-    from inference.model import build_model
-    from inference.weights import tiny_dit_config
+    from inference.checkpoint.weights import tiny_dit_config
+    from inference.model.dit import build_model
 
     torch.manual_seed(0)
     return build_model(tiny_dit_config(), "cpu").init_weights(0).eval()

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from inference.pipeline import (
+from inference.checkpoint.weights import WeightPaths
+from inference.render.pipeline import (
     FRAMES_FILE,
     FRAMES_SPILL_DIR,
     JobRequest,
@@ -21,9 +22,8 @@ from inference.pipeline import (
     Renderer,
     generate,
 )
-from inference.sampler import Cancelled
-from inference.settings import GenerationSettings
-from inference.weights import WeightPaths
+from inference.render.sampler import Cancelled
+from inference.render.settings import GenerationSettings
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ SCRIPT = "(s1) Hello there, how are you today?\n(s2) I am fine, thank you so muc
 
 @pytest.fixture(scope="module")
 def renderer_and_model(tiny_weights: Path):
-    from inference.checkpoint import load_model
+    from inference.checkpoint.loader import load_model
 
     paths = WeightPaths.under(tiny_weights)
     renderer = Renderer(paths, RenderConfig(render_divisor=8, save_frames=True))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from inference.sampler import (
+from inference.render.sampler import (
     Cancelled,
     Guidance,
     MomentumBuffer,
@@ -34,7 +34,7 @@ from inference.sampler import (
     timestep_transform,
     timesteps,
 )
-from inference.settings import GenerationSettings
+from inference.render.settings import GenerationSettings
 
 # ----------------------------------------------------------------------------------------- schedule
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference import buckets
-from inference.scene import (
+from inference.scene import buckets
+from inference.scene.compose import (
     MAX_CONTAINMENT,
     Scene,
     SceneError,

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from inference.settings import FPS
-from inference.video_io import probe_media
+from inference.render.settings import FPS
+from inference.render.video_io import probe_media
 from tests.subprocess_env import offline_env
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from inference.settings import (
+from inference.render.settings import (
     DEFAULT_NEGATIVE_PROMPT,
     PRESETS,
     WAN_NEGATIVE_PROMPT_ZH,

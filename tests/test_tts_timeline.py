@@ -28,7 +28,7 @@ class FakeSynth:
     def synthesize(self, text: str, voice: str, language: str, seed: int, speed: float = 1.0) -> np.ndarray:
         self.calls.append((text, voice, language, seed, speed))
         if voice == "bad_voice":
-            raise UnknownVoiceError("unknown voice 'bad_voice'")
+            raise UnknownVoiceError("voice", "unknown voice 'bad_voice'")
         if text == "@@@":
             raise TTSInputError("text", "nothing speakable in '@@@'")
         return np.full(100 * len(text), self.amplitude, dtype=np.float32)

@@ -16,7 +16,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from inference.settings import SettingsError
+from inference.render.settings import SettingsError
 from service.jobs import JobState, JobStore
 from service.ui import ADVANCED_FIELDS, EXAMPLES, UiHandlers, build_ui, mount_ui, preset_summary, submit_form
 from service.validation import Limits, RequestError

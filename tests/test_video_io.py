@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.video_io import VideoIOError, probe_media, read_audio, read_frames, write_video
+from inference.render.video_io import VideoIOError, probe_media, read_audio, read_frames, write_video
 
 FPS = 25
 

@@ -162,8 +162,9 @@ def _check_folder(kokoro_dir: Path) -> tuple[Path, Path, dict[str, Path]]:
     )
     if not kokoro_dir.is_dir():
         raise KokoroWeightsError(
+            "kokoro_dir",
             f"Kokoro folder {kokoro_dir} does not exist; {expected} "
-            "(fetch them with weights/download.sh, or write random test weights with `python -m tts make-tiny`)"
+            "(fetch them with weights/download.sh, or write random test weights with `python -m tts make-tiny`)",
         )
     config_path = kokoro_dir / "config.json"
     model_path = kokoro_dir / MODEL_FILE
@@ -174,7 +175,8 @@ def _check_folder(kokoro_dir: Path) -> tuple[Path, Path, dict[str, Path]]:
         missing.append("voices/*.pt (no voice files)")
     if missing:
         raise KokoroWeightsError(
-            f"Kokoro folder {kokoro_dir} is incomplete: missing {', '.join(missing)}; {expected}"
+            "kokoro_dir",
+            f"Kokoro folder {kokoro_dir} is incomplete: missing {', '.join(missing)}; {expected}",
         )
     return config_path, model_path, voice_files
 
@@ -183,12 +185,14 @@ def _read_config(config_path: Path) -> dict[str, Any]:
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise KokoroWeightsError(f"{config_path} is not readable JSON: {exc}") from None
+        raise KokoroWeightsError("kokoro_dir", f"{config_path} is not readable JSON: {exc}") from None
     required = ("vocab", "n_token", "plbert", "hidden_dim", "style_dim", "n_layer", "max_dur", "dropout",
                 "text_encoder_kernel_size", "n_mels", "istftnet")  # fmt: skip
     absent = [k for k in required if not isinstance(config, dict) or k not in config]
     if absent:
-        raise KokoroWeightsError(f"{config_path} is not a Kokoro config: missing keys {', '.join(absent)}")
+        raise KokoroWeightsError(
+            "kokoro_dir", f"{config_path} is not a Kokoro config: missing keys {', '.join(absent)}"
+        )
     return config
 
 
@@ -200,13 +204,18 @@ def _load_checkpoint(model_path: Path) -> dict[str, Any]:
         try:
             ckpt = torch.load(model_path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise KokoroWeightsError(f"{model_path} is not a readable torch checkpoint: {exc}") from None
+            raise KokoroWeightsError(
+                "kokoro_dir", f"{model_path} is not a readable torch checkpoint: {exc}"
+            ) from None
     except Exception as exc:
-        raise KokoroWeightsError(f"{model_path} is not a readable torch checkpoint: {exc}") from None
+        raise KokoroWeightsError(
+            "kokoro_dir", f"{model_path} is not a readable torch checkpoint: {exc}"
+        ) from None
     if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in SUBMODULES):
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise KokoroWeightsError(
-            f"{model_path} is not a Kokoro checkpoint: expected a dict of state dicts {list(SUBMODULES)}, found {found}"
+            "kokoro_dir",
+            f"{model_path} is not a Kokoro checkpoint: expected a dict of state dicts {list(SUBMODULES)}, found {found}",
         )
     return ckpt
 
@@ -224,8 +233,9 @@ def _verify_loaded(model: torch.nn.Module, ckpt: dict[str, Any], model_path: Pat
         missing = sorted(params - keys)
         if missing:
             raise KokoroWeightsError(
+                "kokoro_dir",
                 f"{model_path} does not match config.json: {len(missing)} parameters of {name!r} are missing "
-                f"(e.g. {', '.join(missing[:3])})"
+                f"(e.g. {', '.join(missing[:3])})",
             )
 
 
@@ -272,7 +282,9 @@ class KokoroEngine:
         try:
             model = KModel(repo_id=REPO_ID, config=config, model=str(model_path))
         except (RuntimeError, AssertionError, KeyError, TypeError, ValueError) as exc:
-            raise KokoroWeightsError(f"{model_path} does not fit {config_path}: {str(exc)[:400]}") from None
+            raise KokoroWeightsError(
+                "kokoro_dir", f"{model_path} does not fit {config_path}: {str(exc)[:400]}"
+            ) from None
         _verify_loaded(model, ckpt, model_path)
         del ckpt
         _fold_weight_norm(model)
@@ -303,8 +315,9 @@ class KokoroEngine:
         get_voice(voice)  # raises UnknownVoiceError for ids that are not Kokoro voices at all
         shown = ", ".join(self.available_voices[:12]) + (" ..." if len(self._voice_files) > 12 else "")
         raise UnknownVoiceError(
+            "voice",
             f"voice {voice!r} is a Kokoro voice but voices/{voice}.pt is not in {self.kokoro_dir}; "
-            f"installed: {shown}"
+            f"installed: {shown}",
         )
 
     def _pack(self, voice: str) -> torch.Tensor:
@@ -316,11 +329,12 @@ class KokoroEngine:
         try:
             pack = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise KokoroWeightsError(f"{path} is not a readable voice file: {exc}") from None
+            raise KokoroWeightsError("kokoro_dir", f"{path} is not a readable voice file: {exc}") from None
         if not isinstance(pack, torch.Tensor) or pack.ndim != 3 or tuple(pack.shape[1:]) != (1, 256):
             shape = tuple(pack.shape) if isinstance(pack, torch.Tensor) else type(pack).__name__
             raise KokoroWeightsError(
-                f"{path} is not a Kokoro voice pack: expected a [510, 1, 256] tensor, got {shape}"
+                "kokoro_dir",
+                f"{path} is not a Kokoro voice pack: expected a [510, 1, 256] tensor, got {shape}",
             )
         pack = pack.to(device=self.device, dtype=torch.float32)
         self._packs[voice] = pack

@@ -1,25 +1,20 @@
 """Errors raised by the ``tts`` package.
 
-Every error a user can cause is a ``ValueError`` subclass that carries ``.field`` (the input it is
+Every error a user can cause is a ``common.errors.InputError`` that carries ``.field`` (the input it is
 about), so the API can answer 4xx with the field name instead of a traceback.
 """
 
 from __future__ import annotations
 
+from common.errors import InputError
 
-class TTSInputError(ValueError):
+
+class TTSInputError(InputError):
     """Bad input to speech synthesis or audio loading. ``field`` names the offending input."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 class UnknownVoiceError(TTSInputError):
     """A voice id that is not a Kokoro v1.0 voice (``field == "voice"``)."""
-
-    def __init__(self, message: str, field: str = "voice") -> None:
-        super().__init__(field, message)
 
 
 class AudioInputError(TTSInputError):
@@ -28,6 +23,3 @@ class AudioInputError(TTSInputError):
 
 class KokoroWeightsError(TTSInputError):
     """The local Kokoro folder is missing files or does not match its config (``field == "kokoro_dir"``)."""
-
-    def __init__(self, message: str, field: str = "kokoro_dir") -> None:
-        super().__init__(field, message)

@@ -295,7 +295,7 @@ def build_timeline(
         try:
             audio = synth.synthesize(text, voices[speaker], turn.language, turn_seed(seed, i), speed)
         except UnknownVoiceError as exc:
-            raise UnknownVoiceError(str(exc), field=f"voice{speaker + 1}") from None
+            raise UnknownVoiceError(f"voice{speaker + 1}", str(exc)) from None
         except TTSInputError as exc:
             if exc.field in ("text", "language"):
                 raise TTSInputError("script", f"line {turn.line}: {exc}") from None

@@ -157,7 +157,8 @@ def get_voice(voice_id: str) -> Voice:
             hint = f" Voices starting with {voice_id.strip()[:2].lower()!r}: {', '.join(same_prefix[:8])}."
     examples = ", ".join(["af_heart", "am_adam", "bf_emma", "zf_xiaobei", "zm_yunjian"])
     raise UnknownVoiceError(
-        f"unknown voice {shown!r}: not one of the {len(VOICES)} Kokoro v1.0 voices (e.g. {examples}).{hint}"
+        "voice",
+        f"unknown voice {shown!r}: not one of the {len(VOICES)} Kokoro v1.0 voices (e.g. {examples}).{hint}",
     )
 
 

@@ -29,8 +29,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from inference.config import DiTConfig
-from inference.model import MultiTalkDiT, build_model
+from common.errors import InputError
+from inference.model.config import DiTConfig
+from inference.model.dit import MultiTalkDiT, build_model
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +56,8 @@ _ST_DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A weights folder is incomplete or does not match the model; ``field`` is ``"checkpoint"``."""
-
-    def __init__(self, message: str, field: str = "checkpoint") -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 def is_audio_key(key: str) -> bool:
@@ -102,14 +99,14 @@ def _read_index(folder: Path) -> dict[str, str]:
             index = json.loads(index_path.read_text())
             weight_map = index["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index_path} is not a safetensors index ({err})") from None
+            raise CheckpointError("checkpoint", f"{index_path} is not a safetensors index ({err})") from None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index_path} has an empty or invalid weight_map")
+            raise CheckpointError("checkpoint", f"{index_path} has an empty or invalid weight_map")
         return {str(k): str(v) for k, v in weight_map.items()}
     # No index: a single-file DiT, with the MultiTalk file beside it when present.
     files = [name for name in (SINGLE_FILE_NAME, MULTITALK_FILE_NAME) if (folder / name).is_file()]
     if SINGLE_FILE_NAME not in files:
-        raise CheckpointError(f"{folder} has neither {INDEX_NAME} nor {SINGLE_FILE_NAME}")
+        raise CheckpointError("checkpoint", f"{folder} has neither {INDEX_NAME} nor {SINGLE_FILE_NAME}")
     weight_map: dict[str, str] = {}
     for name in files:
         with safe_open(str(folder / name), framework="pt", device="cpu") as f:
@@ -126,7 +123,7 @@ def open_checkpoint(folder: str | Path) -> dict[str, TensorRef]:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise CheckpointError(f"weights folder {folder} does not exist")
+        raise CheckpointError("checkpoint", f"weights folder {folder} does not exist")
     weight_map = _read_index(folder)
     by_file: dict[str, list[str]] = {}
     for key, name in weight_map.items():
@@ -136,18 +133,23 @@ def open_checkpoint(folder: str | Path) -> dict[str, TensorRef]:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(
-                f"shard {name} listed in the index is missing from {folder} ({len(keys)} tensors)"
+                "checkpoint",
+                f"shard {name} listed in the index is missing from {folder} ({len(keys)} tensors)",
             )
         with safe_open(str(path), framework="pt", device="cpu") as f:
             present = set(f.keys())
             absent = [k for k in keys if k not in present]
             if absent:
-                raise CheckpointError(f"{name} lacks keys the index assigns to it: {_names(absent)}")
+                raise CheckpointError(
+                    "checkpoint", f"{name} lacks keys the index assigns to it: {_names(absent)}"
+                )
             for key in keys:
                 sl = f.get_slice(key)
                 dtype = _ST_DTYPES.get(sl.get_dtype())
                 if dtype is None:
-                    raise CheckpointError(f"{name}:{key} has unsupported dtype {sl.get_dtype()}")
+                    raise CheckpointError(
+                        "checkpoint", f"{name}:{key} has unsupported dtype {sl.get_dtype()}"
+                    )
                 refs[key] = TensorRef(key, path, tuple(sl.get_shape()), dtype)
     return refs
 
@@ -165,7 +167,7 @@ def iter_checkpoint_tensors(
     by_file: dict[Path, list[str]] = {}
     for key in wanted:
         if key not in refs:
-            raise CheckpointError(f"key {key!r} is not in the checkpoint")
+            raise CheckpointError("checkpoint", f"key {key!r} is not in the checkpoint")
         by_file.setdefault(refs[key].path, []).append(key)
     for path, file_keys in by_file.items():
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -197,7 +199,7 @@ def check_keys(expected: dict[str, tuple[int, ...]], refs: dict[str, TensorRef])
         more = f" (+{len(mismatched) - _SHOW} more)" if len(mismatched) > _SHOW else ""
         problems.append(f"shape mismatches {len(mismatched)}: " + "; ".join(mismatched[:_SHOW]) + more)
     if problems:
-        raise CheckpointError("weights do not match the model: " + " | ".join(problems))
+        raise CheckpointError("checkpoint", "weights do not match the model: " + " | ".join(problems))
 
 
 def default_device_dtype() -> tuple[torch.device, torch.dtype]:
@@ -213,7 +215,7 @@ def resolve_config(folder: str | Path, config: DiTConfig | None = None) -> DiTCo
         return config
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing; pass a preset config", field="config")
+        raise CheckpointError("config", f"{path} is missing; pass a preset config")
     return DiTConfig.from_json(path)
 
 
@@ -286,9 +288,7 @@ def save_checkpoint(
     wan_keys = [k for k in state if not is_audio_key(k)]
     audio_keys = [k for k in state if is_audio_key(k)]
     if not 1 <= num_shards <= max(1, len(wan_keys)):
-        raise CheckpointError(
-            f"num_shards must be in [1, {len(wan_keys)}], got {num_shards}", field="num_shards"
-        )
+        raise CheckpointError("num_shards", f"num_shards must be in [1, {len(wan_keys)}], got {num_shards}")
 
     def nbytes(k: str) -> int:
         return state[k].numel() * state[k].element_size()

@@ -27,6 +27,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 WAN_DIR = "Wan2.1-I2V-14B-480P"
@@ -42,10 +44,8 @@ TINY_MARKER = "tiny-weights.json"
 TINY_FORMAT = 1
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """Weights missing or malformed; the message lists exactly what is missing and how to get it."""
-
-    field = "weights"
 
 
 @dataclass(frozen=True)
@@ -116,9 +116,10 @@ class WeightPaths:
                 else "run: bash weights/download.sh   (see weights/README.md for the layout)"
             )
             raise WeightsError(
+                "weights",
                 f"the {preset} weights under {self.root} are incomplete:\n  "
                 + "\n  ".join(problems)
-                + f"\n{fix}"
+                + f"\n{fix}",
             )
         return self
 
@@ -128,8 +129,8 @@ class WeightPaths:
 
 def tiny_dit_config():
     """The tiny DiT matched to the tiny encoders' widths (text, CLIP, wav2vec2)."""
-    from inference.config import DiTConfig
-    from inference.tiny_encoders import TINY_CLIP_DIM, TINY_T5_DIM, TINY_WAV2VEC2_DIM, TINY_WAV2VEC2_LAYERS
+    from inference.encoders.tiny import TINY_CLIP_DIM, TINY_T5_DIM, TINY_WAV2VEC2_DIM, TINY_WAV2VEC2_LAYERS
+    from inference.model.config import DiTConfig
 
     return dataclasses.replace(
         DiTConfig.tiny(),
@@ -160,9 +161,9 @@ def make_tiny(out: str | Path, seed: int = 0) -> WeightPaths:
         except (OSError, ValueError):
             pass
 
-    from inference.checkpoint import save_checkpoint
-    from inference.model import build_model
-    from inference.tiny_encoders import write_tiny_clip, write_tiny_t5, write_tiny_vae, write_tiny_wav2vec2
+    from inference.checkpoint.loader import save_checkpoint
+    from inference.encoders.tiny import write_tiny_clip, write_tiny_t5, write_tiny_vae, write_tiny_wav2vec2
+    from inference.model.dit import build_model
     from tts.tiny import write_tiny_kokoro
 
     paths.wan_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +180,7 @@ def make_tiny(out: str | Path, seed: int = 0) -> WeightPaths:
     return paths
 
 
-def _main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inference.weights", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     tiny = sub.add_parser("make-tiny", help="write tiny random weights in the official layout")
@@ -204,4 +205,4 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(main())

@@ -24,19 +24,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 VIDEO_FPS = 25
 
 
-class AudioEncoderError(ValueError):
+class AudioEncoderError(InputError):
     """Bad audio input or wav2vec2 folder; ``field`` names it ("audio", "wav2vec2_dir")."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 def num_video_frames(num_samples: int) -> int:

@@ -1,8 +1,9 @@
 """Attention kernels used by the DiT: plain attention and frame-local (block-diagonal) attention.
 
-Everything here works on ``[B, S, H, D]`` tensors and goes through
-``torch.nn.functional.scaled_dot_product_attention``, which picks flash / memory-efficient
-kernels on CUDA (bf16) and the math kernel on CPU.
+Everything here works on ``[B, S, H, D]`` tensors. ``attend`` is the self-attention kernel choice:
+flash-attn for fp16/bf16 CUDA tensors when the package is installed, else
+``torch.nn.functional.scaled_dot_product_attention`` (which picks flash / memory-efficient kernels on
+CUDA and the math kernel on CPU). Cross-attention and frame-local attention always use SDPA.
 
 Frame-local attention is MultiTalk's audio cross-attention: the video tokens of latent frame
 ``t`` attend only to the audio tokens of frame ``t``. A token chunk ``[start, end)`` (one
@@ -15,7 +16,9 @@ Python loop.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +37,30 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
+
+
+@functools.cache
+def _flash_attn_func() -> Callable[..., torch.Tensor] | None:
+    # flash-attn is an optional GPU extra; import it on first CUDA use only.
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        logger.info("flash-attn not installed; using torch SDPA on CUDA")
+        return None
+    return flash_attn_func
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention on [B, S, h, D] tensors: flash-attn for fp16/bf16 CUDA tensors if installed, else SDPA.
+
+    After the Ulysses trim every sequence in the batch has the same length, so the fixed-length
+    kernel is enough (no varlen packing).
+    """
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        flash = _flash_attn_func()
+        if flash is not None:
+            return flash(q, k, v)
+    return attention(q, k, v)
 
 
 def frame_local_attention(

@@ -43,7 +43,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from inference.parallel import ParallelContext
+from inference.parallel.context import ParallelContext
 
 logger = logging.getLogger(__name__)
 

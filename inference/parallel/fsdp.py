@@ -30,7 +30,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from inference.parallel import ParallelConfigError, ParallelContext
+from inference.parallel.context import ParallelContext
+from inference.parallel.layout import ParallelConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +175,8 @@ def load_dit(
     Returns:
         The model in eval mode with gradients off.
     """
-    from inference.checkpoint import check_keys, open_checkpoint, resolve_config
-    from inference.model import build_model
+    from inference.checkpoint.loader import check_keys, open_checkpoint, resolve_config
+    from inference.model.dit import build_model
 
     mode = check_fsdp_mode(mode)
     cfg = resolve_config(folder, config)  # type: ignore[arg-type]

@@ -17,9 +17,10 @@ import logging
 import torch
 import torch.distributed as dist
 
-from inference.config import DiTConfig
-from inference.model import MultiTalkDiT
-from inference.parallel import NoParallel, ParallelContext
+from inference.model.config import DiTConfig
+from inference.model.dit import MultiTalkDiT
+from inference.model.sp import NoParallel
+from inference.parallel.context import ParallelContext
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def _inputs(cfg: DiTConfig, device: torch.device, seed: int = 11) -> dict[str, t
 @torch.no_grad()
 def run_selftest(ctx: ParallelContext) -> tuple[bool, float, str]:
     """Returns (ok, max_abs_diff over all ranks, a one-line report)."""
-    from inference.parallelize import apply_fsdp
+    from inference.parallel.fsdp import apply_fsdp
 
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace, job: dict):
-    from inference.settings import PRESETS, GenerationSettings
+    from inference.render.settings import PRESETS, GenerationSettings
 
     values: dict = {}
     if args.quality:
@@ -81,7 +81,7 @@ def _settings(args: argparse.Namespace, job: dict):
 
 def _load_job(args: argparse.Namespace):
     """Read and check the job file -> ``JobRequest``; raises ValueError with a one-line message."""
-    from inference.pipeline import JobRequest
+    from inference.render.pipeline import JobRequest
 
     try:
         job = json.loads(args.input.read_text(encoding="utf-8"))
@@ -93,7 +93,7 @@ def _load_job(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from inference.runtime import Runtime, RuntimeOptions, setup_logging
+    from inference.render.worker import Runtime, RuntimeOptions, setup_logging
 
     req = None
     if int(os.environ.get("WORLD_SIZE", "1") or "1") == 1:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _rank0(args: argparse.Namespace, runtime, req) -> int:
-    from inference.pipeline import FRAMES_FILE, OUTPUT_VIDEO
+    from inference.render.pipeline import FRAMES_FILE, OUTPUT_VIDEO
 
     try:
         if req is None:

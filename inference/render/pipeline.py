@@ -34,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from inference.parallel import NoParallel, SequenceParallelism
-from inference.sampler import (
+from common.errors import InputError
+from inference.checkpoint.weights import WeightPaths
+from inference.model.sp import NoParallel, SequenceParallelism
+from inference.render.sampler import (
     BRANCH_COND,
     BRANCH_DROP_AUDIO,
     BRANCH_DROP_TEXT,
@@ -51,8 +53,7 @@ from inference.sampler import (
     sample_clip,
     timesteps,
 )
-from inference.settings import DEFAULT_PROMPT, FPS, GenerationSettings
-from inference.weights import WeightPaths
+from inference.render.settings import DEFAULT_PROMPT, FPS, GenerationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +82,8 @@ _PREPARE_END = 10.0
 _RENDER_END = 95.0
 
 
-class JobInputError(ValueError):
+class JobInputError(InputError):
     """A job description that cannot be rendered; ``field`` names the offending input."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -265,7 +261,7 @@ def _script(key: str, text: Any) -> str:
 
 def _boxes(key: str, boxes: Any) -> list[list[float]]:
     """Two boxes [y0, x0, y1, x1], person 1 first (a ``{person1, person2}`` dict may list them in any order)."""
-    from inference.scene import parse_boxes
+    from inference.scene.compose import parse_boxes
 
     try:
         return [list(box) for box in parse_boxes(boxes)]
@@ -412,8 +408,8 @@ class Renderer:
     """Rank 0's components: Kokoro, wav2vec2, T5, CLIP and the VAE, loaded from ``paths``."""
 
     def __init__(self, paths: WeightPaths, config: RenderConfig = RenderConfig()) -> None:
-        from inference.audio_encoder import AudioEncoder
         from inference.encoders import ClipImageEncoder, T5Encoder, WanVae
+        from inference.encoders.wav2vec2 import AudioEncoder
 
         self.paths = paths
         self.config = config
@@ -464,7 +460,7 @@ class Renderer:
         return timeline, timeline.speaker_names
 
     def _scene(self, req: JobRequest, names: tuple[str, str]):
-        from inference.scene import compose_scene, load_image, scene_from_image
+        from inference.scene.compose import compose_scene, load_image, scene_from_image
 
         size = req.settings.resolution
         if req.scene_image is not None:
@@ -611,7 +607,7 @@ class Renderer:
 
     def write_outputs(self, prep: Prepared) -> list[str]:
         """Mux the mp4 (atomically) with the mixed speech and subtitles; returns the output names."""
-        from inference.video_io import write_video
+        from inference.render.video_io import write_video
 
         timeline = prep.timeline
         clips = [np.load(p, mmap_mode="r") for p in prep.frame_files]

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from inference.settings import GenerationSettings, count_clips, is_two_pass
+from common.errors import InputError
+from inference.render.settings import GenerationSettings, count_clips, is_two_pass
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +61,8 @@ class Cancelled(Exception):
         self.total = total
 
 
-class SamplerInputError(ValueError):
+class SamplerInputError(InputError):
     """Bad input to a sampler function; `.field` names the offending argument."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 # ---------------------------------------------------------------------------------------- schedule

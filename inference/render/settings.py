@@ -14,6 +14,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from common.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 FPS = 25
@@ -59,14 +61,17 @@ APG_MOMENTUM_RANGE = (-1.0, 1.0)
 APG_NORM_THRESHOLD_RANGE = (0.0, 1000.0)
 
 
-class SettingsError(ValueError):
+class SettingsError(InputError):
     """A generation setting is invalid. `.field` names it and `.allowed` describes the valid values."""
 
-    def __init__(self, field: str, message: str, allowed: str | None = None) -> None:
-        text = f"{field}: {message}" + (f" (allowed: {allowed})" if allowed else "")
-        super().__init__(text)
-        self.field = field
-        self.allowed = allowed
+    allowed: str | None = None
+
+
+def _invalid(field: str, message: str, allowed: str | None = None) -> SettingsError:
+    """A ``SettingsError`` whose message ends with the allowed values, also kept as ``.allowed``."""
+    error = SettingsError(field, message + (f" (allowed: {allowed})" if allowed else ""))
+    error.allowed = allowed
+    return error
 
 
 def is_two_pass(text_guidance: float) -> bool:
@@ -76,23 +81,23 @@ def is_two_pass(text_guidance: float) -> bool:
 
 def _as_int(name: str, value: Any, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SettingsError(name, f"expected an integer, got {type(value).__name__} {value!r}", f"{lo}..{hi}")
+        raise _invalid(name, f"expected an integer, got {type(value).__name__} {value!r}", f"{lo}..{hi}")
     if isinstance(value, float):
         # Sliders and JSON clients often send 40.0 for 40; anything fractional is a real mistake.
         if not value.is_integer():
-            raise SettingsError(name, f"expected an integer, got {value!r}", f"{lo}..{hi}")
+            raise _invalid(name, f"expected an integer, got {value!r}", f"{lo}..{hi}")
         value = int(value)
     if not lo <= value <= hi:
-        raise SettingsError(name, f"{value} is out of range", f"{lo}..{hi}")
+        raise _invalid(name, f"{value} is out of range", f"{lo}..{hi}")
     return value
 
 
 def _as_float(name: str, value: Any, lo: float, hi: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SettingsError(name, f"expected a number, got {type(value).__name__} {value!r}", f"{lo}..{hi}")
+        raise _invalid(name, f"expected a number, got {type(value).__name__} {value!r}", f"{lo}..{hi}")
     value = float(value)
     if not math.isfinite(value) or not lo <= value <= hi:
-        raise SettingsError(name, f"{value} is out of range", f"{lo}..{hi}")
+        raise _invalid(name, f"{value} is out of range", f"{lo}..{hi}")
     return value
 
 
@@ -143,26 +148,24 @@ class GenerationSettings:
             put("shift", _as_float("shift", self.shift, *SHIFT_RANGE))
         put("seed", _as_int("seed", self.seed, *SEED_RANGE))
         if isinstance(self.resolution, bool) or self.resolution not in RESOLUTIONS:
-            raise SettingsError("resolution", f"unsupported value {self.resolution!r}", "480 or 720")
+            raise _invalid("resolution", f"unsupported value {self.resolution!r}", "480 or 720")
         put("resolution", int(self.resolution))
 
         frame_num = _as_int("frame_num", self.frame_num, *FRAME_NUM_RANGE)
         if (frame_num - 1) % VAE_TEMPORAL_STRIDE:
-            raise SettingsError(
-                "frame_num", f"{frame_num} is not of the form 4n+1", "5, 9, ..., 81, ..., 201"
-            )
+            raise _invalid("frame_num", f"{frame_num} is not of the form 4n+1", "5, 9, ..., 81, ..., 201")
         put("frame_num", frame_num)
         # Each clip must add at least 4 new frames (one latent frame), hence the upper bound.
         motion = _as_int("motion_frames", self.motion_frames, 1, frame_num - VAE_TEMPORAL_STRIDE)
         if (motion - 1) % VAE_TEMPORAL_STRIDE:
             # The motion latents are the first 1 + (m-1)//4 latent frames; 4k+1 keeps them exact.
-            raise SettingsError(
+            raise _invalid(
                 "motion_frames", f"{motion} is not of the form 4k+1", f"1, 5, 9, ..., {frame_num - 4}"
             )
         put("motion_frames", motion)
 
         if self.mode not in MODES:
-            raise SettingsError("mode", f"unsupported value {self.mode!r}", "'streaming' or 'clip'")
+            raise _invalid("mode", f"unsupported value {self.mode!r}", "'streaming' or 'clip'")
         put("max_frames", _as_int("max_frames", self.max_frames, frame_num, MAX_FRAMES_LIMIT))
         put("color_correction", _as_float("color_correction", self.color_correction, 0.0, 1.0))
 
@@ -171,13 +174,13 @@ class GenerationSettings:
                 "negative_prompt", f"expected text, got {type(self.negative_prompt).__name__}"
             )
         if len(self.negative_prompt) > NEGATIVE_PROMPT_MAX_CHARS:
-            raise SettingsError(
+            raise _invalid(
                 "negative_prompt",
                 f"{len(self.negative_prompt)} characters is too long",
                 f"at most {NEGATIVE_PROMPT_MAX_CHARS}",
             )
         if not isinstance(self.apg, bool):
-            raise SettingsError("apg", f"expected true or false, got {self.apg!r}", "true or false")
+            raise _invalid("apg", f"expected true or false, got {self.apg!r}", "true or false")
         put("apg_momentum", _as_float("apg_momentum", self.apg_momentum, *APG_MOMENTUM_RANGE))
         put(
             "apg_norm_threshold",
@@ -236,7 +239,7 @@ class GenerationSettings:
         known = [f.name for f in dataclasses.fields(cls)]
         for key in d:
             if key not in known:
-                raise SettingsError(str(key), "unknown setting", ", ".join(known))
+                raise _invalid(str(key), "unknown setting", ", ".join(known))
         return cls(**d)
 
 
@@ -268,9 +271,9 @@ def estimate_seconds(
     Returns clips * (steps * passes_per_step * step_time_s + clip_overhead_s).
     """
     if not (math.isfinite(audio_seconds) and audio_seconds >= 0):
-        raise SettingsError("audio_seconds", f"{audio_seconds!r} is not a valid duration", ">= 0")
+        raise _invalid("audio_seconds", f"{audio_seconds!r} is not a valid duration", ">= 0")
     if not (math.isfinite(step_time_s) and step_time_s >= 0):
-        raise SettingsError("step_time_s", f"{step_time_s!r} is not a valid time", ">= 0")
+        raise _invalid("step_time_s", f"{step_time_s!r} is not a valid time", ">= 0")
     frames = max(1, int(audio_seconds * FPS))
     clips = count_clips(frames, settings)
     return clips * (settings.steps * settings.passes_per_step * step_time_s + clip_overhead_s)

@@ -28,19 +28,16 @@ from typing import BinaryIO
 
 import numpy as np
 
+from common.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 SUBTITLE_FORMATS = ("srt", "vtt")
 _WRITE_CHUNK_FRAMES = 16
 
 
-class VideoIOError(ValueError):
+class VideoIOError(InputError):
     """Bad input to the video writer or an unreadable media file; ``field`` names the input."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)

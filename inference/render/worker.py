@@ -21,9 +21,12 @@ from typing import Any, Protocol
 
 import torch
 
-from inference.engine import Engine, JobContext, Message, Op, TensorSpec
-from inference.parallel import ParallelContext, check_heads, check_parallel_sizes
-from inference.pipeline import (
+from common.errors import InputError
+from inference.checkpoint.weights import WeightPaths
+from inference.parallel.context import ParallelContext
+from inference.parallel.engine import Engine, JobContext, Message, Op, TensorSpec
+from inference.parallel.layout import check_heads, check_parallel_sizes
+from inference.render.pipeline import (
     JobRequest,
     Prepared,
     RenderConfig,
@@ -31,9 +34,8 @@ from inference.pipeline import (
     clip_progress,
     denoise_clip,
 )
-from inference.sampler import Cancelled, ClipSpec
-from inference.settings import GenerationSettings
-from inference.weights import WeightPaths
+from inference.render.sampler import Cancelled, ClipSpec
+from inference.render.settings import GenerationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +54,8 @@ def setup_logging(rank: int, level: int | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-class StartupError(ValueError):
+class StartupError(InputError):
     """A flag or environment the service cannot honour; says what is supported."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"--{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)
@@ -277,8 +275,8 @@ class Runtime:
 
     @classmethod
     def start(cls, options: RuntimeOptions) -> Runtime:
-        from inference.parallelize import check_fsdp_mode, load_dit, report_memory
-        from inference.weights import make_tiny
+        from inference.checkpoint.weights import make_tiny
+        from inference.parallel.fsdp import check_fsdp_mode, load_dit, report_memory
 
         mode = check_fsdp_mode(options.dit_fsdp)
         world = int(os.environ.get("WORLD_SIZE", "1") or "1")
@@ -394,6 +392,6 @@ class _CollectingSink:
 
 
 def _num_heads(preset: str) -> int:
-    from inference.config import DiTConfig
+    from inference.model.config import DiTConfig
 
     return DiTConfig.preset(preset).num_heads

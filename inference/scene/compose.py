@@ -42,7 +42,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps, UnidentifiedImageError
 
-from inference.buckets import (
+from common.errors import InputError
+from inference.render.video_io import atomic_write
+from inference.scene.buckets import (
     DEFAULT_SCENE_ASPECT,
     SUPPORTED_SIZES,
     bucket_for_aspect,
@@ -50,7 +52,6 @@ from inference.buckets import (
     resize_and_center_crop,
     transform_box,
 )
-from inference.video_io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +83,9 @@ _TINTS = ((255, 140, 0), (0, 150, 255))
 _TINT_ALPHA = 0.38
 
 
-class SceneError(ValueError):
+class SceneError(InputError):
     """Bad scene input. ``field`` names the input ("left_image", "right_image", "scene_image", "boxes",
     "layout", "size", "aspect", "backdrop", "names")."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 # ----------------------------------------------------------------------------------------------------

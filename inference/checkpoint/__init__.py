@@ -1,0 +1,1 @@
+"""Weights: folder discovery and validation, streaming safetensors loading, and ``make-tiny``."""
