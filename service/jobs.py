@@ -47,6 +47,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from common.files import atomic_write_bytes
+
 logger = logging.getLogger(__name__)
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -416,7 +418,7 @@ class JobStore:
         try:
             inputs_dir.mkdir(parents=True, exist_ok=False)
             for name, data in files.items():
-                _atomic_write(inputs_dir / name, bytes(data))
+                atomic_write_bytes(inputs_dir / name, bytes(data))
             now = self._clock()
             with self._write() as conn:
                 (queued,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
@@ -752,15 +754,6 @@ class JobStore:
         except (sqlite3.Error, OSError) as exc:
             return False, f"job store not writable: {exc}"
         return True, "ok"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "xb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _row_to_job(row: sqlite3.Row, queue_position: int | None) -> Job:

@@ -17,16 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import soundfile as sf
 
+from common.files import atomic_write
 from tts.errors import TTSInputError, UnknownVoiceError
 
 if TYPE_CHECKING:
@@ -169,39 +167,18 @@ class Timeline:
             ("speaker2.wav", self.tracks[1]),
             ("mix.wav", self.mix),
         ):
-            written[name] = atomic_write(
-                out / name, lambda tmp, a=audio: _write_wav(tmp, a, self.sample_rate)
-            )
+            written[name] = atomic_write(out / name, lambda f, a=audio: _write_wav(f, a, self.sample_rate))
         for name, text in (
             ("subtitles.srt", self.to_srt()),
             ("subtitles.vtt", self.to_vtt()),
             ("timeline.json", self.to_json()),
         ):
-            written[name] = atomic_write(
-                out / name, lambda tmp, s=text: Path(tmp).write_text(s, encoding="utf-8")
-            )
+            written[name] = atomic_write(out / name, lambda f, s=text: f.write(s.encode("utf-8")))
         return written
 
 
-def _write_wav(path: str, audio: np.ndarray, rate: int) -> None:
-    sf.write(path, audio, rate, format="WAV", subtype="FLOAT")
-
-
-def atomic_write(path: Path, writer: Callable[[str], object]) -> Path:
-    """Call ``writer(tmp_path)`` on a temporary file beside ``path``, then rename it to ``path``.
-
-    A reader never sees a half-written file; the result is world-readable (0644).
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are served and muxed by other processes
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+def _write_wav(f: BinaryIO, audio: np.ndarray, rate: int) -> None:
+    sf.write(f, audio, rate, format="WAV", subtype="FLOAT")
 
 
 def _one_line(text: str) -> str:

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import torch
 
+from common.files import atomic_write
 from tts.engine import REPO_ID
-from tts.timeline import atomic_write
 from tts.voices import get_voice
 
 logger = logging.getLogger(__name__)
@@ -118,11 +118,11 @@ def _voice_pack(voice_id: str, seed: int) -> torch.Tensor:
 
 
 def _atomic_save(obj: object, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _marker(seed: int, voices: tuple[str, ...]) -> dict:

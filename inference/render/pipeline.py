@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common.errors import InputError
+from common.files import atomic_write, atomic_write_text
 from inference.checkpoint.weights import WeightPaths
 from inference.model.sp import NoParallel, SequenceParallelism
 from inference.render.sampler import (
@@ -504,8 +504,8 @@ class Renderer:
         progress(4, "composing the scene")
         t0 = time.monotonic()
         scene = self._scene(req, names)
-        scene.image.save(out_dir / "reference.png")
-        scene.overlay.save(out_dir / "overlay.png")
+        atomic_write(out_dir / "reference.png", lambda f: scene.image.save(f, format="PNG"))
+        atomic_write(out_dir / "overlay.png", lambda f: scene.overlay.save(f, format="PNG"))
         render_hw = render_size(scene.bucket, self.config.render_divisor)
         image = (
             scene.image if render_hw == scene.bucket else scene.image.resize(render_hw[::-1], Image.BICUBIC)
@@ -597,10 +597,8 @@ class Renderer:
         spill = prep.out_dir / FRAMES_SPILL_DIR
         spill.mkdir(exist_ok=True)
         path = spill / f"clip_{clip.index:04d}.npy"
-        tmp = spill / f".clip_{clip.index:04d}.npy.tmp"
-        with open(tmp, "wb") as f:  # written whole, then renamed: a crash never leaves half a clip
-            np.save(f, _to_uint8_frames(clip_new_frames(video, clip)))
-        os.replace(tmp, path)
+        frames = _to_uint8_frames(clip_new_frames(video, clip))
+        atomic_write(path, lambda f: np.save(f, frames))  # a crash never leaves half a clip
         prep.frame_files.append(path)
         if not clip.is_last:
             prep.motion = next_motion_frames(video, prep.settings.motion_frames).contiguous()
@@ -629,10 +627,11 @@ class Renderer:
             "settings": prep.settings.to_dict(),
             "scene": prep.scene.to_json(),
         }
-        (prep.out_dir / "render.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+        atomic_write_text(prep.out_dir / "render.json", json.dumps(meta, indent=1, ensure_ascii=False))
         names = [*OUTPUT_FILES, "render.json"]
         if self.config.save_frames:
-            np.save(prep.out_dir / FRAMES_FILE, np.concatenate(clips, axis=0))
+            frames = np.concatenate(clips, axis=0)
+            atomic_write(prep.out_dir / FRAMES_FILE, lambda f: np.save(f, frames))
             names.append(FRAMES_FILE)
         del clips
         shutil.rmtree(prep.out_dir / FRAMES_SPILL_DIR, ignore_errors=True)
@@ -673,7 +672,7 @@ def _resume_or_reset(prep: Prepared) -> None:
     if not done:
         shutil.rmtree(spill, ignore_errors=True)
         spill.mkdir(parents=True)
-        (spill / SPILL_STATE).write_text(json.dumps(state))
+        atomic_write_text(spill / SPILL_STATE, json.dumps(state))
         return
     last = np.load(done[-1], mmap_mode="r")
     motion = torch.from_numpy(np.array(last[-prep.settings.motion_frames :], dtype=np.float32))

@@ -20,15 +20,15 @@ import os
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
 from common.errors import InputError
+from common.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -226,22 +226,6 @@ def _check_subtitles(subtitles: Mapping[str, str] | None) -> dict[str, str]:
             raise VideoIOError("subtitles", f"subtitles[{key!r}] must be text, got {type(text).__name__}")
         out[fmt] = text
     return out
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write ``path`` through ``write(f)`` on a binary temp file beside it, fsync, then ``os.replace``, so
-    readers never see a partial file; the temp file is removed if anything fails."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are ordinary output files
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_video(

@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps, UnidentifiedImageError
 
 from common.errors import InputError
-from inference.render.video_io import atomic_write
+from common.files import atomic_write
 from inference.scene.buckets import (
     DEFAULT_SCENE_ASPECT,
     SUPPORTED_SIZES,
