@@ -113,7 +113,7 @@ def _prepare(text: str, language: str) -> str:
 
 # A $...$ span: the opening $ is followed by a non-space, the closing $ follows a non-space and is not
 # followed by a digit (pandoc's rule), so "$5 and $10" stays money.
-_MATH_SPAN_RE = re.compile(
+MATH_SPAN_RE = re.compile(
     r"\$\$(?P<display>.+?)\$\$|\\\((?P<paren>.+?)\\\)|\\\[(?P<bracket>.+?)\\\]"
     r"|\$(?P<inline>[^\s$](?:[^$]*?[^\s$])?)\$(?!\d)",
     re.DOTALL,
@@ -132,7 +132,7 @@ def _math(text: str, language: str) -> str:
         body = next(g for g in match.groups() if g is not None)
         return _spaced(speak_math(body, language), language)
 
-    text = _MATH_SPAN_RE.sub(span, text)
+    text = MATH_SPAN_RE.sub(span, text)
     text = _replace_latex_commands(text, language)
     text = _BARE_POWER_RE.sub(lambda m: _bare_power(m.group(0), language), text)
     text = _BARE_ROOT_RE.sub(lambda m: _spaced(speak_math(m.group(0), language), language), text)

@@ -8,7 +8,10 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("tags", "roles", "letters", "names", "free")
+# How a script marks its speakers (``Dialogue.labels``) ...
+LABEL_STYLES = ("tags", "roles", "letters", "names", "free")
+# ... and what ``Dialogue.format`` reports: the label style of a plain script, or its layout.
+FORMATS = (*LABEL_STYLES, "chat", "list", "screenplay")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class Turn:
     language: str  # "en" or "zh"
     pause_after: float  # seconds of explicit silence after this turn (0.0 if none)
     line: int  # 1-based line of the script where the turn starts
+    directions: tuple[str, ...] = ()  # stage directions, not spoken: ("smiling",), ("waves", "laughs")
 
 
 @dataclass(frozen=True)
@@ -37,12 +41,14 @@ class Dialogue:
 
     speakers: tuple[Speaker, Speaker]
     turns: tuple[Turn, ...]
-    format: str  # one of FORMATS: how the script marked its speakers
+    format: str  # one of FORMATS: the layout ("chat", "list", "screenplay") or, for a plain script, labels
+    labels: str = ""  # one of LABEL_STYLES: how speakers were marked ("" when built by hand: same as format)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``json.dumps(d.to_dict(), ensure_ascii=False)``)."""
         return {
             "format": self.format,
+            "labels": self.labels or self.format,
             "speakers": [{"index": s.index, "name": s.name} for s in self.speakers],
             "turns": [
                 {
@@ -52,6 +58,7 @@ class Dialogue:
                     "language": t.language,
                     "pause_after": t.pause_after,
                     "line": t.line,
+                    "directions": list(t.directions),
                 }
                 for t in self.turns
             ],
@@ -63,7 +70,7 @@ class ScriptLimits:
     """Bounds on what one script may ask for (the service's defaults; all must be positive)."""
 
     max_chars: int = 5000  # whole script, comments included
-    max_line_chars: int = 500  # one line
+    max_line_chars: int = 500  # the text of one turn on one line (a line may hold several turns)
     max_turns: int = 200
     max_pause_s: float = 10.0  # total explicit pause after one turn
 

@@ -148,6 +148,12 @@ def test_monologue_is_allowed() -> None:
         ("【停顿500毫秒】", 0.5),
         ("[break 3 seconds]", 3.0),
         ('<break time="1.2s"/>', 1.2),
+        ("[pause]", 0.5),  # no length: a short pause (SHORT_PAUSE_S)
+        ("(pause)", 0.5),
+        ("(pause 2s)", 2.0),
+        ("(beat)", 0.5),
+        ("…", 0.5),
+        ("...", 0.5),
     ],
 )
 def test_pause_forms_on_their_own_line(marker: str, seconds: float) -> None:
@@ -260,7 +266,7 @@ def test_too_many_turns() -> None:
 
 
 @pytest.mark.parametrize(
-    "marker", ["[pause]", "[pause abc]", "[pause 1.5min]", "[pause -1s]", "[停顿 一秒]", "[pause 1s"]
+    "marker", ["[pause abc]", "[pause 1.5min]", "[pause -1s]", "[停顿 一秒]", "[pause 1s", "[pause 1s 2s]"]
 )
 def test_malformed_pause_says_the_accepted_forms(marker: str) -> None:
     err = error_of(f"(s1) Hi.\n(s2) Hello {marker} there.")
@@ -345,7 +351,9 @@ def test_to_dict_is_json_ready() -> None:
         "language": "en",
         "pause_after": 1.0,
         "line": 1,
+        "directions": [],
     }
+    assert data["labels"] == "names"
 
 
 # ---------------------------------------------------------------- CLI
