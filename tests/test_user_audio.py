@@ -163,3 +163,34 @@ def test_cli_user_audio(tmp_path, capsys) -> None:
     (tmp_path / "bad.wav").write_bytes(b"nope")
     assert main(["--audio1", str(tmp_path / "bad.wav"), "--out", str(out)]) == 2
     assert "audio1" in capsys.readouterr().err
+
+
+def test_header_budget_refuses_before_decoding(tmp_path) -> None:
+    # 8 channels x 96 kHz x 1.5 s = 1.15 M values: over the 2 s budget (192 k values), refused unread.
+    path = tmp_path / "wide.flac"
+    sf.write(path, np.full((144_000, 8), 0.25, dtype=np.float32), 96_000, subtype="PCM_16")
+    with pytest.raises(AudioInputError, match=r"8 channel\(s\) x 96000 Hz x 1\.5 s") as info:
+        load_audio(path, "audio2", max_seconds=2)
+    assert info.value.field == "audio2"
+    # Negative control: the same file under a budget that holds it decodes.
+    assert load_audio(path, "audio2", max_seconds=13).size == 36_000
+
+
+def test_streamed_decode_matches_one_shot_resample_and_pyloudnorm(tmp_path) -> None:
+    import soxr
+
+    from tts.user_audio import integrated_loudness
+
+    rate = 44_100
+    data = speechlike(7.3, rate, channels=2)
+    data[:rate] = 0.0  # a silent second exercises the gates
+    sf.write(tmp_path / "v.wav", data, rate, subtype="FLOAT")
+    out = load_audio(tmp_path / "v.wav")
+    ref = np.asarray(soxr.resample(data.mean(axis=1), rate, SAMPLE_RATE, quality="HQ"), dtype=np.float32)
+    assert out.shape == ref.shape
+    ref *= 10 ** ((TARGET_LUFS - lufs(ref)) / 20)
+    np.testing.assert_allclose(out, ref, atol=2e-5)
+    for x in (ref, ref[: SAMPLE_RATE // 2 + 7], np.zeros(SAMPLE_RATE, dtype=np.float32)):
+        want = pyloudnorm.Meter(SAMPLE_RATE).integrated_loudness(x.astype(np.float64))
+        got = integrated_loudness(x, SAMPLE_RATE)
+        assert got == pytest.approx(want, abs=1e-9) or (math.isinf(got) and math.isinf(want))

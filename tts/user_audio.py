@@ -1,9 +1,17 @@
 """Bring your own audio: one or two recordings -> a ``Timeline`` like the TTS path produces.
 
 Each file is decoded (soundfile for wav/flac/mp3/ogg, PyAV for m4a and as a fallback), downmixed to
-mono, resampled to 24 kHz with soxr and loudness-normalised to -23 LUFS (pyloudnorm, ITU-R BS.1770),
-as upstream MultiTalk normalises its inputs. Audio shorter than one 400 ms measurement block, or
-quieter than the -70 LUFS absolute gate, is left at its level. Then:
+mono, resampled to 24 kHz with soxr and loudness-normalised to -23 LUFS (ITU-R BS.1770 integrated
+loudness, pyloudnorm's K-weighting filters), as upstream MultiTalk normalises its inputs. Audio shorter
+than one 400 ms measurement block, or quieter than the -70 LUFS absolute gate, is left at its level.
+
+Memory is bounded by the output, not by the file: a small file can declare hours of 8-channel 96 kHz
+audio. Before decoding, the header's rate x channels x seconds is held against a budget
+(``MAX_VALUES_PER_SECOND`` per second of the length limit: 48 kHz stereo or 96 kHz mono), and the
+decode streams block by block (downmix, then a streaming soxr resampler), so only the 24 kHz mono
+result is ever held whole; the decoder counts what it really gets, so a header that lies fails too.
+
+Then:
 
 - ``add``: person 1's recording, then person 2's (sequential; each listener track is silent meanwhile),
 - ``para``: both at once (the shorter one padded with silence),
@@ -14,7 +22,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +32,8 @@ from tts.errors import AudioInputError, TTSInputError
 from tts.timeline import Timeline, TurnTiming, min_length_samples
 
 logger = logging.getLogger(__name__)
+# The decoders (soundfile, PyAV, soxr, scipy, pyloudnorm) are imported where they are used: the API
+# process imports this module for its limits and should not load them until audio arrives.
 
 SAMPLE_RATE = 24_000
 TARGET_LUFS = -23.0
@@ -30,6 +42,22 @@ SILENCE_PEAK = 1e-4
 SUPPORTED_FORMATS = ("wav", "flac", "mp3", "m4a", "ogg")
 _SOUNDFILE_FORMATS = ("wav", "flac", "mp3", "ogg")
 AUDIO_MODES = ("add", "para")
+# Decoded sample values (rate x channels) allowed per second of the length limit: 48 kHz stereo or
+# 96 kHz mono. With the default 600 s limit a file may hold 57.6 M values; more is refused unread.
+MAX_VALUES_PER_SECOND = 96_000
+# Sample values per decoded block (frames x channels): 4 MiB of float32 at a time.
+_BLOCK_VALUES = 1 << 20
+# BS.1770: 400 ms gating blocks, 75 % overlap, -70 LUFS absolute gate, relative gate 10 LU below.
+_GATE_BLOCK_S = 0.4
+_GATE_STEP = 0.25
+_ABSOLUTE_GATE = -70.0
+_RELATIVE_GATE = -10.0
+_FILTER_CHUNK = 1 << 16
+
+
+def value_budget(max_seconds: float) -> int:
+    """Decoded sample values (frames x channels) one file may hold under ``max_seconds``."""
+    return int(max_seconds * MAX_VALUES_PER_SECOND)
 
 
 def _too_long(field: str, seconds: float, max_seconds: float) -> AudioInputError:
@@ -39,19 +67,107 @@ def _too_long(field: str, seconds: float, max_seconds: float) -> AudioInputError
     )
 
 
-def _decode_soundfile(path: Path, field: str, max_seconds: float) -> tuple[np.ndarray, int]:
-    """``([N, C] float32, rate)`` via libsndfile; raises ``RuntimeError``-family errors if it cannot."""
+def _check_header(
+    field: str, name: str, rate: int, channels: int, seconds: float | None, max_s: float
+) -> None:
+    """Refuse from the header alone: unusable rate/channels, too long, or too many values to decode."""
+    if rate <= 0 or channels <= 0:
+        raise AudioInputError(
+            field, f"{field} ({name}) declares {channels} channel(s) at {rate} Hz: not usable"
+        )
+    if seconds is None:
+        return
+    if seconds > max_s:
+        raise _too_long(field, seconds, max_s)
+    values = rate * channels * seconds
+    budget = value_budget(max_s)
+    if values > budget:
+        raise AudioInputError(
+            field,
+            f"{field} ({name}) holds {channels} channel(s) x {rate} Hz x {seconds:.1f} s = {values / 1e6:.1f} M "
+            f"samples; the limit is {budget / 1e6:.1f} M ({max_s:g} s of 48 kHz stereo); "
+            "send mono or stereo at 48 kHz or less",
+        )
+
+
+class _MonoSink:
+    """Streams ``[C, n]`` float32 blocks at ``rate`` into one 24 kHz mono track.
+
+    Each block is checked (finite), downmixed (channel mean) and resampled with a streaming soxr
+    resampler; frames are counted against the length limit and the value budget as they arrive.
+    """
+
+    def __init__(self, field: str, name: str, rate: int, channels: int, max_s: float, out_rate: int) -> None:
+        import soxr
+
+        self.field, self.name, self.rate, self.channels, self.max_s = field, name, rate, channels, max_s
+        self.frames = 0
+        self.peak = 0.0
+        self.chunks: list[np.ndarray] = []
+        self._max_frames = min(max_s * rate, value_budget(max_s) / channels)
+        self._stream = None if rate == out_rate else soxr.ResampleStream(rate, out_rate, 1, quality="HQ")
+
+    def add(self, block: np.ndarray) -> None:
+        """``block: [C, n]`` float32."""
+        if block.shape[1] == 0:
+            return
+        self.frames += block.shape[1]
+        if self.frames > self._max_frames + self.rate:  # one second of slack for codec padding
+            seconds = self.frames / self.rate
+            if seconds > self.max_s:
+                raise _too_long(self.field, seconds, self.max_s)
+            _check_header(self.field, self.name, self.rate, self.channels, seconds, self.max_s)
+        if not np.isfinite(block).all():
+            raise AudioInputError(self.field, f"{self.field} ({self.name}) contains NaN or infinite samples")
+        mono = block.mean(axis=0, dtype=np.float32) if block.shape[0] > 1 else block[0]
+        self.peak = max(self.peak, float(np.max(np.abs(mono))))
+        self._emit(mono, last=False)
+
+    def _emit(self, mono: np.ndarray, *, last: bool) -> None:
+        if self._stream is None:
+            out = np.array(mono, dtype=np.float32)
+        else:
+            out = self._stream.resample_chunk(np.ascontiguousarray(mono, dtype=np.float32), last=last)
+        if out.size:
+            self.chunks.append(np.asarray(out, dtype=np.float32))
+
+    def finish(self) -> np.ndarray:
+        """The whole track, ``[N]`` float32 at the output rate."""
+        if self._stream is not None and self.frames:
+            self._emit(np.zeros(0, dtype=np.float32), last=True)
+        out = np.concatenate(self.chunks) if self.chunks else np.zeros(0, dtype=np.float32)
+        self.chunks = []
+        return out
+
+
+def _decode_soundfile(path: Path, field: str, max_seconds: float, out_rate: int) -> _MonoSink:
+    """Stream via libsndfile; raises ``RuntimeError``-family errors if it cannot read the file."""
     import soundfile as sf
 
-    info = sf.info(str(path))
-    if info.samplerate > 0 and info.frames / info.samplerate > max_seconds:
-        raise _too_long(field, info.frames / info.samplerate, max_seconds)
-    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    return data, int(rate)
+    with sf.SoundFile(str(path)) as f:
+        rate, channels = int(f.samplerate), int(f.channels)
+        _check_header(field, path.name, rate, channels, f.frames / rate if rate > 0 else None, max_seconds)
+        sink = _MonoSink(field, path.name, rate, channels, max_seconds, out_rate)
+        for block in f.blocks(blocksize=max(1, _BLOCK_VALUES // channels), dtype="float32", always_2d=True):
+            sink.add(block.T)
+    return sink
 
 
-def _decode_pyav(path: Path, field: str, max_seconds: float) -> tuple[np.ndarray, int]:
-    """``([N, C] float32, rate)`` via FFmpeg (PyAV): m4a/aac and anything libsndfile cannot read."""
+def _pyav_blocks(container: Any, stream: Any) -> Iterator[np.ndarray]:
+    """``[C, n]`` float32 blocks of one PyAV audio stream."""
+    import av
+
+    # Planar float keeps the channels apart; rate and layout stay as decoded (soxr resamples later).
+    resampler = av.AudioResampler(format="fltp")
+    for frame in container.decode(stream):
+        for out in resampler.resample(frame):
+            yield out.to_ndarray().reshape(len(out.layout.channels), -1)
+    for out in resampler.resample(None):
+        yield out.to_ndarray().reshape(len(out.layout.channels), -1)
+
+
+def _decode_pyav(path: Path, field: str, max_seconds: float, out_rate: int) -> _MonoSink:
+    """Stream via FFmpeg (PyAV): m4a/aac and anything libsndfile cannot read."""
     import av
 
     with av.open(str(path)) as container:
@@ -63,40 +179,29 @@ def _decode_pyav(path: Path, field: str, max_seconds: float) -> tuple[np.ndarray
             seconds = float(stream.duration * stream.time_base)
         elif container.duration is not None:
             seconds = container.duration / av.time_base
-        if seconds is not None and seconds > max_seconds:
-            raise _too_long(field, seconds, max_seconds)
-        # Planar float keeps the channels apart; rate and layout stay as decoded (soxr resamples later).
-        resampler = av.AudioResampler(format="fltp")
-        blocks: list[np.ndarray] = []
-        rate = 0
-        count = 0
-        for frame in container.decode(stream):
-            for out in resampler.resample(frame):
-                rate = out.sample_rate
-                block = out.to_ndarray().reshape(len(out.layout.channels), -1)
-                blocks.append(block)
-                count += block.shape[1]
-            if rate and count > (max_seconds + 1) * rate:
-                raise _too_long(field, count / rate, max_seconds)
-        for out in resampler.resample(None):
-            blocks.append(out.to_ndarray().reshape(len(out.layout.channels), -1))
-    if not blocks or rate <= 0:
-        return np.zeros((0, 1), dtype=np.float32), max(rate, SAMPLE_RATE)
-    return np.concatenate(blocks, axis=1).T.astype(np.float32), int(rate)
+        rate = int(stream.codec_context.sample_rate or stream.rate or 0)
+        channels = int(stream.codec_context.channels or 0)
+        _check_header(field, path.name, rate, channels, seconds, max_seconds)
+        sink = _MonoSink(field, path.name, rate, channels, max_seconds, out_rate)
+        for block in _pyav_blocks(container, stream):
+            if block.shape[0] != channels:  # a stream whose layout changes mid-way: count what arrives
+                sink.channels = channels = max(channels, block.shape[0])
+            sink.add(block.astype(np.float32, copy=False))
+    return sink
 
 
-def _decode(path: Path, field: str, max_seconds: float) -> tuple[np.ndarray, int]:
+def _decode(path: Path, field: str, max_seconds: float, out_rate: int) -> _MonoSink:
     ext = path.suffix.lower().lstrip(".")
     errors: list[str] = []
     if ext in _SOUNDFILE_FORMATS:
         try:
-            return _decode_soundfile(path, field, max_seconds)
+            return _decode_soundfile(path, field, max_seconds, out_rate)
         except AudioInputError:
             raise
         except Exception as exc:  # libsndfile reports bad data as RuntimeError/LibsndfileError/TypeError
             errors.append(f"soundfile: {exc}")
     try:
-        return _decode_pyav(path, field, max_seconds)
+        return _decode_pyav(path, field, max_seconds, out_rate)
     except AudioInputError:
         raise
     except Exception as exc:  # FFmpegError and friends: the file is not decodable audio
@@ -108,31 +213,88 @@ def _decode(path: Path, field: str, max_seconds: float) -> tuple[np.ndarray, int
     )
 
 
-def loudness_normalize(audio: np.ndarray, rate: int, target_lufs: float = TARGET_LUFS) -> np.ndarray:
-    """Scale ``audio: [N]`` to ``target_lufs`` integrated loudness; returns it unchanged when it cannot
-    be measured (shorter than one 400 ms block, or fully below the -70 LUFS gate)."""
-    import pyloudnorm
+def _k_weighting(rate: int) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """BS.1770 K-weighting at ``rate`` as pyloudnorm builds it: ``[(b, a, passband_gain)]`` per stage."""
+    from pyloudnorm.iirfilter import IIRfilter
 
-    meter = pyloudnorm.Meter(rate)
-    if audio.size < math.ceil(meter.block_size * rate) + 1:
+    stages = (
+        IIRfilter(4.0, 1 / math.sqrt(2), 1500.0, rate, "high_shelf"),
+        IIRfilter(0.0, 0.5, 38.0, rate, "high_pass"),
+    )
+    return [(np.asarray(s.b, dtype=np.float64), np.asarray(s.a, dtype=np.float64), float(s.passband_gain))
+            for s in stages]  # fmt: skip
+
+
+def integrated_loudness(audio: np.ndarray, rate: int) -> float:
+    """Integrated gated loudness (LUFS) of mono ``audio: [N]``, measured in chunks.
+
+    The same measurement as ``pyloudnorm.Meter(rate).integrated_loudness`` (K-weighting, 400 ms blocks
+    with 75 % overlap, absolute and relative gates), but the filters run chunk by chunk with carried
+    state, so the extra memory is a few chunks instead of several float64 copies of the track.
+    Returns ``-inf`` when every block is below the gates.
+    """
+    from scipy.signal import lfilter
+
+    n = audio.shape[0]
+    block = _GATE_BLOCK_S * rate
+    count = int(np.round((n / rate - _GATE_BLOCK_S) / (_GATE_BLOCK_S * _GATE_STEP))) + 1
+    js = np.arange(count)
+    lower = (block * (js * _GATE_STEP)).astype(np.int64)
+    upper = np.minimum((block * (js * _GATE_STEP + 1)).astype(np.int64), n)
+    marks = np.unique(np.concatenate([lower, upper]))  # sorted sample indices where a prefix sum is needed
+    prefix = np.zeros(marks.size, dtype=np.float64)  # sum of squares of filtered audio[:mark]
+    stages = _k_weighting(rate)
+    states = [np.zeros(max(a.size, b.size) - 1) for b, a, _ in stages]
+    total = 0.0
+    m = 0
+    while m < marks.size and marks[m] == 0:
+        m += 1
+    for start in range(0, n, _FILTER_CHUNK):
+        x = audio[start : start + _FILTER_CHUNK].astype(np.float64)
+        for k, (b, a, gain) in enumerate(stages):
+            x, states[k] = lfilter(b, a, x, zi=states[k])
+            x *= gain
+        csum = np.cumsum(np.square(x))
+        end = start + x.size
+        while m < marks.size and marks[m] <= end:
+            prefix[m] = total + csum[marks[m] - start - 1]
+            m += 1
+        total += float(csum[-1])
+    at = {int(v): i for i, v in enumerate(marks)}
+    z = (prefix[[at[int(u)] for u in upper]] - prefix[[at[int(v)] for v in lower]]) / block
+    with np.errstate(divide="ignore"):
+        levels = -0.691 + 10.0 * np.log10(z)
+    above = levels >= _ABSOLUTE_GATE
+    if not above.any():
+        return -math.inf
+    relative = -0.691 + 10.0 * math.log10(float(np.mean(z[above]))) + _RELATIVE_GATE
+    gated = (levels > relative) & (levels > _ABSOLUTE_GATE)
+    if not gated.any():
+        return -math.inf
+    return -0.691 + 10.0 * math.log10(float(np.mean(z[gated])))
+
+
+def loudness_normalize(audio: np.ndarray, rate: int, target_lufs: float = TARGET_LUFS) -> np.ndarray:
+    """Scale ``audio: [N]`` float32 to ``target_lufs`` integrated loudness, in place; returns it unchanged
+    when it cannot be measured (shorter than one 400 ms block, or fully below the -70 LUFS gate)."""
+    if audio.size < math.ceil(_GATE_BLOCK_S * rate) + 1:
         return audio
-    loudness = meter.integrated_loudness(audio.astype(np.float64))
-    if not math.isfinite(loudness) or loudness < -70.0:
+    loudness = integrated_loudness(audio, rate)
+    if not math.isfinite(loudness) or loudness < _ABSOLUTE_GATE:
         return audio
-    gain = 10.0 ** ((target_lufs - loudness) / 20.0)
-    return (audio * gain).astype(np.float32)
+    audio *= np.float32(10.0 ** ((target_lufs - loudness) / 20.0))
+    return audio
 
 
 def load_audio(
     path: Path | str, field: str = "audio1", *, max_seconds: float = 600.0, sample_rate: int = SAMPLE_RATE
 ) -> np.ndarray:
-    """Decode, downmix, resample and loudness-normalise one recording.
+    """Decode, downmix, resample and loudness-normalise one recording, streaming.
 
     Returns ``audio: [N]`` float32 at ``sample_rate``. Raises ``AudioInputError`` (``.field == field``)
-    for a missing, empty, unsupported, corrupt, silent or too-long file.
+    for a missing, empty, unsupported, corrupt, silent or too-long file, or one whose rate x channels x
+    length is over the decode budget (``value_budget(max_seconds)``).
     """
-    import soxr
-
     path = Path(path)
     ext = path.suffix.lower().lstrip(".")
     if ext not in SUPPORTED_FORMATS:
@@ -144,21 +306,16 @@ def load_audio(
         raise AudioInputError(field, f"{field}: file not found: {path}")
     if path.stat().st_size == 0:
         raise AudioInputError(field, f"{field} ({path.name}) is an empty file")
-    data, rate = _decode(path, field, max_seconds)
-    if data.size == 0:
+    sink = _decode(path, field, max_seconds, sample_rate)
+    if sink.frames == 0:
         raise AudioInputError(field, f"{field} ({path.name}) contains no audio samples")
-    if not np.isfinite(data).all():
-        raise AudioInputError(field, f"{field} ({path.name}) contains NaN or infinite samples")
-    seconds = data.shape[0] / rate
+    seconds = sink.frames / sink.rate
     if seconds > max_seconds:
         raise _too_long(field, seconds, max_seconds)
-    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
-    if float(np.max(np.abs(mono))) <= SILENCE_PEAK:
+    if sink.peak <= SILENCE_PEAK:
         raise AudioInputError(field, f"{field} ({path.name}) is silent: there is no speech to animate")
-    if rate != sample_rate:
-        mono = np.asarray(soxr.resample(mono, rate, sample_rate, quality="HQ"), dtype=np.float32)
-    out = loudness_normalize(np.ascontiguousarray(mono, dtype=np.float32), sample_rate)
-    logger.info("%s: %s, %.2f s at %d Hz, %d channel(s)", field, path.name, seconds, rate, data.shape[1])
+    out = loudness_normalize(sink.finish(), sample_rate)
+    logger.info("%s: %s, %.2f s at %d Hz, %d channel(s)", field, path.name, seconds, sink.rate, sink.channels)
     return out
 
 
