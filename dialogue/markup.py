@@ -71,7 +71,7 @@ TEXT_MARK_RE = re.compile(
     rf"|[(（]\s*(?P<rword>{_PAUSE_WORDS}|(?i:beat)(?![A-Za-z]))(?P<rbody>[^()（）\n]*)[)）]"
     r"|(?P<ellipsis>(?<!\S)(?:…|\.\.\.)(?!\S))"
     r"|(?<![\w*])\*(?P<star>[^\W\d_][^*\n]{0,79}?)(?<!\s)\*(?![\w*])"
-    r"|(?<![A-Za-z0-9_])[(（](?P<round>[^()（）\n]{1,80})[)）]"
+    r"|(?<![A-Za-z0-9_])\((?P<round>[^()（）\n]{1,80})[)）]|（(?P<wide>[^()（）\n]{1,80})[)）]"
     r"|[\[［【](?P<square>[^\]］】\[［【\n]{1,80})[\]］】]"
     r"|<(?P<angle>[A-Za-z][^<>\n]{0,79})>",
     re.DOTALL,
@@ -224,14 +224,14 @@ def direction_of(match: re.Match[str]) -> str:
         return (match.group("rword") + match.group("rbody")).strip()
     if TAG_RE.fullmatch(match.group(0)):
         return ""  # "[s1]" is a speaker tag
-    for kind in ("star", "round", "square", "angle"):
+    for kind in ("star", "round", "wide", "square", "angle"):
         body = match.group(kind)
         if body is None:
             continue
         body = _SPACES_RE.sub(" ", body).strip()
         if not body or not (body[0].isalpha() or _CJK_RE.match(body[0])):
             return ""  # "[1]", "( see above)" ... stay text
-        if kind == "round" and (_NOT_PROSE_RE.search(body) or (len(body) < 2 and body.isascii())):
+        if kind in ("round", "wide") and (_NOT_PROSE_RE.search(body) or (len(body) < 2 and body.isascii())):
             return ""  # "(x + 1)", "(2024)", "(a)": maths, numbers and enumerations are read
         return body
     return ""

@@ -179,8 +179,8 @@ class _Builder:
         if line.kind == "notice":
             logger.info("line %d: a chat notice without a sender, skipped: %.60s", number, text)
             return
-        self._check_length(number, text)
         if line.kind == "action":
+            self._check_length(number, text)
             self.pending.append(_WS_RE.sub(" ", text))
             return
         if line.label is not None:
