@@ -8,6 +8,9 @@ label formats of ``dialogue.script`` apply:
   Android), ``[10:01] <alice> hi`` (IRC). The timestamp goes; a line without one continues the message
   before it; a timestamped line without a sender ("Messages are end-to-end encrypted") is a notice of
   the app and is skipped. The first line must carry a timestamp and at least one message a sender.
+  Copies that put the sender and time on a line of their own above the message are chats too:
+  ``Alice, [29.11.2026 10:01]`` (Telegram), ``Alice — Today at 10:01 AM`` (Discord), ``Alice  10:01 AM``
+  (Slack); the message runs until the next such line.
 - ``list``: every item starts with ``-``, ``*``, ``+``, ``•``, ``–``, ``—``, ``1.``, ``1)`` or ``1、``; the marker
   goes, and a line without one continues the item. The first line and at least two lines carry one.
 - ``screenplay``: a name alone on its line (``ALICE``, ``DR. SMITH (V.O.)``, ``Alice``), then what that
@@ -40,6 +43,17 @@ _LOOSE_SENDER_RE = re.compile(
     r"(?P<name>\+?\d[\d \-()]{5,20}\d|[^\W\d_][^:：\d\n]{0,39}?)\s*(?:：|:(?!//))\s*"
 )
 _MAX_SENDER_WORDS = 5
+# A header line above the message: "Alice, [29.11.2026 10:01]" (Telegram), "Alice — Today at 10:01 AM"
+# (Discord), "Alice  10:01 AM" (Slack, two spaces). The separator or the brackets are required, so that a
+# sentence ending in a time ("We meet at 10:30") is not a header.
+_HEADER_RE = re.compile(
+    r"(?P<name>[^\W\d_][^\n\[\]［］:：]{0,39}?)"
+    r"(?:\s*,\s*|\s+[—–-]\s+|\s{2,}|\s*(?=[\[［]))"
+    rf"(?:[\[［]\s*{STAMP}\s*[\]］]|(?:(?i:today|yesterday)(?:\s+at)?\s+)?{STAMP})"
+)
+_TIME_WORDS = frozenset(
+    {"at", "by", "until", "till", "around", "from", "to", "before", "after", "since", "about", "on"}
+)
 _LIST_RE = re.compile(r"(?:[-*+•‣◦–—]\s+|\d{1,3}[.)]\s+|\d{1,3}、\s*)")
 # "ALICE", "DR. SMITH", "Mary Jane (V.O.)", "BOB (smiling)": a name, then at most two parentheticals.
 _SCREEN_NAME_RE = re.compile(
@@ -81,7 +95,8 @@ class Source:
 
 def arrange(lines: Sequence[Source]) -> tuple[str, list[Line]]:
     """The script's layout (one of LAYOUTS) and its lines with the layout taken off."""
-    for layout, arranger in (("chat", _chat), ("list", _list), ("screenplay", _screenplay)):
+    arrangers = (("chat", _chat), ("chat", _chat_headers), ("list", _list), ("screenplay", _screenplay))
+    for layout, arranger in arrangers:
         arranged = arranger(lines)
         if arranged is not None:
             logger.debug("layout %s", layout)
@@ -128,6 +143,36 @@ def _chat(lines: Sequence[Source]) -> list[Line] | None:
 
 def _stamped(label: Label) -> Label:
     return Label(label.kind, label.written, label.number, 0, label.directions, True)
+
+
+def chat_header(text: str) -> str | None:
+    """The sender of a header line ("Alice, [29.11.2026 10:01]", "Alice — Today at 10:01 AM"), else None."""
+    match = _HEADER_RE.fullmatch(text)
+    if match is None:
+        return None
+    name = match.group("name").strip()
+    words = name.split()
+    if len(words) > _MAX_SENDER_WORDS or words[-1].casefold() in _TIME_WORDS:
+        return None  # "We meet at - 10:30" is a sentence
+    if len(words) > 1 and not all(word[0].isupper() or word in _NAME_PARTICLES for word in words):
+        return None  # "See you, 10:30" is a sentence; "Jane Doe, [10:30]" is a sender
+    return name
+
+
+def _chat_headers(lines: Sequence[Source]) -> list[Line] | None:
+    """Messages under a header line with the sender and the time (Telegram, Discord, Slack copies)."""
+    senders = [chat_header(s.text) for s in lines]
+    found = [i for i, name in enumerate(senders) if name is not None]
+    if not found or found[0] != 0 or len({senders[i].casefold() for i in found}) < 2:  # type: ignore[union-attr]
+        return None  # two people write in a chat; one header line over prose is a sentence
+    if any(i + 1 < len(lines) and senders[i + 1] is not None for i in found):
+        return None  # a header is followed by its message, not by another header
+    return [
+        Line(s.number, "", item=True, label=Label("name", name, None, 0, (), True))
+        if name is not None
+        else Line(s.number, s.text)
+        for s, name in zip(lines, senders, strict=True)
+    ]
 
 
 # ---------------------------------------------------------------- lists

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -16,7 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from dialogue import SHORT_PAUSE_S, Dialogue, ScriptError, ScriptLimits, Speaker, Turn, parse_script
+from dialogue import (
+    FORMATS,
+    LABEL_STYLES,
+    SHORT_PAUSE_S,
+    Dialogue,
+    ScriptError,
+    ScriptLimits,
+    Speaker,
+    Turn,
+    parse_script,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "tests" / "scripts"
@@ -51,6 +62,7 @@ def test_the_corpus_has_every_shape() -> None:
         "chat_brackets",
         "chat_leading_time",
         "chat_name_time",
+        "chat_headers",
         "whatsapp_ios",
         "whatsapp_android",
         "bullets",
@@ -134,6 +146,7 @@ def test_cli_prints_the_format_and_the_directions() -> None:
         ("1. Alice: hi\n2. Bob: hey\n3. Carol: me too", 3),
         ("Alice (whispering): hi\nBob: hey\nCarol (shouting): me too", 3),
         ("Alice (10:01): hi\nBob (10:02): hey\nCarol (10:03): me too", 3),
+        ("Alice, [29.11.2026 10:01]\nhi\nBob, [29.11.2026 10:02]\nhey\nCarol, [29.11.2026 10:03]\nyo", 5),
     ],
 )
 def test_a_third_speaker_is_an_error_naming_the_line(script: str, line: int) -> None:
@@ -191,6 +204,29 @@ def test_chat_senders_the_name_label_does_not_take() -> None:
     d = parse_script("[10:01] +49 151 2345678: hi\n[10:02] mom ❤️: hello")
     assert [s.name for s in d.speakers] == ["+49 151 2345678", "mom ❤️"]
     assert [t.text for t in d.turns] == ["hi", "hello"]
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "Alice — Today at 10:01 AM\nhi there\nBob — Today at 10:02 AM\nhello\nand welcome",  # Discord
+        "Alice  10:01 AM\nhi there\nBob  10:02 AM\nhello\nand welcome",  # Slack
+        "Alice, [29.11.2026 10:01]\nhi there\n\nBob, [29.11.2026 10:02]\nhello\nand welcome",  # Telegram
+    ],
+)
+def test_chat_copies_with_a_header_line_per_message(script: str) -> None:
+    d = parse_script(script)
+    assert d.format == "chat" and [s.name for s in d.speakers] == ["Alice", "Bob"]
+    assert [(t.speaker, t.text) for t in d.turns] == [(0, "hi there"), (1, "hello and welcome")]
+
+
+@pytest.mark.parametrize(
+    "script",
+    ["We meet at - 10:30\nsure\nOr at - 11:00\nfine", "See you, 10:30\nOk\nSee you, 11:00\nok"],
+)
+def test_sentences_ending_in_a_time_are_not_chat_headers(script: str) -> None:
+    d = parse_script(script)
+    assert d.format == "free" and len(d.turns) == 4
 
 
 def test_bullets_without_names_alternate_and_say_so() -> None:
@@ -273,3 +309,27 @@ def test_turn_and_dialogue_keep_their_old_constructors() -> None:
     assert turn.directions == ()
     d = Dialogue((Speaker(0, "A"), Speaker(1, "B")), (turn,), "free")
     assert d.to_dict()["labels"] == "free" and d.to_dict()["turns"][0]["directions"] == []
+
+
+def test_random_shaped_scripts_raise_only_script_errors() -> None:
+    """Pieces of every shape, shuffled: a ScriptError or a usable Dialogue, never a traceback."""
+    pieces = ["ALICE\n", "Bob\n", "\n\n", "[10:01] ", "10:01 ", "29/11/2026, 10:01 - ", "[29/11/2026, 10:01:02] ",
+              "Alice: ", "Bob (smiling): ", "Carol: ", "- ", "* ", "• ", "1. ", "2) ", "(s1) ", "(s2) ", "*waves*",
+              "(pause)", "[pause]", "(beat)", " … ", " ... ", "[laughs]", "（笑）", "<Media omitted>", "(V.O.)",
+              "hello", "你好", "$f(x)$", "(x + 1)", "f(x)", "Alice, [29.11.2026 10:01]\n", "<alice> ", "(10:01)",
+              "\u200e", "(pause 2s)", "(pause for effect)", "INT. HOUSE - DAY\n", "# note\n", ":", "(", ")", "*"]  # fmt: skip
+    rng = random.Random(4321)
+    parsed = 0
+    for _ in range(400):
+        script = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 20)))
+        try:
+            d = parse_script(script)
+        except ScriptError as err:
+            assert err.message and (err.line is None or err.line >= 1)
+            continue
+        parsed += 1
+        assert d.format in FORMATS and d.labels in LABEL_STYLES
+        for turn in d.turns:
+            assert turn.speaker in (0, 1) and turn.text and turn.speech_text
+            assert all(isinstance(x, str) and x for x in turn.directions)
+    assert parsed > 20
