@@ -1,4 +1,6 @@
-"""``python -m dialogue FILE`` (or ``-`` for stdin): print the parsed dialogue as JSON.
+"""``python -m dialogue FILE`` (or ``-`` for stdin): print the parsed dialogue as JSON: the detected
+``format`` (tags, roles, letters, names, free, chat, list, screenplay) and ``labels``, the speakers, and
+each turn's ``text`` (subtitle), ``speech_text`` (what is said), ``directions``, ``pause_after`` and ``line``.
 
 Exit status: 0 on success, 2 when the script is invalid or the file cannot be read (message on stderr,
 ``error: line N: ...`` when the line is known).
@@ -37,7 +39,8 @@ def _read(path: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dialogue",
-        description="Parse a two-person dialogue script and print it as JSON (speakers, turns, speech text).",
+        description="Parse a two-person dialogue script and print it as JSON (detected format, speakers, "
+        "turns with speech text and directions).",
     )
     parser.add_argument("file", help="script file (UTF-8), or - to read standard input")
     defaults = ScriptLimits()

@@ -55,9 +55,9 @@ _TIME_WORDS = frozenset(
     {"at", "by", "until", "till", "around", "from", "to", "before", "after", "since", "about", "on"}
 )
 _LIST_RE = re.compile(r"(?:[-*+•‣◦–—]\s+|\d{1,3}[.)]\s+|\d{1,3}、\s*)")
-# "ALICE", "DR. SMITH", "Mary Jane (V.O.)", "BOB (smiling)": a name, then at most two parentheticals.
+# "ALICE", "DR. SMITH", "GUARD 2", "Mary Jane (V.O.)", "BOB (smiling)": a name, at most two parentheticals.
 _SCREEN_NAME_RE = re.compile(
-    r"(?P<name>[^\W\d_](?:[\w.'’ -]{0,30}[^\W\d_])?)(?P<ext>(?:\s*[(（][^()（）\n]{1,40}[)）]){0,2})"
+    r"(?P<name>[^\W\d_](?:[\w.'’ -]{0,30}[^\W\d_])?(?: \d{1,2})?)(?P<ext>(?:\s*[(（][^()（）\n]{1,40}[)）]){0,2})"
 )
 _EXT_RE = re.compile(r"[(（](?P<body>[^()（）\n]{1,40})[)）]")
 _CONTD_RE = re.compile(r"(?i:cont(?:['’]?d|inued|\.)|more)")
@@ -200,7 +200,9 @@ def screen_name(text: str) -> tuple[str, tuple[str, ...], bool] | None:
     words = name.split()
     if len(words) > _MAX_SCREEN_NAME_WORDS or _SCENE_RE.match(name):
         return None
-    if any(not word[0].isalpha() for word in words):
+    if any(not word[0].isalpha() for word in words[:-1]) or not (
+        words[-1][0].isalpha() or words[-1].isdigit()
+    ):
         return None  # "INT. KITCHEN - DAY"
     capitals = name.upper() == name and name.lower() != name
     titled = all(word[0].isupper() or word in _NAME_PARTICLES for word in words)
