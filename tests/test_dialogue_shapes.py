@@ -229,6 +229,16 @@ def test_sentences_ending_in_a_time_are_not_chat_headers(script: str) -> None:
     assert d.format == "free" and len(d.turns) == 4
 
 
+def test_screenplay_names_that_are_roles_letters_or_numbered() -> None:
+    d = parse_script("SPEAKER 2\nHi.\n\nSPEAKER 1\nHello.")
+    assert (d.format, d.labels) == ("screenplay", "roles")
+    assert [(t.speaker, t.text) for t in d.turns] == [(1, "Hi."), (0, "Hello.")]
+    d = parse_script("B\nHi.\n\nA\nHello.")
+    assert (d.labels, [t.speaker for t in d.turns]) == ("letters", [1, 0])
+    d = parse_script("GUARD 1\nHalt!\n\nGUARD 2 (O.S.)\nWho goes there?")
+    assert [s.name for s in d.speakers] == ["GUARD 1", "GUARD 2"] and d.turns[1].directions == ("O.S.",)
+
+
 def test_bullets_without_names_alternate_and_say_so() -> None:
     d = parse_script("• hi\n• hello\n  and welcome\n• how are you")
     assert (d.format, d.labels) == ("list", "free")
