@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FSDP2 for the DiT: off (replicated), full (reshard after forward), keep")  # fmt: skip
     p.add_argument("--t5_fsdp", action="store_true", help="refused: T5 runs on rank 0 only")
     p.add_argument("--t5_cpu", action="store_true", help="keep T5 on the CPU")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when torch "
+                   "finds a GPU; the 14B preset refuses a CPU fallback unless --device cpu)")  # fmt: skip
     p.add_argument("--offload_model", type=_bool, default=None, help="refused when true: not implemented")
     p.add_argument("--num_persistent_param_in_dit", type=int, default=None, help="refused: not implemented")
     p.add_argument("--frame_num", type=int, default=None, help="frames per clip (4n+1, default 81)")
@@ -246,10 +248,12 @@ def _versions() -> dict[str, str]:
 @record
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from inference.parallel.host import configure_cpu_threads
     from inference.render.worker import Runtime, RuntimeOptions, setup_logging
 
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
+    configure_cpu_threads()  # torchrun leaves OMP_NUM_THREADS=1: rank 0's CPU work would get one thread
     torch.set_grad_enabled(False)
     if args.selftest:
         return _selftest()
@@ -259,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         weights = args.weights or (args.ckpt_dir.parent if args.ckpt_dir else None)
         runtime = Runtime.start(RuntimeOptions(preset=args.preset, weights=weights,
                                                ulysses_size=args.ulysses_size, ring_size=args.ring_size,
-                                               dit_fsdp=args.dit_fsdp, t5_cpu=args.t5_cpu))  # fmt: skip
+                                               dit_fsdp=args.dit_fsdp, t5_cpu=args.t5_cpu,
+                                               device=args.device))  # fmt: skip
     except ValueError as exc:  # a start-up error the user can fix: say it, no traceback
         if rank == 0:
             print(f"error: {_flag_message(exc)}", file=sys.stderr)

@@ -149,15 +149,35 @@ def _build_loaded(
     device: str | torch.device,
     dtype: torch.dtype,
 ) -> torch.nn.Module:
-    """Build a library model on the meta device, assign ``sd`` cast to ``dtype`` (a tensor stored under two
-    keys stays one tensor), then move it to ``device`` in eval mode without gradients."""
+    """Build a library model on the meta device, assign ``sd`` cast to ``dtype``, tie the keys that name one
+    tensor in ``sd`` into one Parameter, then move it to ``device`` in eval mode without gradients."""
     cast: dict[int, torch.Tensor] = {}
     for t in sd.values():
         if id(t) not in cast:
             cast[id(t)] = t.to(dtype)
     model = _meta_init(build)
     _load_into(model, {k: cast[id(t)] for k, t in sd.items()}, field)
+    _tie_shared(model, sd)
     return _finish(model, torch.device(device), dtype)
+
+
+def _tie_shared(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
+    """Make every parameter key that names the same tensor in ``sd`` one ``Parameter`` (the first key's).
+
+    ``load_state_dict(assign=True)`` wraps each key's tensor in its own Parameter: two Parameters over one
+    storage, which ``model.to(device or dtype)`` copies apart (T5's 256k x 4096 token embedding, stored as
+    ``shared.weight`` and ``encoder.embed_tokens.weight``, would take 2.1 GB twice on the GPU). Call it
+    after loading and before any move."""
+    first: dict[int, str] = {}
+    for key, t in sd.items():
+        owner = first.setdefault(id(t), key)
+        if owner == key:
+            continue
+        module_path, _, name = key.rpartition(".")
+        module = model.get_submodule(module_path)
+        if not isinstance(getattr(module, name, None), torch.nn.Parameter):
+            continue  # a buffer stored twice is copied like any buffer; only parameters are tied
+        setattr(module, name, model.get_parameter(owner))
 
 
 def _finish(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

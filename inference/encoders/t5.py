@@ -95,7 +95,8 @@ def t5_wan_to_hf(sd: Mapping[str, torch.Tensor], field: str = "t5_checkpoint") -
         raise EncoderError(field, f"unknown keys in the T5 checkpoint, e.g. {extra[:3]}")
     out = _rename(sd, table, field)
     emb = _require(sd, "token_embedding.weight", field)
-    out["shared.weight"] = emb  # the same tensor twice: HF ties shared and encoder.embed_tokens
+    # The same tensor under both keys: ``_build_loaded`` ties them into one Parameter before any move.
+    out["shared.weight"] = emb
     out["encoder.embed_tokens.weight"] = emb
     return out
 

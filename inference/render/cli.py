@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ulysses_size", type=int, default=None, help="default: the world size")
     p.add_argument("--dit_fsdp", choices=("off", "full", "keep"), default="off")
     p.add_argument("--t5_cpu", action="store_true")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when torch "
+                   "finds a GPU; the 14B preset refuses a CPU fallback unless --device cpu)")  # fmt: skip
     p.add_argument(
         "--save_frames",
         type=Path,
@@ -93,7 +95,10 @@ def _load_job(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from inference.parallel.host import configure_cpu_threads
     from inference.render.worker import Runtime, RuntimeOptions, setup_logging
+
+    configure_cpu_threads()  # torchrun leaves OMP_NUM_THREADS=1: rank 0's CPU work would get one thread
 
     req = None
     if int(os.environ.get("WORLD_SIZE", "1") or "1") == 1:
@@ -113,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 ulysses_size=args.ulysses_size,
                 dit_fsdp=args.dit_fsdp,
                 t5_cpu=args.t5_cpu,
+                device=args.device,
                 save_frames=args.save_frames is not None,
             )
         )

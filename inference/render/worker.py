@@ -25,6 +25,7 @@ from common.errors import InputError
 from inference.checkpoint.weights import WeightPaths
 from inference.parallel.context import ParallelContext
 from inference.parallel.engine import Engine, JobContext, Message, Op, TensorSpec
+from inference.parallel.host import HostGpus, device_free_bytes, resolve_device
 from inference.parallel.layout import check_heads, check_parallel_sizes
 from inference.render.pipeline import (
     JobRequest,
@@ -137,7 +138,7 @@ class DialogueWorker:
         # The head count versus the rank count is refused at start-up (Runtime.start); what can change
         # between jobs is free device memory.
         if self.ctx.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.ctx.device)
+            free = device_free_bytes(self.ctx.device)  # cached blocks count as free
             need = int(msg.settings.get("min_free_bytes", 0))
             if free < need:
                 return f"only {free / 2**30:.1f} GiB free on {self.ctx.device}, need {need / 2**30:.1f} GiB"
@@ -284,11 +285,12 @@ class Runtime:
         check_parallel_sizes(world, ulysses, options.ring_size, _num_heads(options.preset))
         if mode != "off" and world == 1:
             logger.info("--dit_fsdp %s on one process: nothing to shard, the model is loaded whole", mode)
+        device = resolve_device(options.preset, options.device, HostGpus.probe())
         paths = WeightPaths.under(options.weights_root)
         if options.preset == "tiny" and options.make_tiny and int(os.environ.get("RANK", "0")) == 0:
             make_tiny(paths.root)  # idempotent; other ranks wait for it at the rendezvous below
         ctx = ParallelContext.from_env(
-            device=options.device,
+            device=device,
             data_timeout=options.data_timeout_s,
             control_timeout=options.control_timeout_s,
         )
