@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference.scene import buckets
+from inference.scene import buckets, compose
 from inference.scene.compose import (
     MAX_CONTAINMENT,
     Scene,
@@ -449,3 +449,42 @@ def test_cli_scene_with_boxes(tmp_path, capsys):
     rc = main(["--scene", str(tmp_path / "s.png"), "--boxes", str(boxes_file), "--out", str(tmp_path / "o2")])
     assert rc == 2
     assert "boxes" in capsys.readouterr().err
+
+
+def test_load_image_16bit_grey_is_scaled_in_8_bits():
+    grey = Image.fromarray(np.full((300, 260), 40000, dtype=np.uint16))
+    img = load_image(png_bytes(grey), "left_image")
+    assert img.mode == "RGB" and set(np.unique(np.asarray(img))) == {round(40000 / 65535 * 255)}
+    low = Image.fromarray(np.full((300, 260), 200, dtype=np.uint16))  # 16-bit container, 8-bit data
+    assert set(np.unique(np.asarray(load_image(png_bytes(low), "left_image")))) == {255}
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_working_size_reduction_same_geometry_on_every_path(fmt, tmp_path):
+    assert compose.reduction_factor(5000, 8000, 2048) == 2 and compose.reduction_factor(4095, 9000, 2048) == 1
+    assert compose.reduction_factor(600, 601, 150) == 4 and compose.reduction_factor(600, 601, None) == 1
+    path = tmp_path / f"p.{fmt.lower()}"
+    portrait(601, 803).save(path, format=fmt, quality=95)
+    small = load_image(path, "left_image", min_short_side=150)  # JPEG: DCT scaling; PNG: box reduce
+    assert small.size == (151, 201) and small.mode == "RGB"
+    full = np.asarray(load_image(path, "left_image"), dtype=np.float32)
+    ref = full[:800, :600].reshape(200, 4, 150, 4, 3).mean(axis=(1, 3))
+    assert np.abs(np.asarray(small, dtype=np.float32)[:200, :150] - ref).mean() < 4
+    # Negative control: a different picture is far from it.
+    assert np.abs(np.asarray(small, dtype=np.float32)[:200, :150] - ref[::-1]).mean() > 4
+    # A decoded image and the file reduce to the same size, so validation and the engine agree.
+    assert load_image(path, "left_image", min_short_side=150).size == small.size
+    assert compose._as_rgb_image(Image.open(path), "left_image", 150).size == small.size
+
+
+def test_load_image_reduction_keeps_exif_orientation(tmp_path):
+    a = np.zeros((600, 800, 3), np.uint8)  # stored 800 wide x 600 high, left half red
+    a[:, :400] = (255, 0, 0)
+    a[:, 400:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rot.jpg"
+    Image.fromarray(a).save(path, format="JPEG", exif=exif.tobytes(), quality=95)
+    out = np.asarray(load_image(path, "left_image", min_short_side=300))
+    assert out.shape == (400, 300, 3)
+    assert out[:150, :, 0].mean() > 200 and out[250:, :, 2].mean() > 200

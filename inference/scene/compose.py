@@ -79,6 +79,15 @@ _PANEL_HEIGHT = 0.92
 _PANEL_GAP = 0.02
 _FEATHER = 0.06
 
+# Image loading: greyscale modes wider than 8 bits, pixels per row strip when converting to 8-bit
+# RGB, the EXIF orientation tag.
+_WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+_STRIP_PIXELS = 1 << 20
+_EXIF_ORIENTATION = 0x0112
+# Working size of a portrait: no bucket side is longer than 2048 px (720, 0.22), so a portrait whose
+# short side stays at least this long loses nothing when it is reduced before composing.
+PORTRAIT_SHORT_SIDE = 2048
+
 _TINTS = ((255, 140, 0), (0, 150, 255))
 _TINT_ALPHA = 0.38
 
@@ -121,18 +130,17 @@ def _check_dimensions(width: int, height: int, field: str, what: str) -> None:
         )
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB; transparency is composited over white (what a viewer would show)."""
+def _to_rgb(img: Image.Image, grey_top: float | None = None) -> Image.Image:
+    """Any Pillow mode -> RGB, 8 bits per channel; transparency is composited over white (what a viewer
+    would show). Greyscale wider than 8 bits is scaled from 0..``grey_top`` (default: 0..65535 for 16-bit
+    data above 255, else 0..max), never through a float64 copy; Pillow's own convert would clip at 255."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit / float greyscale: Pillow's convert would clip at 255, so rescale to 8 bits first.
-        arr = np.asarray(img, dtype=np.float64)
-        top = (
-            65535.0 if img.mode.startswith("I") and arr.max(initial=0) > 255 else max(arr.max(initial=0), 1.0)
-        )
-        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode in _WIDE_GREY_MODES:
+        top = _grey_top(img) if grey_top is None else grey_top
+        arr = np.asarray(img, dtype=np.float32)
+        np.clip(arr * np.float32(255.0 / top) + np.float32(0.5), 0, 255, out=arr)
+        return Image.fromarray(arr.astype(np.uint8), mode="L").convert("RGB")
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         img.mode == "P" and "transparency" in img.info
     )
@@ -143,11 +151,45 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(source: str | Path | bytes, field: str) -> Image.Image:
-    """Read a JPEG/PNG/WebP portrait as RGB with its EXIF orientation applied.
+def _grey_top(img: Image.Image) -> float:
+    top = float(img.getextrema()[1])
+    return 65535.0 if img.mode.startswith("I;16") and top > 255 else max(top, 1.0)
+
+
+def reduction_factor(width: int, height: int, min_short_side: int | None) -> int:
+    """Largest power of two ``k`` that keeps the short side at least ``min_short_side`` after an integer
+    ``k``-fold reduction (``ceil(side / k)``); 1 when ``min_short_side`` is None or nothing can go."""
+    k = 1
+    if min_short_side:
+        short = min(width, height)
+        while short // (2 * k) >= min_short_side:
+            k *= 2
+    return k
+
+
+def _rgb_reduced(img: Image.Image, k: int) -> Image.Image:
+    """8-bit RGB at ``ceil(W / k) x ceil(H / k)`` (box average), converted and reduced in row strips, so
+    the only full-size buffers are the decoded source and the (reduced) result."""
+    if img.mode == "RGB" and k == 1:
+        return img
+    w, h = img.size
+    grey_top = _grey_top(img) if img.mode in _WIDE_GREY_MODES else None
+    out = Image.new("RGB", (math.ceil(w / k), math.ceil(h / k)))
+    rows = max(1, _STRIP_PIXELS // max(w, 1) // k) * k  # a multiple of k: boxes never straddle strips
+    for y in range(0, h, rows):
+        strip = _to_rgb(img.crop((0, y, w, min(h, y + rows))), grey_top)
+        out.paste(strip.reduce(k) if k > 1 else strip, (0, y // k))
+    return out
+
+
+def load_image(source: str | Path | bytes, field: str, *, min_short_side: int | None = None) -> Image.Image:
+    """Read a JPEG/PNG/WebP image as 8-bit RGB with its EXIF orientation applied.
 
     Dimensions are checked from the header before the pixels are decoded, so an oversized or
-    decompression-bomb file is refused cheaply. Raises :class:`SceneError` with ``field``.
+    decompression-bomb file is refused cheaply. ``min_short_side``: a working size; a larger image is
+    reduced by the largest power of two that keeps its short side at least this long (a JPEG decodes at
+    that scale directly), so only the first full-size decode of a PNG/WebP is ever held.
+    Raises :class:`SceneError` with ``field``.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
@@ -183,13 +225,21 @@ def load_image(source: str | Path | bytes, field: str) -> Image.Image:
             raise SceneError(field, f"{what} is unreadable or corrupt ({exc}); {_allowed_text()}") from None
         width, height = img.size
         _check_dimensions(width, height, field, what)
+        k = reduction_factor(width, height, min_short_side)
         try:
+            if k > 1 and img.format == "JPEG":
+                img.draft(img.mode, (math.ceil(width / k), math.ceil(height / k)))  # DCT-domain scaling
             img.load()  # the first frame of an animated PNG/WebP is the portrait
-            img = ImageOps.exif_transpose(img)
-            img.load()
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+            # What the decoder did not already reduce (a draft scale is a power of two <= 8).
+            decoded = 1 if img.width == width else round(width / img.width)
+            img = _rgb_reduced(img, k // decoded)
+            if orientation not in (None, 1):
+                img.getexif()[_EXIF_ORIENTATION] = orientation
+                ImageOps.exif_transpose(img, in_place=True)
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
             raise SceneError(field, f"{what} is unreadable or corrupt ({exc}); {_allowed_text()}") from None
-    return _to_rgb(img)
+    return img
 
 
 def _detect_format(opener: Callable[[], Any]) -> str:
@@ -203,11 +253,13 @@ def _detect_format(opener: Callable[[], Any]) -> str:
         return "unrecognised or corrupt data"
 
 
-def _as_rgb_image(image: Image.Image | str | Path | bytes, field: str) -> Image.Image:
+def _as_rgb_image(
+    image: Image.Image | str | Path | bytes, field: str, min_short_side: int | None = None
+) -> Image.Image:
     if isinstance(image, Image.Image):
         _check_dimensions(image.width, image.height, field, "the image")
-        return _to_rgb(image)
-    return load_image(image, field)
+        return _rgb_reduced(image, reduction_factor(image.width, image.height, min_short_side))
+    return load_image(image, field, min_short_side=min_short_side)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -546,7 +598,12 @@ def compose_scene(
         bucket = bucket_for_aspect(aspect if aspect is not None else DEFAULT_SCENE_ASPECT, size)
     except ValueError as exc:
         raise SceneError("aspect", str(exc)) from None
-    portraits = (_as_rgb_image(left, "left_image"), _as_rgb_image(right, "right_image"))
+    # Portraits are reduced to a working size first (lossless at every bucket): a 40-megapixel photo is
+    # composed from a quarter of its pixels. Paths, bytes and decoded images take the same geometry.
+    portraits = (
+        _as_rgb_image(left, "left_image", PORTRAIT_SHORT_SIDE),
+        _as_rgb_image(right, "right_image", PORTRAIT_SHORT_SIDE),
+    )
     if layout == "side_by_side":
         image, boxes = _side_by_side(portraits, bucket)
     else:
