@@ -703,6 +703,19 @@ class JobStore:
                 changed.append(job_id)
         return [self.get(j) for j in changed]
 
+    def delete(self, job_id: str) -> None:
+        """Remove a finished job: its row and its folder (inputs and outputs). Raises
+        InvalidTransitionError for a job that is queued or running (cancel it first)."""
+        validate_job_id(job_id)
+        with self._write() as conn:
+            row = self._locked_row(conn, job_id)
+            current = JobState(row["state"])
+            if current not in TERMINAL_STATES:
+                raise InvalidTransitionError(job_id, current, "deleted", "cancel it first")
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        shutil.rmtree(self.outputs_dir / job_id, ignore_errors=True)
+        logger.info("job %s deleted (was %s)", job_id, current)
+
     def cleanup(self, now: float | None = None) -> list[str]:
         """Remove the folders of finished jobs older than ``retention_days`` (rows stay, marked purged)
         and orphan folders with no row. Returns the ids whose outputs were removed."""
