@@ -147,7 +147,9 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
     if recovered:
         logger.warning("recovered %d job(s) interrupted by the last stop", len(recovered))
     store.cleanup()
-    monitor = EngineMonitor(ctx.world_size, str(ctx.device))
+    monitor = EngineMonitor(
+        ctx.world_size, str(ctx.device), first_pass_limit_s=ctx.control_timeout.total_seconds()
+    )
     learn_from_history(store, monitor)  # estimates in the UI come from this service's own past jobs
     installed = frozenset(runtime.paths.voices())  # the tiny demo has 4 voices, the real folder 54
     limits = Limits(
@@ -205,7 +207,7 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
     sink = StoreSink(store, monitor)
     source = StoreJobSource(store, monitor)
     engine = runtime.make_engine(
-        sink, source, heartbeat_s=args.heartbeat_s, check_consistency=args.debug_checksum
+        sink, source, heartbeat_s=args.heartbeat_s, check_consistency=args.debug_checksum, liveness=monitor
     )
     try:
         engine.serve()

@@ -99,12 +99,23 @@ class WorkerStatus:
 
 @dataclass(frozen=True)
 class EngineStatus:
-    """Live engine state. ``last_heartbeat``: Unix time of the last successful heartbeat round."""
+    """Live engine state. ``last_heartbeat``: Unix time of the last successful heartbeat round;
+    ``heartbeat_limit_s``: the age the engine vouches for right now (a model pass is running and passes
+    take that long), or None for the service's own limit."""
 
     alive: bool
     last_heartbeat: float | None
     workers: tuple[WorkerStatus, ...] = ()
     message: str = ""
+    heartbeat_limit_s: float | None = None
+
+    def heartbeat_problem(self, base_limit_s: float, now: float) -> str | None:
+        """Why the heartbeat says the engine is stuck at Unix time ``now``, or None when it is fine."""
+        if self.last_heartbeat is None:
+            return "engine has not sent a heartbeat yet"
+        age = max(0.0, now - self.last_heartbeat)
+        limit = max(base_limit_s, self.heartbeat_limit_s or 0.0)
+        return f"last engine heartbeat {age:.0f} s ago (limit {limit:.0f} s)" if age > limit else None
 
 
 @dataclass(frozen=True)
@@ -756,12 +767,9 @@ def create_router(
                                message=engine.message)  # fmt: skip
             if not engine.alive:
                 problems.append(f"engine not alive{': ' + engine.message if engine.message else ''}")
-            if age is None:
-                problems.append("engine has not sent a heartbeat yet")
-            elif age > service_info.heartbeat_timeout_s:
-                problems.append(
-                    f"last engine heartbeat {age:.0f} s ago (limit {service_info.heartbeat_timeout_s:.0f} s)"
-                )
+            beat_problem = engine.heartbeat_problem(service_info.heartbeat_timeout_s, time.time())
+            if beat_problem is not None:
+                problems.append(beat_problem)
         writable, store_msg = await run_in_threadpool(store.check_writable)
         if not writable:
             problems.append(store_msg)

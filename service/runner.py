@@ -5,7 +5,9 @@
 - ``StoreSink``: the worker's sink. Progress, stage timings, states, outputs and errors go to the store;
   a cancel request in the store is seen at the next step and stops every rank at the same step.
 - ``EngineMonitor``: live state for ``/api/health`` and ``/api/queue`` (last heartbeat, current job),
-  read by API threads without touching torch.distributed.
+  read by API threads without touching torch.distributed. It is also the engine's ``Liveness``: every
+  model pass beats, and while one runs the health limit stretches to ``PASS_SLACK`` times the slowest
+  pass measured so far.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +29,23 @@ from service.jobs import JobState, JobStore
 logger = logging.getLogger(__name__)
 
 CLEANUP_EVERY_S = 3600.0
+PASS_SLACK = 3.0  # a running model pass is called stuck only after 3x the slowest pass measured
 
 
 class EngineMonitor:
     """Thread-safe record of what the engine loop last did (rank 0), and the measured speed of this
     service (seconds per model pass and per-clip overhead, by resolution) for the UI's estimates."""
 
-    def __init__(self, world_size: int, device: str) -> None:
+    def __init__(self, world_size: int, device: str, *, first_pass_limit_s: float = 1800.0,
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+        """``first_pass_limit_s``: how long a model pass may run before any pass was measured (the
+        other ranks wait that long for rank 0: the control-group timeout); ``clock``: Unix time."""
         self.world_size = world_size
         self.device = device
+        self.first_pass_limit_s = first_pass_limit_s
+        self._clock = clock
+        self._pass_since: float | None = None
+        self._slowest_pass = 0.0
         self._pass_time: dict[int, float] = {}
         self._clip_overhead: dict[int, float] = {}
         self._lock = threading.Lock()
@@ -46,14 +57,35 @@ class EngineMonitor:
 
     def beat(self, job_id: str | None = None, stage: str | None = None) -> None:
         with self._lock:
-            self._beat = time.time()
+            self._beat = self._clock()
             if job_id is not None:
                 self._job, self._stage = job_id, stage
 
     def idle(self) -> None:
         with self._lock:
-            self._beat = time.time()
+            self._beat = self._clock()
+            self._pass_since = None
             self._job = self._stage = None
+
+    def pass_started(self) -> None:
+        """``Liveness``: a model pass begins (the engine is alive now)."""
+        with self._lock:
+            self._beat = self._pass_since = self._clock()
+
+    def pass_finished(self, seconds: float) -> None:
+        """``Liveness``: a model pass took ``seconds``."""
+        with self._lock:
+            self._beat = self._clock()
+            self._pass_since = None
+            self._slowest_pass = max(self._slowest_pass, seconds)
+
+    def _heartbeat_limit(self) -> float | None:
+        """While a pass runs: ``PASS_SLACK`` x the slowest pass seen (in this run or, per pass, in this
+        service's finished jobs), or ``first_pass_limit_s`` before any; None between passes."""
+        if self._pass_since is None:
+            return None
+        known = max(self._slowest_pass, *self._pass_time.values(), 0.0)
+        return PASS_SLACK * known if known > 0 else self.first_pass_limit_s
 
     def stopped(self, message: str) -> None:
         with self._lock:
@@ -94,7 +126,7 @@ class EngineMonitor:
                 )  # fmt: skip
                 for r in range(self.world_size)
             )
-            return EngineStatus(self._alive, self._beat, workers, self._message)
+            return EngineStatus(self._alive, self._beat, workers, self._message, self._heartbeat_limit())
 
 
 class StoreSink:

@@ -25,6 +25,9 @@ Control plane (design B.1):
   ``ParallelContext.destroy`` and exits 0). A running job stops at its next step boundary first.
 - ``JobContext.step_boundary`` all-reduces a cancel flag once per sampling step (and, in debug
   mode, a checksum of the latents), so a cancelled job stops at the same step on every rank.
+- Liveness: ``JobContext.signal_passes(model)`` reports the start and end of every model pass to the
+  engine's ``Liveness`` (rank 0's health monitor), so a long sampling step (three passes) never
+  looks like a hung engine, and the monitor learns how long one pass takes.
 """
 
 from __future__ import annotations
@@ -127,6 +130,14 @@ class Worker(Protocol):
         ...
 
 
+class Liveness(Protocol):
+    """Who hears that the engine is making progress inside a job (rank 0's health monitor)."""
+
+    def pass_started(self) -> None: ...
+
+    def pass_finished(self, seconds: float) -> None: ...
+
+
 class JobContext:
     """Per-job handle passed to ``Worker.run`` on every rank."""
 
@@ -137,6 +148,7 @@ class JobContext:
         cancel_requested: Callable[[], bool],
         stop: threading.Event,
         check_consistency: bool = False,
+        liveness: Liveness | None = None,
     ) -> None:
         self.parallel = parallel
         self.msg = msg
@@ -145,6 +157,31 @@ class JobContext:
         self._cancel_requested = cancel_requested
         self._stop = stop
         self._check = check_consistency
+        self._liveness = liveness
+
+    @contextmanager
+    def signal_passes(self, model: torch.nn.Module) -> Iterator[None]:
+        """While open, every forward of ``model`` (one model pass) is reported to the engine's
+        ``Liveness``: its start, and its end with the seconds it took. A no-op without one."""
+        liveness = self._liveness
+        if liveness is None:
+            yield
+            return
+        started: list[float] = []
+
+        def before(_module: torch.nn.Module, _args: Any) -> None:
+            started.append(time.monotonic())
+            liveness.pass_started()
+
+        def after(_module: torch.nn.Module, _args: Any, _out: Any) -> None:
+            liveness.pass_finished(time.monotonic() - started.pop())
+
+        handles = (model.register_forward_pre_hook(before), model.register_forward_hook(after))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @property
     def job_id(self) -> str:
@@ -206,6 +243,7 @@ class Engine:
         heartbeat_s: float = 60.0,
         check_consistency: bool = False,
         poll_s: float = 0.25,
+        liveness: Liveness | None = None,
     ) -> None:
         if heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s must be positive, got {heartbeat_s}")
@@ -221,6 +259,7 @@ class Engine:
         self.heartbeat_s = heartbeat_s
         self.check_consistency = check_consistency
         self.poll_s = poll_s
+        self.liveness = liveness
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._cancelled: set[str] = set()
@@ -367,7 +406,9 @@ class Engine:
         ctx = self.ctx
         try:
             received = self._broadcast_tensors(msg, tensors)
-            job_ctx = JobContext(ctx, msg, self._cancel_flag(msg.job_id), self._stop, self.check_consistency)
+            job_ctx = JobContext(
+                ctx, msg, self._cancel_flag(msg.job_id), self._stop, self.check_consistency, self.liveness
+            )
             with torch.no_grad():
                 result = self.worker.run(msg, received, job_ctx)
         except BaseException as exc:

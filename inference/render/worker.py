@@ -24,7 +24,7 @@ import torch
 from common.errors import InputError
 from inference.checkpoint.weights import WeightPaths
 from inference.parallel.context import ParallelContext
-from inference.parallel.engine import Engine, JobContext, Message, Op, TensorSpec
+from inference.parallel.engine import Engine, JobContext, Liveness, Message, Op, TensorSpec
 from inference.parallel.host import HostGpus, device_free_bytes, resolve_device
 from inference.parallel.layout import check_heads, check_parallel_sizes
 from inference.render.pipeline import (
@@ -151,15 +151,16 @@ class DialogueWorker:
         clip_index = int(msg.settings["clip_index"])
         progress = self._progress if self.ctx.is_rank0 else None
         try:
-            latent = denoise_clip(
-                self.model,
-                tensors,
-                settings,
-                clip_index=clip_index,
-                sp=self.sp,
-                step_boundary=job.step_boundary,  # cancel flag + optional latent checksum
-                progress=progress,
-            )
+            with job.signal_passes(self.model):  # liveness per model pass (rank 0's /api/health)
+                latent = denoise_clip(
+                    self.model,
+                    tensors,
+                    settings,
+                    clip_index=clip_index,
+                    sp=self.sp,
+                    step_boundary=job.step_boundary,  # cancel flag + optional latent checksum
+                    progress=progress,
+                )
         except Cancelled:
             return None
         return {"latent": latent}
@@ -314,11 +315,12 @@ class Runtime:
         return cls(options, ctx, model, paths, renderer)
 
     def make_engine(self, sink: JobSink | None, source: Callable[[float], Any] | None, *, heartbeat_s: float = 60.0,
-                    check_consistency: bool = False) -> Engine:  # fmt: skip
+                    check_consistency: bool = False, liveness: Liveness | None = None) -> Engine:  # fmt: skip
         worker = DialogueWorker(self.model, self.ctx, self.renderer, sink)
         engine = Engine(
-            worker, self.ctx, source, heartbeat_s=heartbeat_s, check_consistency=check_consistency
-        )
+            worker, self.ctx, source, heartbeat_s=heartbeat_s, check_consistency=check_consistency,
+            liveness=liveness,
+        )  # fmt: skip
         worker.engine = engine
         self.engine = engine
         return engine
