@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common.errors import InputError
+from inference.checkpoint.lora import LoraAdapter, deltas_by_key, merge_into
 from inference.model.config import DiTConfig
 from inference.model.dit import MultiTalkDiT, build_model
 
@@ -225,6 +226,7 @@ def load_model(
     config: DiTConfig | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    loras: Sequence[LoraAdapter] = (),
 ) -> MultiTalkDiT:
     """Build the DiT on the meta device and stream the folder's weights into it.
 
@@ -232,6 +234,8 @@ def load_model(
         folder: official-layout weights folder.
         config: model config; read from ``folder/config.json`` when None.
         dtype, device: target storage; default bf16 on CUDA, fp32 on CPU.
+        loras: adapters (``inference.checkpoint.lora.read_loras``) merged into each weight as it
+            streams in: ``W + s dW`` in fp32, one tensor at a time, then cast to ``dtype``.
 
     Returns:
         The model in eval mode with ``requires_grad`` off.
@@ -247,7 +251,10 @@ def load_model(
     model.to_empty(device=device)
     targets = model.state_dict(keep_vars=True)
     nbytes = 0
+    merged = deltas_by_key(loras)
     for key, tensor in iter_checkpoint_tensors(refs, keys=targets.keys()):
+        if key in merged:
+            tensor = merge_into(tensor, merged.pop(key))
         targets[key].copy_(tensor)  # casts to the target dtype/device; one source tensor alive at a time
         nbytes += tensor.numel() * tensor.element_size()
     logger.info(

@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from inference.model.attention import attention, frame_local_attention
+from inference.model.attention import attend, frame_local_attention
 from inference.model.config import DiTConfig
 from inference.model.layers import (
     ModelInputError,
@@ -144,7 +148,7 @@ class WanI2VCrossAttention(nn.Module):
         v = self.v(context).view(b, -1, n, d)
         k_img = self.norm_k_img(self.k_img(context_img)).view(b, -1, n, d)
         v_img = self.v_img(context_img).view(b, -1, n, d)
-        out = attention(q, k, v).flatten(2) + attention(q, k_img, v_img).flatten(2)
+        out = attend(q, k, v).flatten(2) + attend(q, k_img, v_img).flatten(2)
         return self.o(out)
 
 
@@ -211,12 +215,32 @@ class WanAudioCrossAttention(nn.Module):
 
 
 @dataclass(frozen=True)
+class AudioGroup:
+    """The batch rows that share a person count, with their audio tokens.
+
+    rows: batch indices (None: every row); audio: [b, T_lat, N_a, C_a] adapter output of those rows;
+    routing: head_fn for the speaker map and k_positions: [N_a] audio key L-RoPE positions (two
+    persons only, else None).
+    """
+
+    rows: tuple[int, ...] | None
+    audio: torch.Tensor
+    routing: HeadFn | None
+    k_positions: torch.Tensor | None
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """The group's rows of a batch-first tensor."""
+        return x if self.rows is None else x[list(self.rows)]
+
+
+@dataclass(frozen=True)
 class BlockInputs:
     """Per-forward values shared by all blocks (replicated on every rank).
 
-    context: [B, text_len, C]; context_img: [B, N_img, C]; audio: [B, T_lat, N_a, C_a];
-    token_start/token_end: this rank's real token range; routing: head_fn for the speaker
-    map (two persons only); k_positions: [N_a] audio key L-RoPE positions (two persons only).
+    context: [B, text_len, C]; context_img: [B, N_img, C]; audio_groups: rows of the batch by person
+    count (one group when all rows have the same count); token_start/token_end: this rank's real
+    token range; routing: head_fn for the speaker map over the rows that have two persons (None when
+    no row has).
     """
 
     seq_len: int
@@ -225,11 +249,26 @@ class BlockInputs:
     sp: SequenceParallelism
     context: torch.Tensor
     context_img: torch.Tensor
-    audio: torch.Tensor
+    audio_groups: tuple[AudioGroup, ...]
     token_start: int
     token_end: int
     routing: HeadFn | None
-    k_positions: torch.Tensor | None
+
+
+class BlockCache(Protocol):
+    """Optional stand-in for the block stack (TeaCache): it may run ``blocks`` or reuse a residual.
+
+    x: [B, S_loc, C] the stack's input; e: [B, C] time embedding and e0: [B, 6, C] time modulation
+    (fp32, replicated); blocks(x) runs every block. Returns the stack's output [B, S_loc, C].
+    """
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        e0: torch.Tensor,
+        blocks: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor: ...
 
 
 class WanAttentionBlock(nn.Module):
@@ -269,30 +308,39 @@ class WanAttentionBlock(nn.Module):
 
         x = x + self.cross_attn(self.norm3(x), inp.context, inp.context_img)
 
+        if inp.routing is not None and stat is None:
+            raise RuntimeError("sp.attention returned no routing map although head_fn was given")
         n = inp.token_end - inp.token_start
-        if n > 0:
+        audio_terms = []
+        for group in inp.audio_groups:
+            xg = group.take(x)
             q_positions = None
-            if inp.routing is not None:
-                if stat is None:
-                    raise RuntimeError("sp.attention returned no routing map although head_fn was given")
-                b = x.shape[0]
-                ref_map = stat.reshape(b, -1, stat.shape[-1])[:, :, :n] / self.num_heads  # mean over heads
+            if group.routing is not None:
+                if n > 0:
+                    # stat holds [b2 * 3, S_loc] for the two-person rows only (this group).
+                    ref_map = stat.reshape(xg.shape[0], -1, stat.shape[-1])[:, :, :n] / self.num_heads
+                else:  # no real tokens on this rank: still join the min/max collectives
+                    ref_map = xg.new_zeros(xg.shape[0], 3, 0).float()
                 q_positions = routing_positions(ref_map, inp.sp, self.class_range, self.class_interval, dtype)
-            x_a = self.audio_cross_attn(
-                self.norm_x(x[:, :n]),
-                inp.audio,
-                inp.token_start,
-                inp.tokens_per_frame,
-                q_positions,
-                inp.k_positions,
-            )
+            if n > 0:
+                x_a = self.audio_cross_attn(
+                    self.norm_x(xg[:, :n]),
+                    group.audio,
+                    inp.token_start,
+                    inp.tokens_per_frame,
+                    q_positions,
+                    group.k_positions,
+                )
+                audio_terms.append((group, x_a))
+        if audio_terms:
+            if len(audio_terms) == 1 and audio_terms[0][0].rows is None:
+                x_a = audio_terms[0][1]
+            else:
+                x_a = x.new_empty(x.shape[0], n, x.shape[2])
+                for group, term in audio_terms:
+                    x_a[list(group.rows)] = term
             # Padding rows (if any) get no audio term; they are dropped at gather.
             x = x + F.pad(x_a, (0, 0, 0, x.shape[1] - n))
-        elif inp.routing is not None:
-            # Join the min/max collectives even with no real tokens.
-            routing_positions(
-                x.new_zeros(x.shape[0], 3, 0).float(), inp.sp, self.class_range, self.class_interval, dtype
-            )
 
         y = self.ffn((self.norm2(x).float() * (1 + e[4]) + e[3]).to(dtype))
         return (x.float() + y.float() * e[5]).to(dtype)
@@ -443,6 +491,7 @@ class MultiTalkDiT(nn.Module):
         y: torch.Tensor,
         audio: torch.Tensor,
         ref_target_masks: torch.Tensor | None,
+        two_persons: bool,
     ) -> None:
         cfg = self.config
         if x.ndim != 5:
@@ -487,7 +536,7 @@ class MultiTalkDiT(nn.Module):
             )
         if audio.shape[1] not in (1, 2):
             raise ModelInputError("audio", f"1 or 2 persons are supported, got {audio.shape[1]}")
-        if audio.shape[1] == 2:
+        if two_persons:
             if ref_target_masks is None:
                 raise ModelInputError(
                     "ref_target_masks", "two persons need [3, H_lat, W_lat] person/background masks"
@@ -525,6 +574,9 @@ class MultiTalkDiT(nn.Module):
         audio: torch.Tensor,
         ref_target_masks: torch.Tensor | None = None,
         sp: SequenceParallelism | None = None,
+        *,
+        persons: Sequence[int] | None = None,
+        cache: BlockCache | None = None,
     ) -> torch.Tensor:
         """Predict the flow-matching velocity.
 
@@ -540,49 +592,71 @@ class MultiTalkDiT(nn.Module):
             ref_target_masks: [3, H_lat, W_lat] person 1 / person 2 / background masks at latent
                 resolution (required for two persons, ignored for one).
             sp: sequence parallelism; ``NoParallel()`` when None.
+            persons: per batch row, how many of ``audio``'s persons are real (1 or n_person; default
+                all): the guidance branches of one step run as one batch, and the silent branches
+                have one person (no L-RoPE) while the others have two. Row i uses ``audio[i, :persons[i]]``.
+            cache: optional stand-in for the block stack (TeaCache, ``BlockCache``).
 
         Returns:
             [B, 16, T_lat, H_lat, W_lat] float32.
         """
         sp = NoParallel() if sp is None else sp
         cfg = self.config
-        self._validate(x, t, context, clip_fea, y, audio, ref_target_masks)
+        persons = self._persons(audio, persons)
+        self._validate(x, t, context, clip_fea, y, audio, ref_target_masks, 2 in persons)
         dtype = self.patch_embedding.weight.dtype
 
         # patch embedding: [B, 36, T, H, W] -> [B, S, C]
-        tokens = self.patch_embedding(torch.cat([x, y], dim=1).to(dtype))
+        # One row at a time, as upstream: conv3d kernels differ by batch size, and the guidance branches
+        # of a step, batched, must match their one-row forwards.
+        xy = torch.cat([x, y], dim=1).to(dtype)
+        tokens = torch.cat([self.patch_embedding(row[None]) for row in xy])
         grid = tuple(tokens.shape[2:])
         tokens = tokens.flatten(2).transpose(1, 2)
         seq_len = math.prod(grid)
         tokens_per_frame = grid[1] * grid[2]
 
-        # time embedding, fp32 as upstream: e [B, C], e0 [B, 6, C]
+        # time embedding, fp32 as upstream: e [B, C], e0 [B, 6, C]. Row by row: a matrix-vector product
+        # and a matrix product round differently, and batched guidance rows must match one-row forwards.
         s = sinusoidal_embedding_1d(cfg.freq_dim, t)
-        e = _linear_fp32(self.time_embedding[2], F.silu(_linear_fp32(self.time_embedding[0], s)))
-        e0 = _linear_fp32(self.time_projection[1], F.silu(e)).unflatten(1, (6, cfg.dim))
+        e = torch.cat(
+            [
+                _linear_fp32(self.time_embedding[2], F.silu(_linear_fp32(self.time_embedding[0], r[None])))
+                for r in s
+            ]
+        )
+        e0 = torch.cat([_linear_fp32(self.time_projection[1], F.silu(r[None])) for r in e]).unflatten(
+            1, (6, cfg.dim)
+        )
 
         # text (zero-padded to text_len before the embedding, as upstream) and CLIP context
         context = F.pad(context.to(dtype), (0, 0, 0, cfg.text_len - context.shape[1]))
         context = self.text_embedding(context)
         context_img = self.img_emb(clip_fea.to(dtype))
 
-        # audio tokens [B, T_lat, N_a, C_a]
-        audio_tokens = self.embed_audio(audio)
-        human_num = audio.shape[1]
-
+        # audio tokens per person count: [b, T_lat, N_a, C_a] for the rows of each group
+        groups = []
         routing = None
-        k_positions = None
-        if human_num == 2:
-            masks = F.interpolate(ref_target_masks[None].float(), size=grid[1:], mode="nearest")[0] > 0
-            routing = routing_head_fn(masks.flatten(1).to(x.device))
-            k_positions = audio_key_positions(
-                audio_tokens.shape[2], 1, cfg.class_range, cfg.class_interval
-            ).to(x.device)
+        for count in sorted(set(persons)):
+            rows = tuple(i for i, p in enumerate(persons) if p == count)
+            if len(rows) == len(persons):
+                rows = None  # every row: no gather
+            group_audio = audio if rows is None else audio[list(rows)]
+            tokens_g = self.embed_audio(group_audio[:, :count]).to(dtype)
+            group_routing = k_positions = None
+            if count == 2:
+                masks = F.interpolate(ref_target_masks[None].float(), size=grid[1:], mode="nearest")[0] > 0
+                group_routing = routing = _rows_head_fn(routing_head_fn(masks.flatten(1).to(x.device)), rows)
+                k_positions = audio_key_positions(
+                    tokens_g.shape[2], 1, cfg.class_range, cfg.class_interval
+                ).to(x.device)
+            groups.append(AudioGroup(rows, tokens_g, group_routing, k_positions))
 
         cos, sin = rope_3d_tables(cfg.head_dim, grid, device=x.device)
 
-        def rope(u: torch.Tensor) -> torch.Tensor:
-            return rotate_pairs(u, cos, sin)
+        def rope(u: torch.Tensor, start: int = 0) -> torch.Tensor:
+            n = u.shape[1]
+            return rotate_pairs(u, cos[start : start + n], sin[start : start + n])
 
         start, end = sp.token_range(seq_len)
         inputs = BlockInputs(
@@ -592,20 +666,36 @@ class MultiTalkDiT(nn.Module):
             sp=sp,
             context=context,
             context_img=context_img,
-            audio=audio_tokens.to(dtype),
+            audio_groups=tuple(groups),
             token_start=start,
             token_end=end,
             routing=routing,
-            k_positions=k_positions,
         )
+
+        def run_blocks(h: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                h = block(h, e0, inputs)
+            return h
 
         h = sp.shard(tokens)
         if end - start > h.shape[1]:
             raise RuntimeError(f"sp.token_range gave {end - start} tokens but the shard holds {h.shape[1]}")
-        for block in self.blocks:
-            h = block(h, e0, inputs)
+        h = run_blocks(h) if cache is None else cache(h, e, e0, run_blocks)
         out = sp.gather(self.head(h, e), seq_len)  # [B, S, prod(patch) * out_dim] fp32
         return self.unpatchify(out, grid)
+
+    @staticmethod
+    def _persons(audio: torch.Tensor, persons: Sequence[int] | None) -> tuple[int, ...]:
+        """Per-row person counts, checked: each 1 or ``audio.shape[1]``."""
+        if audio.ndim < 2:
+            raise ModelInputError("audio", f"expected [B, n_person, ...], got {tuple(audio.shape)}")
+        b, n = audio.shape[:2]
+        if persons is None:
+            return (n,) * b
+        counts = tuple(int(p) for p in persons)
+        if len(counts) != b or any(p not in (1, n) for p in counts):
+            raise ModelInputError("persons", f"expected {b} counts, each 1 or {n}, got {list(persons)}")
+        return counts
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, f*h*w, pt*ph*pw*c] -> [B, c, f*pt, h*ph, w*pw]."""
@@ -616,6 +706,47 @@ class MultiTalkDiT(nn.Module):
         u = x.reshape(b, f, h, w, pt, ph, pw, c)
         u = u.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return u.reshape(b, c, f * pt, h * ph, w * pw)
+
+
+def _rows_head_fn(head_fn: HeadFn, rows: tuple[int, ...] | None) -> HeadFn:
+    """A routing head_fn evaluated only on batch ``rows`` (all rows when None): [len(rows) * 3, S]."""
+    if rows is None:
+        return head_fn
+    index = list(rows)
+
+    def on_rows(q: torch.Tensor, k: torch.Tensor, head_start: int) -> torch.Tensor:
+        return head_fn(q[index], k[index], head_start)
+
+    return on_rows
+
+
+def compile_unavailable(device_type: str) -> str | None:
+    """Why torch.compile's default backend (inductor) cannot run on ``device_type`` here, or None."""
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton  # inductor's own check for its GPU code generator
+
+        return None if has_triton() else "triton is not installed"
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        return "no C++ compiler found for inductor's CPU code"
+    return None
+
+
+def compile_blocks(model: MultiTalkDiT, backend: str = "inductor", device_type: str | None = None) -> str:
+    """``torch.compile`` every transformer block in place (``nn.Module.compile``: state-dict keys and
+    FSDP2 wrapping stay as they are). Returns the backend in use, or ``"eager"`` when the backend cannot
+    run on this machine (the reason is logged and the model runs uncompiled)."""
+    device_type = device_type or next(model.parameters()).device.type
+    if backend == "inductor":
+        reason = compile_unavailable(device_type)
+        if reason is not None:
+            logger.warning("--compile: %s; running the blocks uncompiled", reason)
+            return "eager"
+    for block in model.blocks:
+        block.compile(backend=backend, dynamic=False)
+    logger.info("compiled %d transformer blocks with torch.compile (backend %s)", len(model.blocks), backend)
+    return backend
 
 
 def build_model(config: DiTConfig, device: torch.device | str = "meta") -> MultiTalkDiT:

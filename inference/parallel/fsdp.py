@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import resource
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -158,6 +158,7 @@ def load_dit(
     mode: str = "off",
     config: object | None = None,
     dtype: torch.dtype | None = None,
+    loras: Sequence[object] = (),
 ) -> nn.Module:
     """Build the MultiTalk DiT for this rank from an official-layout weights folder.
 
@@ -171,11 +172,14 @@ def load_dit(
         mode: "off" | "full" | "keep".
         config: a ``DiTConfig``; read from ``folder/config.json`` when None.
         dtype: storage dtype; default bf16 on CUDA, fp32 on CPU.
+        loras: LoRA adapters (``inference.checkpoint.lora``) merged while the weights stream in; each
+            rank merges only the rows it holds.
 
     Returns:
         The model in eval mode with gradients off.
     """
     from inference.checkpoint.loader import check_keys, open_checkpoint, resolve_config
+    from inference.checkpoint.lora import merge_sources
     from inference.model.dit import build_model
 
     mode = check_fsdp_mode(mode)
@@ -187,6 +191,8 @@ def load_dit(
     check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, refs)
     apply_fsdp(model, ctx.mesh, mode, param_dtype=dtype)
     model.to_empty(device=ctx.device)
+    if loras:
+        refs = merge_sources(refs, loras)  # type: ignore[arg-type]
     nread = fill_from_sources(model, refs, ctx.device)
     logger.info("rank %d: read %.1f MiB of weights (fsdp %s)", ctx.rank, nread / 2**20, mode)
     logger.info("rank %d: %s", ctx.rank, report_memory(model, ctx.device))

@@ -35,6 +35,7 @@ from PIL import Image
 
 from common.errors import InputError
 from common.files import atomic_write, atomic_write_text
+from inference.checkpoint.lora import AdapterBank
 from inference.checkpoint.weights import WeightPaths
 from inference.model.sp import NoParallel, SequenceParallelism
 from inference.render.sampler import (
@@ -42,8 +43,11 @@ from inference.render.sampler import (
     BRANCH_DROP_AUDIO,
     BRANCH_DROP_TEXT,
     BRANCH_UNCOND,
+    BatchFn,
     ClipPlan,
     ClipSpec,
+    ModelFn,
+    PassStats,
     clip_new_frames,
     color_match,
     motion_latent_frames,
@@ -54,6 +58,7 @@ from inference.render.sampler import (
     timesteps,
 )
 from inference.render.settings import DEFAULT_PROMPT, FPS, GenerationSettings
+from inference.render.teacache import TeaCache, teacache_for
 
 logger = logging.getLogger(__name__)
 
@@ -309,28 +314,26 @@ class RenderConfig:
     save_frames: bool = False
 
 
-def denoise_clip(
+def branch_model_fns(
     model: torch.nn.Module,
     tensors: dict[str, torch.Tensor],
     settings: GenerationSettings,
     *,
-    clip_index: int,
     sp: SequenceParallelism | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    step_boundary: Callable[[torch.Tensor], bool] | None = None,
-) -> torch.Tensor:
-    """Denoise one clip; runs on every rank with identical ``tensors``. Returns the latent [16, T, h, w].
+    cache: TeaCache | None = None,
+) -> tuple[ModelFn, BatchFn]:
+    """The DiT as the sampler's per-branch ``model_fn`` and batched ``batch_fn`` for one clip.
 
     Branches (upstream's CFG): cond = prompt + audio; drop_text = negative prompt + audio;
     uncond = negative prompt + silent single person; drop_audio = prompt + silent single person. The
-    silent branches use one person of zeros, which also switches L-RoPE off, as upstream.
+    silent branches use one person of zeros, which also switches L-RoPE off, as upstream. The batched
+    form stacks the branches' text contexts (zero-padded to one length, as the model pads them anyway),
+    audio (the silent person padded with a zero second person, marked by ``persons``) and timesteps into
+    one forward, so each layer issues one all-to-all for all branches.
     """
     sp = sp or NoParallel()
     y = tensors["y"]
-    _, _, t_lat, h, w = y.shape
     device = y.device
-    noise = noise_for_clip(settings.seed, clip_index, (16, t_lat, h, w)).to(device)
     audio = tensors["audio"]
     silent = torch.zeros_like(audio[:, -1:])
     masks = tensors["ref_target_masks"]
@@ -352,9 +355,66 @@ def denoise_clip(
             audio_in,
             masks if audio_in.shape[1] == 2 else None,  # no routing for one (silent) person
             sp=sp,
+            cache=None if cache is None else cache.bind((branch,)),
         )
         return out[0]
 
+    def batch_fn(latent: torch.Tensor, t: torch.Tensor, branches: tuple[str, ...]) -> torch.Tensor:
+        n = len(branches)
+        contexts = [args[b][0] for b in branches]
+        length = max(c.shape[1] for c in contexts)
+        context = torch.cat([F.pad(c, (0, 0, 0, length - c.shape[1])) for c in contexts])
+        people = audio.shape[1]
+        persons = tuple(args[b][1].shape[1] for b in branches)
+        audio_in = torch.cat(
+            [F.pad(args[b][1], (0, 0) * 4 + (0, people - p)) for b, p in zip(branches, persons, strict=True)]
+        )
+        return model(
+            latent[None].expand(n, *latent.shape),
+            t.to(device).expand(n),
+            context,
+            tensors["clip_fea"].expand(n, -1, -1),
+            y.expand(n, -1, -1, -1, -1),
+            audio_in,
+            masks if 2 in persons else None,
+            sp=sp,
+            persons=persons,
+            cache=None if cache is None else cache.bind(branches),
+        )
+
+    return model_fn, batch_fn
+
+
+def denoise_clip(
+    model: torch.nn.Module,
+    tensors: dict[str, torch.Tensor],
+    settings: GenerationSettings,
+    *,
+    clip_index: int,
+    sp: SequenceParallelism | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    step_boundary: Callable[[torch.Tensor], bool] | None = None,
+    batched: bool = False,
+    stats: PassStats | None = None,
+    adapters: AdapterBank | None = None,
+) -> torch.Tensor:
+    """Denoise one clip; runs on every rank with identical ``tensors``. Returns the latent [16, T, h, w].
+
+    batched: run the guidance branches of a step as one forward (``branch_model_fns``); equal to one
+    forward per branch up to float rounding. stats: filled with the clip's passes (computed / skipped by
+    TeaCache when ``settings.teacache``) and forwards. adapters: switchable LoRAs, turned on or off for
+    this clip by ``settings.lora`` (every rank does the same).
+    """
+    sp = sp or NoParallel()
+    stats = stats if stats is not None else PassStats()
+    if adapters is not None:
+        adapters.set_active(settings.lora)
+    y = tensors["y"]
+    _, _, t_lat, h, w = y.shape
+    noise = noise_for_clip(settings.seed, clip_index, (16, t_lat, h, w)).to(y.device)
+    cache = teacache_for(settings, sp, stats)
+    model_fn, batch_fn = branch_model_fns(model, tensors, settings, sp=sp, cache=cache)
     return sample_clip(
         model_fn,
         noise,
@@ -365,6 +425,8 @@ def denoise_clip(
         should_stop=should_stop,
         clip_index=clip_index,
         step_boundary=step_boundary,
+        batch_fn=batch_fn if batched else None,
+        stats=stats,
     )
 
 

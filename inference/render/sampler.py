@@ -51,6 +51,36 @@ ModelFn = Callable[[Tensor, Tensor, str], Tensor]
 """model_fn(latent [C, T_lat, h, w] fp32, t [1] fp32 on latent.device, branch) -> velocity, same shape.
 It must not modify `latent` in place."""
 
+BatchFn = Callable[[Tensor, Tensor, tuple[str, ...]], Tensor]
+"""batch_fn(latent [C, T_lat, h, w], t [1], branches) -> velocities [len(branches), C, T_lat, h, w]: all
+guidance branches of one step in one forward (batch = branches). Must equal model_fn per branch."""
+
+
+@dataclass
+class PassStats:
+    """Model work of one clip (or a sum over clips).
+
+    passes: branch evaluations (steps x branches); model_calls: forwards issued (a batched forward
+    evaluates all branches of a step at once); skipped: passes whose block stack TeaCache skipped
+    (their embeddings and head still ran); computed = passes - skipped.
+    """
+
+    passes: int = 0
+    model_calls: int = 0
+    skipped: int = 0
+
+    @property
+    def computed(self) -> int:
+        return self.passes - self.skipped
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "passes": self.passes,
+            "computed": self.computed,
+            "skipped": self.skipped,
+            "model_calls": self.model_calls,
+        }
+
 
 class Cancelled(Exception):
     """Raised by `sample_clip` at a step boundary when `should_stop()` returned True."""
@@ -205,6 +235,45 @@ class Guidance:
         return cond + (self.text_scale - 1) * text_term + (self.audio_scale - 1) * audio_term
 
 
+def evaluate_branches(
+    model_fn: ModelFn,
+    latent: Tensor,
+    t: Tensor,
+    branches: tuple[str, ...],
+    *,
+    batch_fn: BatchFn | None = None,
+    stats: PassStats | None = None,
+) -> dict[str, Tensor]:
+    """The branch predictions of one step: branch name -> velocity [C, T, H, W] fp32, for `Guidance.combine`.
+
+    One model_fn call per branch, or one batch_fn call for all of them (rows in `branches` order).
+    """
+    if batch_fn is not None:
+        out = batch_fn(latent, t, branches)
+        if out.shape != (len(branches), *latent.shape):
+            raise SamplerInputError(
+                "batch_fn",
+                f"returned shape {tuple(out.shape)}, expected {(len(branches), *latent.shape)}",
+            )
+        preds = {b: out[j].to(torch.float32) for j, b in enumerate(branches)}
+        calls = 1
+    else:
+        preds = {}
+        for branch in branches:
+            out = model_fn(latent, t, branch)
+            if out.shape != latent.shape:
+                raise SamplerInputError(
+                    "model_fn",
+                    f"branch {branch!r} returned shape {tuple(out.shape)}, expected {tuple(latent.shape)}",
+                )
+            preds[branch] = out.to(torch.float32)
+        calls = len(branches)
+    if stats is not None:
+        stats.passes += len(branches)
+        stats.model_calls += calls
+    return preds
+
+
 # ---------------------------------------------------------------------------------------- solver
 
 
@@ -271,6 +340,8 @@ def sample_clip(
     should_stop: Callable[[], bool] | None = None,
     clip_index: int = 0,
     step_boundary: Callable[[Tensor], bool] | None = None,
+    batch_fn: BatchFn | None = None,
+    stats: PassStats | None = None,
 ) -> Tensor:
     """Denoise one clip. noise: [C=16, T_lat, h, w]; timesteps: [steps + 1] from `timesteps()`.
 
@@ -284,7 +355,9 @@ def sample_clip(
     engine all-reduces the cancel flag there and, in debug mode, checks the latents agree on every rank).
     should_stop() is polled before every step; True raises `Cancelled`. In a multi-rank group the
     answer must be the same on every rank (the engine decides it, not this loop).
-    progress(done, total) is called after every step. Returns the clean latent [C, T_lat, h, w] fp32.
+    progress(done, total) is called after every step. batch_fn, when given, evaluates the branches of
+    each step in one batched forward instead of one model_fn call per branch; stats, when given, counts
+    the passes and forwards. Returns the clean latent [C, T_lat, h, w] fp32.
     """
     if noise.ndim != 4:
         raise SamplerInputError("noise", f"expected [C, T_lat, h, w], got shape {tuple(noise.shape)}")
@@ -329,16 +402,9 @@ def sample_clip(
         if stop:
             logger.info("clip %d cancelled before step %d/%d", clip_index, i + 1, total)
             raise Cancelled(i, total)
-        t = ts[i : i + 1]
-        preds: dict[str, Tensor] = {}
-        for branch in guidance.passes:
-            out = model_fn(latent, t, branch)
-            if out.shape != latent.shape:
-                raise SamplerInputError(
-                    "model_fn",
-                    f"branch {branch!r} returned shape {tuple(out.shape)}, expected {tuple(latent.shape)}",
-                )
-            preds[branch] = out.to(torch.float32)
+        preds = evaluate_branches(
+            model_fn, latent, ts[i : i + 1], guidance.passes, batch_fn=batch_fn, stats=stats
+        )
         velocity = guidance.combine(preds)
         latent = euler_step(latent, velocity, ts[i], ts[i + 1])
         if motion is not None:

@@ -59,6 +59,8 @@ MAX_FRAMES_LIMIT = 9000  # 6 minutes at 25 fps; the service may impose a lower c
 NEGATIVE_PROMPT_MAX_CHARS = 4000
 APG_MOMENTUM_RANGE = (-1.0, 1.0)
 APG_NORM_THRESHOLD_RANGE = (0.0, 1000.0)
+TEACACHE_THRESH_RANGE = (0.01, 1.0)  # upstream's README recommends 0.2..0.5
+LORA_MODES = ("none", "merged", "switchable")
 
 
 class SettingsError(InputError):
@@ -119,6 +121,10 @@ class GenerationSettings:
       color_correction: Lab mean/std colour transfer toward the reference image [1.0], 0..1.
       negative_prompt: the "null text" of text CFG [upstream MultiTalk English list].
       apg / apg_momentum / apg_norm_threshold: Adaptive Projected Guidance [off, -0.75, 55].
+      lora: run with the service's step-distillation LoRA(s) [off]; needs a service started with
+        --lora_dir (with --lora_mode merged every job runs with them, so it must be on).
+      teacache / teacache_thresh: TeaCache (skip the block stack while the timestep modulation barely
+        moves) [off, 0.2], threshold 0.01..1 (upstream recommends 0.2..0.5; higher skips more).
     """
 
     steps: int = 40
@@ -136,6 +142,9 @@ class GenerationSettings:
     apg: bool = False
     apg_momentum: float = -0.75
     apg_norm_threshold: float = 55.0
+    lora: bool = False
+    teacache: bool = False
+    teacache_thresh: float = 0.2
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -186,6 +195,10 @@ class GenerationSettings:
             "apg_norm_threshold",
             _as_float("apg_norm_threshold", self.apg_norm_threshold, *APG_NORM_THRESHOLD_RANGE),
         )
+        for name in ("lora", "teacache"):
+            if not isinstance(getattr(self, name), bool):
+                raise _invalid(name, f"expected true or false, got {getattr(self, name)!r}", "true or false")
+        put("teacache_thresh", _as_float("teacache_thresh", self.teacache_thresh, *TEACACHE_THRESH_RANGE))
 
     # ------------------------------------------------------------------ derived values
 
@@ -280,15 +293,115 @@ def estimate_seconds(
 
 
 @dataclass(frozen=True)
+class LoraState:
+    """What a service knows about its LoRAs: mode (none | merged | switchable), the file names, and the
+    steps its distilled preset uses (upstream's README: 4 for lightx2v, 8 for FusionX)."""
+
+    mode: str = "none"
+    names: tuple[str, ...] = ()
+    steps: int = 4
+
+    def __post_init__(self) -> None:
+        if self.mode not in LORA_MODES:
+            raise _invalid("lora_mode", f"unsupported value {self.mode!r}", ", ".join(LORA_MODES))
+        if (self.mode == "none") != (not self.names):
+            raise _invalid("lora_mode", f"mode {self.mode!r} with LoRA files {list(self.names)}")
+        _as_int("lora_steps", self.steps, *STEPS_RANGE)
+
+    @classmethod
+    def of(cls, mode: str, names: tuple[str, ...] | list[str]) -> LoraState:
+        """State for files ``names`` (stems): 8 distilled steps when one is a FusionX LoRA, else 4."""
+        names = tuple(names)
+        if not names:
+            return cls()
+        fusionx = any("fusionx" in n.lower() for n in names)
+        return cls(mode=mode, names=names, steps=8 if fusionx else 4)
+
+    @property
+    def loaded(self) -> bool:
+        return self.mode != "none"
+
+
+def check_lora_setting(settings: GenerationSettings, lora: LoraState) -> None:
+    """Refuse a job's ``lora`` setting that this service cannot honour (``SettingsError`` on ``lora``)."""
+    if settings.lora and not lora.loaded:
+        raise _invalid("lora", "this service has no LoRA loaded (start it with --lora_dir)", "false")
+    if not settings.lora and lora.mode == "merged":
+        raise _invalid(
+            "lora",
+            "this service merged its LoRA into the weights (--lora_mode merged), so every job runs with "
+            "it; restart with --lora_mode switchable to also run without",
+            "true",
+        )
+
+
+@dataclass(frozen=True)
 class Preset:
-    """A named starting point for settings; `apply` layers user overrides on top."""
+    """A named starting point for settings; `apply` layers user overrides on top.
+
+    settings: without a LoRA. lora_settings: on a service with a step-distillation LoRA (None: the
+    preset never uses one). A preset without lora_settings is not offered by a service that merged
+    its LoRA (it cannot switch it off).
+    """
 
     name: str
     description: str
     settings: GenerationSettings
+    lora_settings: GenerationSettings | None = None
+    lora_description: str = ""
 
-    def apply(self, overrides: dict[str, Any] | None = None) -> GenerationSettings:
-        return GenerationSettings.from_dict({**self.settings.to_dict(), **(overrides or {})})
+    def settings_for(self, lora: LoraState = LoraState()) -> GenerationSettings | None:
+        """The preset's settings on a service with ``lora``; None when it is not offered there."""
+        if not lora.loaded:
+            return self.settings
+        if self.lora_settings is not None:
+            return dataclasses.replace(self.lora_settings, steps=lora.steps)
+        return self.settings if lora.mode == "switchable" else None
+
+    def describe(self, lora: LoraState = LoraState()) -> str:
+        uses = lora.loaded and self.lora_settings is not None
+        return self.lora_description if uses else self.description
+
+    def apply(
+        self, overrides: dict[str, Any] | None = None, lora: LoraState = LoraState()
+    ) -> GenerationSettings:
+        base = self.settings_for(lora)
+        if base is None:
+            raise _invalid(
+                "preset",
+                f"{self.name!r} runs without a LoRA, but this service merged one into its weights",
+                ", ".join(offered_presets(lora)),
+            )
+        settings = GenerationSettings.from_dict({**base.to_dict(), **(overrides or {})})
+        check_lora_setting(settings, lora)
+        return settings
+
+
+def offered_presets(lora: LoraState = LoraState()) -> dict[str, GenerationSettings]:
+    """Preset name -> settings for the presets this service can run."""
+    out = {}
+    for name, preset in PRESETS.items():
+        settings = preset.settings_for(lora)
+        if settings is not None:
+            out[name] = settings
+    return out
+
+
+def preset_catalog(lora: LoraState = LoraState()) -> dict[str, dict[str, Any]]:
+    """What /api/info says per preset: offered here, whether it runs with the LoRA, its description and
+    its settings on this service (the no-LoRA settings when it is not offered)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, preset in PRESETS.items():
+        settings = preset.settings_for(lora)
+        shown = settings if settings is not None else preset.settings
+        out[name] = {
+            "offered": settings is not None,
+            "uses_lora": bool(shown.lora),
+            "has_lora_variant": preset.lora_settings is not None,
+            "description": preset.describe(lora),
+            **shown.to_dict(),
+        }
+    return out
 
 
 PRESETS: dict[str, Preset] = {
@@ -297,6 +410,14 @@ PRESETS: dict[str, Preset] = {
         "16 steps, audio guidance only (text guidance 1 = 2 model passes per step): about 3.75x "
         "cheaper than quality; lip sync holds, prompt adherence and detail drop.",
         GenerationSettings(steps=16, text_guidance=1.0, audio_guidance=4.0),
+        lora_settings=GenerationSettings(
+            steps=4, text_guidance=1.0, audio_guidance=2.0, shift=2.0, lora=True
+        ),
+        lora_description=(
+            "Step-distilled with the service's LoRA, as upstream's README runs FusionX / lightx2v: 4 steps "
+            "(8 with FusionX), text guidance 1, audio guidance 2, shift 2 = 8 (16) model passes per clip "
+            "instead of 120."
+        ),
     ),
     "balanced": Preset(
         "balanced",
