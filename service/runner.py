@@ -73,11 +73,13 @@ class EngineMonitor:
             self._beat = self._pass_since = self._clock()
 
     def pass_finished(self, seconds: float) -> None:
-        """``Liveness``: a model pass took ``seconds``."""
+        """``Liveness``: a model pass ended. Its length is taken on this monitor's clock (the one the
+        heartbeat age is judged on); ``seconds``, the engine's own figure, when the start was missed."""
         with self._lock:
-            self._beat = self._clock()
-            self._pass_since = None
-            self._slowest_pass = max(self._slowest_pass, seconds)
+            now = self._clock()
+            took = seconds if self._pass_since is None else now - self._pass_since
+            self._beat, self._pass_since = now, None
+            self._slowest_pass = max(self._slowest_pass, took)
 
     def _heartbeat_limit(self) -> float | None:
         """While a pass runs: ``PASS_SLACK`` x the slowest pass seen (in this run or, per pass, in this
