@@ -152,6 +152,8 @@ class TeaCache:
             else:
                 s.accumulated += self.config.rescale(d)
                 skip.append(s.accumulated < self.config.thresh)
+                if not skip[-1]:
+                    s.accumulated = 0.0
             s.previous = modulated[j].clone()
         cached = all(s.residual is not None and s.residual.shape == x.shape[1:] for s in states)
         all_skip = all(skip) and cached
