@@ -26,48 +26,43 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from service.jobs import (
-    OUTPUT_NAME_RE,
-    DiskFullError,
-    InvalidJobIdError,
-    InvalidTransitionError,
-    Job,
-    JobNotFoundError,
-    JobState,
-    JobStore,
-    OutputNotFoundError,
-    QueueFullError,
-    validate_job_id,
+from inference.render.intake import Limits, check_voice
+from inference.render.settings import PRESETS
+from service.errors import (
+    AuthError,
+    NoSuchEndpoint,
+    NotReadyError,
+    UnavailableError,
+    UnsupportedMediaError,
+    answer_for,
 )
+from service.jobs import OUTPUT_NAME_RE, Job, JobState, JobStore, OutputNotFoundError, validate_job_id
+from service.metrics import render_metrics
+from service.submit import submit_input
 from service.validation import (
-    FORM_FILE_FIELDS,
-    FORM_TEXT_FIELDS,
-    GenerateRequest,
-    Limits,
+    PayloadTooLargeError,
     RequestError,
-    check_voice,
-    from_upstream_json,
-    message_of,
+    check_form_items,
     request_from_form,
-    validate_generate,
+    request_from_json,
 )
+from tts.voices import VOICES
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ApiError",
     "EngineStatus",
     "Limits",
     "ServiceInfo",
@@ -77,10 +72,8 @@ __all__ = [
     "create_router",
 ]
 
-# Text fields of a multipart request are small; files are limited separately by Limits.
-_MAX_FORM_TEXT_BYTES = 256 * 1024
 TtsPreview = Callable[[str, str | None], bytes]
-"""``tts_preview(voice_id, text_or_None) -> WAV bytes``; raises ValueError (with ``.field``) on bad input."""
+"""``tts_preview(voice_id, text_or_None) -> WAV bytes``; raises InputError on bad input."""
 
 
 # ---------------------------------------------------------------------------------------------- info
@@ -144,19 +137,6 @@ class ServiceInfo:
 # ---------------------------------------------------------------------------------------------- errors
 
 
-class ApiError(Exception):
-    """An answer other than success: status, the input it concerns, and a message for the user."""
-
-    def __init__(
-        self, status: int, field: str | None, message: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.field = field
-        self.message = message
-        self.headers = dict(headers or {})
-
-
 class ErrorDetail(BaseModel):
     field: str | None = Field(
         description="the input the error is about (form field, JSON key, query parameter)"
@@ -184,11 +164,11 @@ def _validation_field(loc: tuple[Any, ...] | list[Any]) -> str | None:
 
 
 def error_response_for(exc: BaseException, request: Request | None = None) -> JSONResponse:
-    """Map an exception raised while serving an /api request to the JSON error answer."""
-    if isinstance(exc, ApiError):
-        return _error_response(exc.status, exc.field, exc.message, exc.headers)
-    if isinstance(exc, RequestError):
-        return _error_response(exc.status, exc.field, exc.message)
+    """Map an exception raised while serving an /api request to the JSON error answer
+    (``service.errors`` has the table; FastAPI's own validation errors name the parameter)."""
+    answer = answer_for(exc)
+    if answer is not None:
+        return _error_response(answer.status, answer.field, answer.message, answer.headers)
     if isinstance(exc, RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
@@ -196,18 +176,6 @@ def error_response_for(exc: BaseException, request: Request | None = None) -> JS
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
         return _error_response(400, _validation_field(first.get("loc", ())), message)
-    if isinstance(exc, InvalidJobIdError):
-        return _error_response(400, exc.field, str(exc).split(": ", 1)[-1])
-    if isinstance(exc, JobNotFoundError):
-        return _error_response(404, "id", str(exc))
-    if isinstance(exc, OutputNotFoundError):
-        return _error_response(404, "file", str(exc))
-    if isinstance(exc, InvalidTransitionError):
-        return _error_response(409, "id", str(exc))
-    if isinstance(exc, QueueFullError):
-        return _error_response(429, None, str(exc), {"Retry-After": "30"})
-    if isinstance(exc, DiskFullError):
-        return _error_response(507, None, str(exc))
     if isinstance(exc, ClientDisconnect):
         return _error_response(400, "body", "the client disconnected before the request body was complete")
     if isinstance(exc, StarletteHTTPException):
@@ -267,6 +235,31 @@ class JobStatusResponse(BaseModel):
     spec: dict[str, Any] | None = None
     settings: dict[str, Any] | None = None
 
+    @classmethod
+    def of(cls, job: Job, prefix: str, *, full: bool) -> JobStatusResponse:
+        """The view of ``job``; ``full`` adds its spec and settings (lists stay small without them)."""
+        return cls(
+            task_id=job.id,
+            status=job.state.value,
+            progress=round(job.progress, 2),
+            stage=job.stage,
+            queue_position=job.queue_position,
+            timing=job.timings,
+            error=job.error,
+            created_at=_iso(job.created_at),
+            updated_at=_iso(job.updated_at),
+            started_at=_iso(job.started_at),
+            finished_at=_iso(job.finished_at),
+            attempts=job.attempts,
+            cancel_requested=job.cancel_requested,
+            outputs=list(job.outputs),
+            download_url=f"{prefix}/api/download/{job.id}" if _video_name(job) else None,
+            files={name: f"{prefix}/api/download/{job.id}?file={name}" for name in job.outputs},
+            purged=job.purged_at is not None,
+            spec=job.spec if full else None,
+            settings=job.settings if full else None,
+        )
+
 
 class JobListResponse(BaseModel):
     success: bool = True
@@ -298,6 +291,30 @@ class TtsPreviewRequest(BaseModel):
     text: str | None = Field(default=None, description="sentence to speak; a sample line when omitted")
 
 
+class JobJson(BaseModel):
+    """POST /api/generate as JSON: upstream MultiTalk's job JSON (or our keys), every file a base64 data
+    URL (``data:image/png;base64,...``); server file paths and URLs are refused. Documentation only: the
+    body is read by the one job-JSON parser (``inference.render.spec.parse_job_json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str | None = None
+    cond_image: str | None = Field(None, description="one image showing the person or both people")
+    cond_audio: dict[str, str] | None = Field(
+        None, description="{person1[, person2]}: recordings; one = one person"
+    )
+    audio_type: Literal["add", "para"] | None = None
+    bbox: dict[str, list[int]] | None = Field(None, description="{person1, person2}: [y0, x0, y1, x1] pixels")
+    tts_audio: dict[str, str] | None = Field(None, description="{text, human1_voice[, human2_voice]}")
+    left_image: str | None = Field(None, description="portrait of person 1 (instead of cond_image)")
+    right_image: str | None = Field(None, description="portrait of person 2")
+    image: str | None = Field(None, description="one person, full frame (instead of cond_image)")
+    preset: Literal["fast", "balanced", "quality"] | None = None
+    settings: dict[str, Any] | None = Field(None, description='overrides, e.g. {"steps": 20, "seed": 7}')
+    layout: Literal["side_by_side", "backdrop"] | None = None
+    backdrop: Literal["blur", "plain"] | None = None
+    aspect: str | None = Field(None, description="W:H of the composed scene, e.g. 16:9")
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 
 
@@ -310,32 +327,6 @@ def _iso(ts: float | None) -> str | None:
 def _video_name(job: Job) -> str | None:
     """The output GET /api/download serves without ``?file=``: the job's first mp4."""
     return next((n for n in job.outputs if n.endswith(".mp4")), None)
-
-
-def _job_view(job: Job, prefix: str, *, full: bool) -> dict[str, Any]:
-    files = {name: f"{prefix}/api/download/{job.id}?file={name}" for name in job.outputs}
-    return {
-        "success": True,
-        "task_id": job.id,
-        "status": job.state.value,
-        "progress": round(job.progress, 2),
-        "stage": job.stage,
-        "queue_position": job.queue_position,
-        "timing": job.timings,
-        "error": job.error,
-        "created_at": _iso(job.created_at),
-        "updated_at": _iso(job.updated_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-        "attempts": job.attempts,
-        "cancel_requested": job.cancel_requested,
-        "outputs": list(job.outputs),
-        "download_url": f"{prefix}/api/download/{job.id}" if _video_name(job) else None,
-        "files": files,
-        "purged": job.purged_at is not None,
-        "spec": job.spec if full else None,
-        "settings": job.settings if full else None,
-    }
 
 
 def _plain(value: Any) -> Any:
@@ -354,27 +345,25 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The whole request body, refusing (413) more than ``limit`` bytes without buffering them."""
+async def buffered_request(request: Request, limit: int) -> Request:
+    """``request`` with its whole body read, at most ``limit`` bytes (413 past that, without buffering
+    the rest), replayed to whoever parses it next. The one place a request body is read."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
             size = int(declared)
         except ValueError:
-            raise ApiError(400, "content-length", f"not a number: {declared[:40]!r}") from None
+            raise RequestError("content-length", f"not a number: {declared[:40]!r}") from None
         if size > limit:
-            raise ApiError(413, "body", f"request body is {size} bytes; the limit is {limit}")
+            raise PayloadTooLargeError("body", f"request body is {size} bytes; the limit is {limit}")
     chunks: list[bytes] = []
     total = 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
-            raise ApiError(413, "body", f"request body is larger than the limit of {limit} bytes")
+            raise PayloadTooLargeError("body", f"request body is larger than the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _parse_form(request: Request, body: bytes, limits: Limits) -> GenerateRequest:
+    body = b"".join(chunks)
     sent = False
 
     async def receive() -> dict[str, Any]:
@@ -384,132 +373,29 @@ async def _parse_form(request: Request, body: bytes, limits: Limits) -> Generate
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 
-    replay = Request(request.scope, receive)
-    try:
-        form = await replay.form(
-            max_files=len(FORM_FILE_FIELDS) + 1,
-            max_fields=len(FORM_TEXT_FIELDS) + 1,
-            max_part_size=_MAX_FORM_TEXT_BYTES,
-        )
-    except StarletteHTTPException as exc:
-        raise ApiError(400, "body", f"malformed multipart form: {exc.detail}") from None
-    try:
-        text: dict[str, str] = {}
-        files: dict[str, bytes] = {}
-        for key, value in form.multi_items():
-            if key in text or key in files:
-                raise ApiError(400, key, "given more than once")
-            if isinstance(value, UploadFile):
-                data = await value.read(limits.max_upload_bytes + 1)
-                if not data and not value.filename and key in FORM_FILE_FIELDS:
-                    continue  # a browser's empty file input: not given
-                files[key] = data
-            else:
-                text[key] = value
-    finally:
-        await form.close()
-    return request_from_form(text, files, limits)
+    return Request(request.scope, receive)
 
 
-_GENERATE_OPENAPI: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": (
-            "Either a multipart form, or upstream MultiTalk's input JSON with files as base64 data URLs "
-            "(data:image/png;base64,...). Server file paths and URLs are refused."
-        ),
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "left_image": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "portrait of speaker 1",
-                        },
-                        "right_image": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "portrait of speaker 2",
-                        },
-                        "scene_image": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "one image with both people (instead of two portraits)",
-                        },
-                        "boxes": {
-                            "type": "string",
-                            "description": "JSON [[y0,x0,y1,x1],[y0,x0,y1,x1]] in scene pixels (rows first)",
-                        },
-                        "layout": {"type": "string", "enum": ["side_by_side", "backdrop"]},
-                        "backdrop": {"type": "string", "enum": ["blur", "plain"]},
-                        "aspect": {"type": "string", "description": "W:H of the composed scene, e.g. 16:9"},
-                        "script": {
-                            "type": "string",
-                            "description": "dialogue, e.g. '(s1) Hi!\\n(s2) Hello.'",
-                        },
-                        "voice1": {
-                            "type": "string",
-                            "description": "voice id for speaker 1 (GET /api/voices)",
-                        },
-                        "voice2": {"type": "string", "description": "voice id for speaker 2"},
-                        "audio1": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "speech of speaker 1",
-                        },
-                        "audio2": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "speech of speaker 2",
-                        },
-                        "audio_mode": {"type": "string", "enum": ["add", "para"], "default": "add"},
-                        "prompt": {"type": "string"},
-                        "preset": {"type": "string", "enum": ["fast", "balanced", "quality"]},
-                        "settings": {
-                            "type": "string",
-                            "description": 'JSON object of overrides, e.g. {"steps": 20, "seed": 7}',
-                        },
-                    },
-                }
-            },
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "prompt": {"type": "string"},
-                        "cond_image": {"type": "string", "description": "data URL of the scene image"},
-                        "left_image": {"type": "string", "description": "data URL (instead of cond_image)"},
-                        "right_image": {"type": "string", "description": "data URL"},
-                        "cond_audio": {
-                            "type": "object",
-                            "properties": {"person1": {"type": "string"}, "person2": {"type": "string"}},
-                        },
-                        "audio_type": {"type": "string", "enum": ["add", "para"]},
-                        "bbox": {
-                            "type": "object",
-                            "description": "{person1: [y0,x0,y1,x1], person2: [...]} in cond_image pixels",
-                        },
-                        "tts_audio": {
-                            "type": "object",
-                            "properties": {
-                                "text": {"type": "string"},
-                                "human1_voice": {"type": "string"},
-                                "human2_voice": {"type": "string"},
-                            },
-                        },
-                        "preset": {"type": "string", "enum": ["fast", "balanced", "quality"]},
-                        "settings": {"type": "object"},
-                        "layout": {"type": "string"},
-                        "backdrop": {"type": "string"},
-                        "aspect": {"type": "string"},
-                    },
-                }
-            },
-        },
-    }
-}
+async def read_upload(upload: UploadFile | None, limit: int) -> bytes | None:
+    """An uploaded file's bytes, at most ``limit + 1`` of them (the size rule then refuses it); None
+    for a browser's empty file input (no name, no bytes)."""
+    if upload is None:
+        return None
+    data = await upload.read(limit + 1)
+    return None if not data and not upload.filename else data
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _json_body(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError("body", f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError("body", "JSON nested too deeply") from None
 
 
 # ---------------------------------------------------------------------------------------------- router
@@ -532,64 +418,119 @@ def create_router(
     def require_auth(request: Request) -> None:
         if auth_token is None:
             return
-        challenge = {"WWW-Authenticate": "Bearer"}
         header = request.headers.get("authorization")
         if not header:
-            raise ApiError(401, "authorization", "this API needs a token: send 'Authorization: Bearer <token>'",
-                           challenge)  # fmt: skip
+            raise AuthError("authorization", "this API needs a token: send 'Authorization: Bearer <token>'")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "authorization", "expected 'Authorization: Bearer <token>'", challenge)
+            raise AuthError("authorization", "expected 'Authorization: Bearer <token>'")
         if not hmac.compare_digest(token.strip().encode(), auth_token.encode()):
-            raise ApiError(401, "authorization", "invalid token", challenge)
+            raise AuthError("authorization", "invalid token")
 
     def prefix(request: Request) -> str:
         return str(request.scope.get("root_path", "")).rstrip("/")
 
+    class GenerateRoute(JsonErrorRoute):
+        """POST /api/generate: the token is checked before the body is read, the body is read within
+        ``limits.max_request_bytes``, and a multipart body that cannot be parsed names the body."""
+
+        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+            handler = APIRoute.get_route_handler(self)
+
+            async def route_handler(request: Request) -> Response:
+                try:
+                    require_auth(request)
+                    replay = await buffered_request(request, limits.max_request_bytes)
+                    try:
+                        return await handler(replay)
+                    except StarletteHTTPException as exc:
+                        if exc.status_code != 400:
+                            raise
+                        raise RequestError("body", f"malformed multipart form: {exc.detail}") from None
+                except Exception as exc:
+                    return error_response_for(exc, request)
+
+            return route_handler
+
+    async def check_generate_request(request: Request) -> None:
+        """Runs before FastAPI checks the form parameters, so the client learns what it sent wrong in
+        our words: the content type, unknown or repeated fields, a file in a text field or the reverse."""
+        content_type = _content_type(request)
+        if content_type not in ("multipart/form-data", "application/json"):
+            raise UnsupportedMediaError("content-type", f"unsupported content type {content_type[:60]!r}; send "
+                                        "multipart/form-data or application/json")  # fmt: skip
+        if content_type == "multipart/form-data":
+            form = await request.form()
+            check_form_items((key, not isinstance(value, str)) for key, value in form.multi_items())
+
     errors: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 429, 503, 507)
+        code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 415, 429, 503, 507)
     }
     router = APIRouter(prefix="/api", route_class=JsonErrorRoute, responses=errors)
     protected = APIRouter(route_class=JsonErrorRoute, dependencies=[Depends(require_auth)])
+    submit_router = APIRouter(route_class=GenerateRoute, dependencies=[Depends(require_auth)])
 
-    @protected.post(
+    @submit_router.post(
         "/generate",
         response_model=GenerateResponse,
-        summary="Submit a dialogue video job",
-        openapi_extra=_GENERATE_OPENAPI,
+        summary="Submit a video job (two people, or one)",
+        description="A multipart form, or upstream MultiTalk's job JSON (see JobJson) with files as base64 "
+        "data URLs. Two people: two portraits or one scene image, with two recordings or a script with lines "
+        "for both speakers. One person: image (or left_image / scene_image alone) with audio1 or a script "
+        "for speaker 1 only.",
+        dependencies=[Depends(check_generate_request)],
+        openapi_extra={
+            "requestBody": {"content": {"application/json": {"schema": JobJson.model_json_schema()}}}
+        },
     )
-    async def generate(request: Request) -> dict[str, Any]:
-        content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if content_type not in ("multipart/form-data", "application/json"):
-            raise ApiError(
-                415, "content-type", f"unsupported content type {content_type[:60]!r}; send multipart/form-data "
-                "or application/json",
-            )  # fmt: skip
-        body = await _read_body(request, limits.max_request_bytes)
-        if content_type == "application/json":
-            try:
-                payload = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ApiError(400, "body", f"not valid JSON: {exc}") from None
-            except RecursionError:
-                raise ApiError(400, "body", "JSON nested too deeply") from None
-            req = from_upstream_json(payload, limits)
+    async def generate(
+        request: Request,
+        left_image: Annotated[
+            UploadFile | None, File(description="portrait of person 1 (left): JPEG, PNG or WebP")
+        ] = None,
+        right_image: Annotated[UploadFile | None, File(description="portrait of person 2 (right)")] = None,
+        scene_image: Annotated[UploadFile | None, File(description="one image showing both people")] = None,
+        image: Annotated[UploadFile | None, File(description="one person, full frame")] = None,
+        audio1: Annotated[
+            UploadFile | None, File(description="speech of person 1: WAV, FLAC, OGG, MP3 or M4A")
+        ] = None,
+        audio2: Annotated[UploadFile | None, File(description="speech of person 2")] = None,
+        script: Annotated[str | None, Form(description="dialogue, e.g. '(s1) Hi!\n(s2) Hello.'")] = None,
+        voice1: Annotated[str | None, Form(description="voice id of speaker 1 (GET /api/voices)")] = None,
+        voice2: Annotated[str | None, Form(description="voice id of speaker 2")] = None,
+        audio_mode: Annotated[Literal["add", "para"] | None, Form()] = None,
+        boxes: Annotated[str | None, Form(description="JSON [[y0,x0,y1,x1],[..]], scene pixels")] = None,
+        layout: Annotated[Literal["side_by_side", "backdrop"] | None, Form()] = None,
+        backdrop: Annotated[Literal["blur", "plain"] | None, Form()] = None,
+        aspect: Annotated[str | None, Form(description="W:H of the composed scene, e.g. 16:9")] = None,
+        prompt: Annotated[str | None, Form()] = None,
+        preset: Annotated[Literal["fast", "balanced", "quality"] | None, Form()] = None,
+        settings: Annotated[
+            str | None, Form(description='JSON overrides, e.g. {"steps": 20, "seed": 7}')
+        ] = None,
+    ) -> GenerateResponse:
+        if _content_type(request) == "application/json":
+            req = request_from_json(_json_body(await request.body()), limits)
         else:
-            req = await _parse_form(request, body, limits)
-        submission = await run_in_threadpool(validate_generate, req, limits)
-        job = await run_in_threadpool(store.submit, submission.spec, submission.settings, submission.files)
-        return {
-            "success": True,
-            "task_id": job.id,
-            "status_url": f"{prefix(request)}/api/status/{job.id}",
-            "status": job.state.value,
-            "queue_position": job.queue_position,
-        }
+            uploads = {"left_image": left_image, "right_image": right_image, "scene_image": scene_image,
+                       "image": image, "audio1": audio1, "audio2": audio2}  # fmt: skip
+            texts = {"script": script, "voice1": voice1, "voice2": voice2, "audio_mode": audio_mode,
+                     "boxes": boxes, "layout": layout, "backdrop": backdrop, "aspect": aspect, "prompt": prompt,
+                     "preset": preset, "settings": settings}  # fmt: skip
+            files = {
+                k: data
+                for k, u in uploads.items()
+                if (data := await read_upload(u, limits.max_upload_bytes)) is not None
+            }
+            req = request_from_form({k: v for k, v in texts.items() if v is not None}, files, limits)
+        job = await run_in_threadpool(submit_input, store, req, limits)
+        return GenerateResponse(task_id=job.id, status_url=f"{prefix(request)}/api/status/{job.id}",
+                                status=job.state.value, queue_position=job.queue_position)  # fmt: skip
 
     @protected.get("/status/{job_id}", response_model=JobStatusResponse, summary="State of one job")
-    async def status(job_id: str, request: Request) -> dict[str, Any]:
+    async def status(job_id: str, request: Request) -> JobStatusResponse:
         job = await run_in_threadpool(store.get, validate_job_id(job_id))
-        return _job_view(job, prefix(request), full=True)
+        return JobStatusResponse.of(job, prefix(request), full=True)
 
     @protected.get("/jobs", response_model=JobListResponse, summary="Jobs, newest first")
     async def list_jobs(
@@ -597,46 +538,35 @@ def create_router(
         limit: int = Query(20, ge=1, le=limits.max_list_limit),
         offset: int = Query(0, ge=0),
         state: JobState | None = Query(None),
-    ) -> dict[str, Any]:
+    ) -> JobListResponse:
         def read() -> tuple[list[Job], int]:
             return store.list(limit, offset, state=state), store.count(state=state)
 
         jobs, total = await run_in_threadpool(read)
-        return {
-            "success": True,
-            "jobs": [_job_view(j, prefix(request), full=False) for j in jobs],
-            "total": total,
-            "limit": limit,
-            "offset": offset,
-        }
+        views = [JobStatusResponse.of(j, prefix(request), full=False) for j in jobs]
+        return JobListResponse(jobs=views, total=total, limit=limit, offset=offset)
 
     @protected.delete("/jobs/{job_id}", response_model=CancelResponse, summary="Cancel a job")
-    async def cancel(job_id: str) -> dict[str, Any]:
+    async def cancel(job_id: str) -> CancelResponse:
         job = await run_in_threadpool(store.request_cancel, validate_job_id(job_id))
         if job.state == JobState.CANCELLED:
             message = "cancelled"
         else:
             message = f"cancel requested; the engine stops the job at its next check (now {job.state.value})"
-        return {
-            "success": True,
-            "task_id": job.id,
-            "status": job.state.value,
-            "cancel_requested": job.cancel_requested,
-            "message": message,
-        }
+        return CancelResponse(task_id=job.id, status=job.state.value, cancel_requested=job.cancel_requested,
+                              message=message)  # fmt: skip
 
     @protected.get("/queue", response_model=QueueResponse, summary="Workers, running jobs and the queue")
-    async def queue(request: Request) -> dict[str, Any]:
+    async def queue(request: Request) -> QueueResponse:
         engine = _engine_status(service_info)
         queued, running = await run_in_threadpool(lambda: (store.queue(), store.active()))
-        return {
-            "success": True,
-            "workers": [] if engine is None else [_plain(w) for w in engine.workers],
-            "running": [_job_view(j, prefix(request), full=False) for j in running],
-            "queue": [_job_view(j, prefix(request), full=False) for j in queued],
-            "queue_size": len(queued),
-            "max_queue": store.max_queue,
-        }
+        return QueueResponse(
+            workers=[] if engine is None else [_plain(w) for w in engine.workers],
+            running=[JobStatusResponse.of(j, prefix(request), full=False) for j in running],
+            queue=[JobStatusResponse.of(j, prefix(request), full=False) for j in queued],
+            queue_size=len(queued),
+            max_queue=store.max_queue,
+        )
 
     @protected.get(
         "/download/{job_id}",
@@ -647,8 +577,8 @@ def create_router(
     async def download(job_id: str, file: str | None = Query(None, max_length=128)) -> FileResponse:
         validate_job_id(job_id)
         if file is not None and not OUTPUT_NAME_RE.fullmatch(file):
-            raise ApiError(
-                400, "file", f"{file[:80]!r} is not an output file name (plain names such as video.mp4)"
+            raise RequestError(
+                "file", f"{file[:80]!r} is not an output file name (plain names such as video.mp4)"
             )
         job = await run_in_threadpool(store.get, job_id)
         name = file
@@ -656,10 +586,12 @@ def create_router(
             name = _video_name(job)
             if name is None:
                 if job.state != JobState.DONE:
-                    raise ApiError(
-                        409, "id", f"job {job_id} is {job.state.value}; the video is ready when it is done"
+                    raise NotReadyError(
+                        "id", f"job {job_id} is {job.state.value}; the video is ready when it is done"
                     )
-                raise ApiError(404, "file", f"job {job_id} has no video output")
+                raise OutputNotFoundError(
+                    job_id, "", list(job.outputs), reason=f"job {job_id} has no video output"
+                )
         path = await run_in_threadpool(store.output_path, job_id, name)
         media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
         return FileResponse(path, media_type=media_type, filename=f"{job_id}_{name}")
@@ -667,8 +599,6 @@ def create_router(
     @protected.get("/info", summary="Service configuration")
     async def info() -> dict[str, Any]:
         engine = _engine_status(service_info)
-        from inference.render.settings import PRESETS
-
         return {
             "success": True,
             "world_size": service_info.world_size,
@@ -698,8 +628,6 @@ def create_router(
         responses={200: {"content": {"text/plain": {}}}},
     )
     async def metrics() -> Response:
-        from service.metrics import render_metrics
-
         text = await run_in_threadpool(
             render_metrics, store, service_info.engine_status, service_info.world_size
         )
@@ -707,8 +635,6 @@ def create_router(
 
     @protected.get("/voices", summary="Voices for the script's speakers")
     async def voices() -> dict[str, Any]:
-        from tts.voices import VOICES
-
         installed = limits.installed_voices
         return {
             "success": True,
@@ -728,12 +654,12 @@ def create_router(
         voice = await run_in_threadpool(check_voice, "voice", body.voice, None, limits.installed_voices)
         text = body.text if body.text is not None and body.text.strip() else None
         if text is not None and len(text) > limits.max_preview_chars:
-            raise ApiError(
-                400, "text", f"{len(text)} characters is too long; the limit is {limits.max_preview_chars}"
+            raise RequestError(
+                "text", f"{len(text)} characters is too long; the limit is {limits.max_preview_chars}"
             )
         if tts_preview is None:
-            raise ApiError(
-                503, None, "voice preview needs the TTS engine, which is not attached to this API process"
+            raise UnavailableError(
+                "voice preview needs the TTS engine, which is not attached to this API process"
             )
 
         def speak() -> bytes:
@@ -741,10 +667,7 @@ def create_router(
             with preview_lock:
                 return tts_preview(voice, text)
 
-        try:
-            wav = await run_in_threadpool(speak)
-        except ValueError as exc:
-            raise ApiError(400, getattr(exc, "field", None) or "text", message_of(exc)) from None
+        wav = await run_in_threadpool(speak)  # bad text: an InputError naming it, answered 400
         return Response(content=wav, media_type="audio/wav")
 
     public = APIRouter(route_class=JsonErrorRoute)
@@ -784,6 +707,7 @@ def create_router(
         return JSONResponse(body, status_code=200 if ok else 503)
 
     router.include_router(public)
+    router.include_router(submit_router)
     router.include_router(protected)
 
     # Last: any other /api path answers 404 in the JSON shape, also when Gradio is mounted at "/"
@@ -794,7 +718,7 @@ def create_router(
         include_in_schema=False,
     )
     async def unknown_endpoint(rest: str, request: Request) -> Response:
-        raise ApiError(404, None, f"no such API endpoint: {request.method} {request.url.path}")
+        raise NoSuchEndpoint(f"no such API endpoint: {request.method} {request.url.path}")
 
     return router
 
@@ -811,7 +735,6 @@ def _engine_status(info: ServiceInfo) -> EngineStatus | None:
 def install_error_handlers(app: FastAPI) -> None:
     """JSON error shape for requests that match no route under /api (404/405) and for anything that
     escapes a route; other paths keep FastAPI's defaults (Gradio may be mounted there)."""
-    from fastapi.exception_handlers import http_exception_handler
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

@@ -47,7 +47,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from common.errors import InputError
 from common.files import atomic_write_bytes
+from inference.render.spec import JobSpec
 
 logger = logging.getLogger(__name__)
 
@@ -95,19 +97,13 @@ class JobStoreError(Exception):
     """Base class of the store's errors."""
 
 
-class InvalidJobIdError(JobStoreError, ValueError):
-    """An id from outside is not a 32-character lowercase hex uuid."""
-
-    def __init__(self, value: object, field: str = "id") -> None:
-        self.field = field
-        shown = repr(value) if len(str(value)) <= 80 else repr(str(value)[:80]) + "..."
-        super().__init__(f"{field}: {shown} is not a job id (32 lowercase hex characters)")
+class InvalidJobIdError(JobStoreError, InputError):
+    """An id from outside is not a 32-character lowercase hex uuid (``field`` names where it came from)."""
 
 
 class JobNotFoundError(JobStoreError, KeyError):
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
-        self.field = "id"
         super().__init__(job_id)
 
     def __str__(self) -> str:
@@ -119,7 +115,6 @@ class InvalidTransitionError(JobStoreError, ValueError):
 
     def __init__(self, job_id: str, current: str, target: str, detail: str = "") -> None:
         self.job_id, self.current, self.target = job_id, current, target
-        self.field = "state"
         allowed = ", ".join(sorted(_TRANSITIONS[JobState(current)])) or "none (final state)"
         msg = f"job {job_id}: cannot go from {current} to {target}; allowed from {current}: {allowed}"
         super().__init__(msg + (f" ({detail})" if detail else ""))
@@ -143,7 +138,6 @@ class DiskFullError(JobStoreError):
 class OutputNotFoundError(JobStoreError, KeyError):
     def __init__(self, job_id: str, name: str, known: list[str], reason: str = "") -> None:
         self.job_id, self.name, self.known = job_id, name, known
-        self.field = "file"
         self.reason = reason
 
     def __str__(self) -> str:
@@ -190,7 +184,8 @@ class Job:
 def validate_job_id(value: object, field: str = "id") -> str:
     """Return ``value`` if it is a well-formed job id, else raise InvalidJobIdError."""
     if not isinstance(value, str) or not JOB_ID_RE.fullmatch(value):
-        raise InvalidJobIdError(value, field)
+        shown = repr(value) if len(str(value)) <= 80 else repr(str(value)[:80]) + "..."
+        raise InvalidJobIdError(field, f"{shown} is not a job id (32 lowercase hex characters)")
     return value
 
 
@@ -382,11 +377,13 @@ class JobStore:
 
     # ------------------------------------------------------------------ submit / read
 
-    def submit(self, spec: Mapping[str, Any], settings: Mapping[str, Any], files: Mapping[str, bytes]) -> Job:
+    def submit(
+        self, spec: JobSpec | Mapping[str, Any], settings: Mapping[str, Any], files: Mapping[str, bytes]
+    ) -> Job:
         """Store a new queued job with its input files.
 
         Args:
-            spec: what to make (JSON-serialisable), e.g. ``{"kind": "dialogue", ...}``.
+            spec: what to make: a ``JobSpec`` (stored as ``spec.to_json()``) or any JSON object.
             settings: generation settings (JSON-serialisable).
             files: input file name -> bytes; names must match ``INPUT_NAME_RE`` (e.g. ``left_image.png``)
                 and are written to ``outputs/<id>/inputs/<name>``.
@@ -401,7 +398,8 @@ class JobStore:
                 raise ValueError(f"input file name {name!r} is not allowed (pattern {INPUT_NAME_RE.pattern})")
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise ValueError(f"input file {name!r} must be bytes, got {type(data).__name__}")
-        spec_json, settings_json = _dumps(dict(spec)), _dumps(dict(settings))
+        spec_json = _dumps(spec.to_json() if isinstance(spec, JobSpec) else dict(spec))
+        settings_json = _dumps(dict(settings))
         needed = sum(len(d) for d in files.values())
         free = int(self._free_space(self.outputs_dir))
         if free - needed < self.min_free_bytes:

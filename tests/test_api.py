@@ -185,11 +185,12 @@ def _quick_submit(store: JobStore) -> str:
     """Submit like POST /api/generate does, reusing one validated request (scene composition costs
     ~0.2 s per request on this CPU; the generate tests above go through HTTP)."""
     if not _SUBMISSION:
-        from service.validation import GenerateRequest, validate_generate
+        from inference.render.intake import build_job
+        from inference.render.spec import JobInput
 
-        req = GenerateRequest(left_image=LEFT, right_image=RIGHT, audio1=AUDIO1, audio2=AUDIO2, preset="fast",
-                              settings={"steps": 6})  # fmt: skip
-        _SUBMISSION.append(validate_generate(req, Limits()))
+        req = JobInput(left_image=LEFT, right_image=RIGHT, audio1=AUDIO1, audio2=AUDIO2, preset="fast",
+                       settings={"steps": 6})  # fmt: skip
+        _SUBMISSION.append(build_job(req, Limits()))
     sub = _SUBMISSION[0]
     return store.submit(sub.spec, sub.settings, sub.files).id
 

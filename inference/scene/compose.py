@@ -276,18 +276,18 @@ class Scene:
     background), a partition. ``latent_masks``: float32 ``[3, H/8, W/8]``, nearest-downsampled, also a
     partition. ``overlay``: RGB preview with tinted regions, boxes and labels. ``size``: 480 or 720.
     ``layout``: "side_by_side" / "backdrop" (composed), "halves" / "given" (``scene_from_image``
-    with default or given boxes). ``names``: the two speaker labels.
+    with default or given boxes), "single" (one person, ``inference.scene.single``). ``names``: one per box.
     """
 
     image: Image.Image
     bucket: tuple[int, int]
-    boxes: tuple[Box, Box]
+    boxes: tuple[Box, ...]  # two, or one for a one-person scene
     masks: np.ndarray
     latent_masks: np.ndarray
     overlay: Image.Image
     size: int
     layout: str
-    names: tuple[str, str]
+    names: tuple[str, ...]
 
     def __post_init__(self) -> None:
         h, w = self.bucket
@@ -340,17 +340,17 @@ class Scene:
             overlay = im.convert("RGB")
         with np.load(out / "masks.npz") as npz:
             masks, latent_masks = npz["masks"], npz["latent_masks"]
-        b1, b2 = (tuple(int(v) for v in box) for box in meta["boxes"])
+        boxes = tuple(tuple(int(v) for v in box) for box in meta["boxes"])  # one box: a one-person scene
         return cls(
             image=image,
             bucket=(int(meta["bucket"][0]), int(meta["bucket"][1])),
-            boxes=(b1, b2),  # type: ignore[arg-type]
+            boxes=boxes,  # type: ignore[arg-type]
             masks=masks,
             latent_masks=latent_masks,
             overlay=overlay,
             size=int(meta["size"]),
             layout=str(meta["layout"]),
-            names=(str(meta["names"][0]), str(meta["names"][1])),
+            names=tuple(str(n) for n in meta["names"]),  # type: ignore[arg-type]
         )
 
 
@@ -401,7 +401,7 @@ def render_overlay(
     h, w = image.height, image.width
     line = max(2, round(min(h, w) / 160))
     font = _font(max(12, round(h / 22)))
-    for k, ((y0, x0, y1, x1), tint) in enumerate(zip(boxes, _TINTS, strict=True)):
+    for k, ((y0, x0, y1, x1), tint) in enumerate(zip(boxes, _TINTS[: len(boxes)], strict=True)):
         draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=tint, width=line)
         label = f"{k + 1} \u00b7 {names[k]}"
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)

@@ -1,0 +1,65 @@
+"""One person: one image -> a one-person MultiTalk scene (the whole frame is the speaker).
+
+Upstream's single-person jobs (``single_example_*.json``) resize and centre-crop the image to the nearest
+bucket, as for a two-person scene, and give the speaker the whole frame: with one person MultiTalk's audio
+attention has no speaker routing (no L-RoPE), so there is nothing to separate. Here the masks stay a
+partition: person 1 covers every pixel, person 2 and the background are empty.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from inference.scene.buckets import nearest_bucket, resize_and_center_crop
+from inference.scene.compose import (
+    DEFAULT_NAMES,
+    Scene,
+    SceneError,
+    _as_rgb_image,
+    _check_size,
+    latent_masks_from,
+    render_overlay,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def single_scene(
+    image: Image.Image | str | Path | bytes,
+    *,
+    size: int = 480,
+    name: str = DEFAULT_NAMES[0],
+    field: str = "image",
+) -> Scene:
+    """One image of one person -> a scene at the nearest bucket with one full-frame box.
+
+    ``boxes`` is ``((0, 0, H, W),)``; ``masks`` uint8 ``[3, H, W]`` with person 1 everywhere;
+    ``layout`` "single". Errors are SceneError naming ``field``.
+    """
+    size = _check_size(size)
+    clean = str(name).strip()
+    if not clean or len(clean) > 64:
+        raise SceneError("names", f"the speaker name must be 1 to 64 characters, got {name!r}")
+    src = _as_rgb_image(image, field)
+    bucket = nearest_bucket(src.height, src.width, size)
+    scene_img = resize_and_center_crop(src, bucket)
+    h, w = bucket
+    masks = np.zeros((3, h, w), dtype=np.uint8)
+    masks[0] = 1
+    box = (0, 0, h, w)
+    logger.info("one-person scene %dx%d from an image of %dx%d", w, h, src.width, src.height)
+    return Scene(
+        image=scene_img,
+        bucket=bucket,
+        boxes=(box,),
+        masks=masks,
+        latent_masks=latent_masks_from(masks),
+        overlay=render_overlay(scene_img, masks, (box,), (clean,)),  # type: ignore[arg-type]
+        size=size,
+        layout="single",
+        names=(clean,),
+    )

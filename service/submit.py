@@ -1,0 +1,55 @@
+"""The one submit path of the service, shared by REST and the UI: request -> ``JobSpec`` -> store.
+
+    submit_form(store, form, files, *, limits=Limits()) -> Job
+        ``form``: text fields by REST form name (script, voice1, voice2, prompt, preset, settings,
+        layout, backdrop, aspect, boxes, audio_mode); a dict/list value (e.g. settings) is sent as the
+        JSON text the REST form would carry; None means not given.
+        ``files``: uploads by form name (left_image, right_image, scene_image, image, audio1, audio2).
+    submit_input(store, job_input, limits) -> Job
+        a JobInput already decoded from its transport (REST's multipart form or JSON body).
+
+Both check everything before anything is stored (``inference.render.intake.build_job``) and raise
+``InputError`` (``field`` + ``message``) for bad input, ``QueueFullError`` / ``DiskFullError`` from the
+store; ``service.errors.answer_for`` turns any of them into what the client is told.
+
+One person: ``image`` (or ``left_image`` / ``scene_image`` alone) with ``audio1`` alone, or with a
+script whose lines are all speaker 1's and ``voice1``; any second-person input (``right_image``,
+``boxes``, ``audio2``, ``voice2``, a line for speaker 2) makes it a two-person job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from inference.render.intake import Limits, build_job
+from inference.render.spec import JobInput
+from service.jobs import Job, JobStore
+from service.validation import request_from_form
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["submit_form", "submit_input"]
+
+
+def submit_input(store: JobStore, job_input: JobInput, limits: Limits) -> Job:
+    """Check ``job_input`` and store it as a queued job."""
+    submission = build_job(job_input, limits)
+    job = store.submit(submission.spec, submission.settings, submission.files)
+    logger.info("job %s accepted: %d person(s), %s, %s", job.id, submission.spec.people,
+                submission.spec.layout, submission.spec.audio_source)  # fmt: skip
+    return job
+
+
+def submit_form(
+    store: JobStore, form: Mapping[str, Any], files: Mapping[str, bytes], *, limits: Limits = Limits()
+) -> Job:
+    """One form submission (UI or REST form), checked and stored; see the module docstring."""
+    text = {
+        key: json.dumps(value) if isinstance(value, dict | list) else value
+        for key, value in form.items()
+        if value is not None
+    }
+    return submit_input(store, request_from_form(text, files, limits), limits)
