@@ -390,3 +390,48 @@ def test_color_match_flat_frame_takes_reference_mean_and_validates():
     assert info.value.field == "strength"
     with pytest.raises(SamplerInputError):
         color_match(flat[0], reference, 1.0)
+
+
+# ----------------------------------------------------------------------------------------- batched branches
+
+
+def test_evaluate_branches_one_batched_call_equals_per_branch_calls():
+    from inference.render.sampler import PassStats, evaluate_branches
+
+    latent = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    scale = {"cond": 1.0, "drop_text": 2.0, "uncond": 3.0}
+
+    def model_fn(x, t, branch):
+        return x * scale[branch] + t
+
+    def batch_fn(x, t, branches):
+        return torch.stack([model_fn(x, t, b) for b in branches])
+
+    t = torch.tensor([0.5])
+    names = ("cond", "drop_text", "uncond")
+    seq_stats, bat_stats = PassStats(), PassStats()
+    seq = evaluate_branches(model_fn, latent, t, names, stats=seq_stats)
+    bat = evaluate_branches(model_fn, latent, t, names, batch_fn=batch_fn, stats=bat_stats)
+    assert all(torch.equal(seq[b], bat[b]) for b in names)
+    assert (seq_stats.passes, seq_stats.model_calls) == (3, 3) and (
+        bat_stats.passes,
+        bat_stats.model_calls,
+    ) == (3, 1)
+    with pytest.raises(SamplerInputError) as err:
+        evaluate_branches(model_fn, latent, t, names, batch_fn=lambda x, t, b: x[None])
+    assert err.value.field == "batch_fn"
+
+
+def test_sample_clip_counts_passes_per_step():
+    from inference.render.sampler import PassStats
+
+    settings = GenerationSettings(steps=4, text_guidance=1.0, seed=0)
+    stats = PassStats()
+    sample_clip(
+        lambda x, t, b: torch.zeros_like(x),
+        torch.zeros(16, 2, 2, 2),
+        timesteps(4, 2.0),
+        settings,
+        stats=stats,
+    )
+    assert stats.to_dict() == {"passes": 8, "computed": 8, "skipped": 0, "model_calls": 8}

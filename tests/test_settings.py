@@ -141,3 +141,49 @@ def test_count_clips_and_estimate():
     with pytest.raises(SettingsError) as info:
         estimate_seconds(s, -1.0, 1.0)
     assert info.value.field == "audio_seconds"
+
+
+# ----------------------------------------------------------------------------------------- LoRA presets
+
+
+def test_fast_preset_is_distilled_where_a_lora_is_loaded():
+    from inference.render.settings import LoraState, offered_presets, preset_catalog
+
+    none, merged = LoraState(), LoraState.of("merged", ["lightx2v_rank32"])
+    switchable = LoraState.of("switchable", ["Wan2.1_I2V_14B_FusionX_LoRA"])
+    assert PRESETS["fast"].apply(lora=none).lora is False
+    fast = PRESETS["fast"].apply(lora=merged)
+    assert (fast.lora, fast.steps, fast.text_guidance, fast.audio_guidance, fast.shift) == (
+        True,
+        4,
+        1.0,
+        2.0,
+        2.0,
+    )
+    assert fast.steps * fast.passes_per_step == 8
+    assert PRESETS["fast"].apply(lora=switchable).steps == 8  # FusionX
+    assert PRESETS["quality"].apply(lora=switchable).lora is False  # one service, both presets
+    assert set(offered_presets(none)) == set(offered_presets(switchable)) == set(PRESETS)
+    assert set(offered_presets(merged)) == {"fast"}
+    with pytest.raises(SettingsError) as err:
+        PRESETS["quality"].apply(lora=merged)
+    assert err.value.field == "preset"
+    catalog = preset_catalog(merged)
+    assert catalog["fast"]["offered"] and catalog["fast"]["uses_lora"] and not catalog["quality"]["offered"]
+    assert not preset_catalog(none)["fast"]["uses_lora"]
+
+
+def test_lora_setting_is_checked_against_the_service():
+    from inference.render.settings import LoraState, check_lora_setting
+
+    with pytest.raises(SettingsError) as err:
+        PRESETS["quality"].apply({"lora": True}, lora=LoraState())
+    assert err.value.field == "lora" and "--lora_dir" in err.value.message
+    with pytest.raises(SettingsError) as err:
+        check_lora_setting(GenerationSettings(lora=False), LoraState.of("merged", ["x"]))
+    assert err.value.field == "lora"
+    check_lora_setting(GenerationSettings(lora=True), LoraState.of("switchable", ["x"]))
+    with pytest.raises(SettingsError):
+        GenerationSettings(lora="yes")
+    with pytest.raises(SettingsError):
+        LoraState(mode="merged")
