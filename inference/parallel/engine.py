@@ -25,6 +25,11 @@ Control plane (design B.1):
   ``ParallelContext.destroy`` and exits 0). A running job stops at its next step boundary first.
 - ``JobContext.step_boundary`` all-reduces a cancel flag once per sampling step (and, in debug
   mode, a checksum of the latents), so a cancelled job stops at the same step on every rank.
+- Hung peers: a ``Watchdog`` (``inference.parallel.watchdog``) bounds every wait for other ranks:
+  rank 0's message broadcasts, each heartbeat and the pre-flight agreement must finish within
+  ``reply_s``; inside a job every model pass and step boundary must come within ``stall_s`` of the
+  last (more when passes are known to be long). Past a deadline the rank exits with ``EXIT_HUNG``, so
+  a stopped rank costs a group restart within ``stall_s`` instead of the data group's timeout.
 - Liveness: ``JobContext.signal_passes(model)`` reports the start and end of every model pass to the
   engine's ``Liveness`` (rank 0's health monitor), so a long sampling step (three passes) never
   looks like a hung engine, and the monitor learns how long one pass takes.
@@ -47,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from inference.parallel.context import ParallelContext
+from inference.parallel.watchdog import DEFAULT_REPLY_S, DEFAULT_STALL_S, Watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +155,7 @@ class JobContext:
         stop: threading.Event,
         check_consistency: bool = False,
         liveness: Liveness | None = None,
+        beat: Callable[[float | None], None] | None = None,
     ) -> None:
         self.parallel = parallel
         self.msg = msg
@@ -158,23 +165,32 @@ class JobContext:
         self._stop = stop
         self._check = check_consistency
         self._liveness = liveness
+        self._beat = beat
 
     @contextmanager
     def signal_passes(self, model: torch.nn.Module) -> Iterator[None]:
         """While open, every forward of ``model`` (one model pass) is reported to the engine's
-        ``Liveness``: its start, and its end with the seconds it took. A no-op without one."""
-        liveness = self._liveness
-        if liveness is None:
+        ``Liveness``: its start, and its end with the seconds it took; both also feed the engine's
+        hung-peer watchdog. A no-op without either."""
+        liveness, beat = self._liveness, self._beat
+        if liveness is None and beat is None:
             yield
             return
         started: list[float] = []
 
         def before(_module: torch.nn.Module, _args: Any) -> None:
             started.append(time.monotonic())
-            liveness.pass_started()
+            if beat is not None:
+                beat(None)
+            if liveness is not None:
+                liveness.pass_started()
 
         def after(_module: torch.nn.Module, _args: Any, _out: Any) -> None:
-            liveness.pass_finished(time.monotonic() - started.pop())
+            seconds = time.monotonic() - started.pop()
+            if beat is not None:
+                beat(seconds)
+            if liveness is not None:
+                liveness.pass_finished(seconds)
 
         handles = (model.register_forward_pre_hook(before), model.register_forward_hook(after))
         try:
@@ -198,6 +214,8 @@ class JobContext:
         """
         self.step += 1
         ctx = self.parallel
+        if self._beat is not None:
+            self._beat(None)
         stop = self._stop.is_set()
         local = torch.tensor([float(stop or self._cancel_requested()), float(stop)], dtype=torch.float64)
         check = self._check and latents is not None
@@ -244,9 +262,13 @@ class Engine:
         check_consistency: bool = False,
         poll_s: float = 0.25,
         liveness: Liveness | None = None,
+        reply_s: float = DEFAULT_REPLY_S,
+        stall_s: float = DEFAULT_STALL_S,
     ) -> None:
         if heartbeat_s <= 0:
             raise ValueError(f"heartbeat_s must be positive, got {heartbeat_s}")
+        if reply_s <= 0 or stall_s <= 0:
+            raise ValueError(f"reply_s and stall_s must be positive, got {reply_s} and {stall_s}")
         if heartbeat_s >= ctx.control_timeout.total_seconds():
             logger.warning(
                 "heartbeat %.1fs is not below the control-group timeout %s: idle ranks may time out",
@@ -260,6 +282,11 @@ class Engine:
         self.check_consistency = check_consistency
         self.poll_s = poll_s
         self.liveness = liveness
+        self.reply_s = reply_s
+        self.stall_s = stall_s
+        # Hung-peer deadlines; one process has no peers to wait for.
+        self.watchdog = Watchdog(ctx.rank) if ctx.distributed else None
+        self._longest_pass_s = 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._cancelled: set[str] = set()
@@ -370,7 +397,10 @@ class Engine:
             return msg
         box = [msg]
         try:
-            dist.broadcast_object_list(box, src=0, group=self.ctx.control)
+            # Rank 0's send completes when every peer has taken the message; a peer's wait for the
+            # next message is not bounded (rank 0 may prepare a job for minutes).
+            with self._guard(f"control broadcast of {msg.op.value}" if msg is not None else None):
+                dist.broadcast_object_list(box, src=0, group=self.ctx.control)
         except Exception as exc:
             logger.critical(
                 "rank %d: control broadcast failed; a rank is gone or hung", self.ctx.rank, exc_info=True
@@ -391,7 +421,8 @@ class Engine:
             return None if verdict is None else f"rank 0: {verdict}"
         verdicts: list[Any] = [None] * self.ctx.world_size
         try:
-            dist.all_gather_object(verdicts, verdict, group=self.ctx.control)
+            with self._guard(f"pre-flight agreement on job {msg.job_id!r}"):
+                dist.all_gather_object(verdicts, verdict, group=self.ctx.control)
         except Exception as exc:
             logger.critical("rank %d: pre-flight agreement failed", self.ctx.rank, exc_info=True)
             raise EngineFatalError(f"rank {self.ctx.rank}: pre-flight agreement failed: {exc}") from exc
@@ -405,12 +436,14 @@ class Engine:
     ) -> tuple[dict[str, torch.Tensor] | None, JobContext]:
         ctx = self.ctx
         try:
-            received = self._broadcast_tensors(msg, tensors)
-            job_ctx = JobContext(
-                ctx, msg, self._cancel_flag(msg.job_id), self._stop, self.check_consistency, self.liveness
-            )
-            with torch.no_grad():
-                result = self.worker.run(msg, received, job_ctx)
+            with self._guard(f"job {msg.job_id!r}", self._stall_limit()):
+                received = self._broadcast_tensors(msg, tensors)
+                job_ctx = JobContext(
+                    ctx, msg, self._cancel_flag(msg.job_id), self._stop, self.check_consistency, self.liveness,
+                    beat=self._beat if self.watchdog is not None else None,
+                )  # fmt: skip
+                with torch.no_grad():
+                    result = self.worker.run(msg, received, job_ctx)
         except BaseException as exc:
             # Peers may be blocked in a collective this rank will never join: crash, do not resync.
             logger.critical(
@@ -434,6 +467,29 @@ class Engine:
             out[spec.name] = t
         return out
 
+    @contextmanager
+    def _guard(self, what: str | None, limit_s: float | None = None) -> Iterator[None]:
+        """Bound a wait for the other ranks (``reply_s`` unless given); unguarded when ``what`` is None."""
+        if self.watchdog is None or what is None:
+            yield
+            return
+        with self.watchdog.guard(what, self.reply_s if limit_s is None else limit_s):
+            yield
+
+    def _stall_limit(self) -> float:
+        """Longest silence allowed inside a job: ``stall_s``, or three of the longest model pass seen
+        when passes are that slow; twice ``stall_s`` before the first pass (warm-up)."""
+        if self._longest_pass_s <= 0:
+            return 2 * self.stall_s
+        return max(self.stall_s, 3 * self._longest_pass_s)
+
+    def _beat(self, pass_seconds: float | None) -> None:
+        """Progress inside a job (a pass began or ended, a step boundary): push the deadline."""
+        if pass_seconds is not None:
+            self._longest_pass_s = max(self._longest_pass_s, pass_seconds)
+        if self.watchdog is not None:
+            self.watchdog.beat(self._stall_limit())
+
     def _cancel_flag(self, job_id: str) -> Callable[[], bool]:
         def cancel_requested() -> bool:
             with self._lock:
@@ -448,7 +504,8 @@ class Engine:
             return
         flag = torch.tensor([float(self._stop.is_set())])
         try:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ctx.control)
+            with self._guard("heartbeat all-reduce"):
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ctx.control)
         except Exception as exc:
             logger.critical("rank %d: heartbeat all-reduce failed", self.ctx.rank, exc_info=True)
             raise EngineFatalError(f"rank {self.ctx.rank}: heartbeat failed: {exc}") from exc
