@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat_s", type=float, default=30.0)
     p.add_argument("--debug_checksum", action="store_true", help="check latents are identical on all ranks")
     p.add_argument("--selftest", action="store_true", help="tiny DiT at P ranks vs one process, then exit")
+    p.add_argument("--selftest_dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="dtype of the self-test model (bf16: tolerance from bf16's epsilon)")  # fmt: skip
     p.add_argument("--no_ui", action="store_true", help="REST API only")
     return p
 
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_cpu_threads()  # torchrun leaves OMP_NUM_THREADS=1: rank 0's CPU work would get one thread
     torch.set_grad_enabled(False)
     if args.selftest:
-        return _selftest()
+        return _selftest(torch.bfloat16 if args.selftest_dtype == "bf16" else torch.float32)
     try:
         check_flags(args)
         defaults = job_defaults(args)
@@ -283,13 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _selftest() -> int:
+def _selftest(dtype: torch.dtype) -> int:
     from inference.parallel.context import ParallelContext
     from inference.parallel.selftest import run_selftest
 
     ctx = ParallelContext.from_env(data_timeout=120, control_timeout=300)
     try:
-        ok, _, line = run_selftest(ctx)
+        ok, _, line = run_selftest(ctx, dtype)
     finally:
         if ctx.distributed:
             ctx.destroy()

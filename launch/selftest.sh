@@ -1,11 +1,34 @@
 #!/usr/bin/env bash
 # First command on a new GPU host: the tiny DiT at P=N against P=1 (with and without FSDP2, with a
 # sequence length that needs padding) on whatever device is present (CUDA/NCCL or CPU/gloo).
-# Prints one line: "selftest ok max_abs_diff=<x> ranks=<N> device=<d>" or "selftest FAILED ...".
+#   bash launch/selftest.sh N               fp32; prints "selftest ok max_abs_diff=<x> ranks=<N> device=<d> ..."
+#   bash launch/selftest.sh N --dtype bf16  the model in bf16 (flash-attn on a GPU host where installed); the
+#                                           line states the tolerance (2 x bf16 eps x max|reference|), the
+#                                           bf16-vs-fp32 gap and the speaker-routing position check
+# A failure prints "selftest FAILED ..." and exits 1.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 N="${1:-2}"
+shift || true
+DTYPE=fp32
+while (( $# )); do
+    case "$1" in
+        --dtype)
+            DTYPE="${2:-}"
+            shift 2 || { echo "selftest.sh: --dtype needs fp32 or bf16" >&2; exit 2; }
+            ;;
+        *)
+            echo "usage: bash launch/selftest.sh N [--dtype fp32|bf16]" >&2
+            exit 2
+            ;;
+    esac
+done
+if [[ "$DTYPE" != fp32 && "$DTYPE" != bf16 ]]; then
+    echo "selftest.sh: --dtype must be fp32 or bf16, got '$DTYPE'" >&2
+    exit 2
+fi
 bash launch/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False OMP_NUM_THREADS=1
-exec timeout 600 "$ROOT/.venv/bin/torchrun" --standalone --nproc-per-node="$N" distributed_app.py --selftest
+exec timeout 600 "$ROOT/.venv/bin/torchrun" --standalone --nproc-per-node="$N" distributed_app.py --selftest \
+    --selftest_dtype "$DTYPE"
