@@ -148,9 +148,7 @@ def test_check_heads_names_allowed_sizes() -> None:
 
 def test_check_parallel_sizes() -> None:
     check_parallel_sizes(world_size=8, ulysses_size=8, ring_size=1, num_heads=40)
-    with pytest.raises(ParallelConfigError, match="ring attention is not implemented") as err:
-        check_parallel_sizes(world_size=8, ulysses_size=4, ring_size=2, num_heads=40)
-    assert err.value.field == "ring_size"
+    # Layouts with a ring and guidance groups: tests/test_ring.py.
     with pytest.raises(ParallelConfigError, match="must equal the number of processes") as err:
         check_parallel_sizes(world_size=8, ulysses_size=4, ring_size=1, num_heads=40)
     assert err.value.field == "ulysses_size"

@@ -20,15 +20,24 @@ import torch
 
 from inference.model.attention import attend
 
-# rope(x: [B, S, h, D]) -> [B, S, h, D]; applies 3-D RoPE by *global* token index.
-RopeFn = Callable[[torch.Tensor], torch.Tensor]
-# head_fn(q, k, head_start) -> [n, S] partial sum over the given heads.
-# q, k: [B, S, h, D] full sequence, after RoPE, h heads starting at global head ``head_start``.
+
+class RopeFn(Protocol):
+    """rope(x, start=0): x [B, n, h, D] holds the tokens at global positions start .. start + n - 1;
+    returns them rotated by 3-D RoPE at those positions, same shape. Ulysses passes the whole sequence
+    (start 0); ring attention passes one ring chunk at its offset."""
+
+    def __call__(self, x: torch.Tensor, start: int = 0) -> torch.Tensor: ...
+
+
+# head_fn(q, k, head_start) -> [n, Sq] partial sum over the given heads, one column per query.
+# q: [B, Sq, h, D] queries (the whole sequence, or one ring chunk); k: [B, S, h, D] the whole sequence;
+# both after RoPE, h heads starting at global head ``head_start``.
 HeadFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 class SequenceParallelism(Protocol):
-    """What the model may call. Implementations: ``NoParallel`` and ``SequenceParallel``."""
+    """What the model may call. Implementations: ``NoParallel``, ``SequenceParallel`` (Ulysses) and
+    ``UnifiedSequenceParallel`` (Ulysses x ring)."""
 
     size: int
     rank: int

@@ -1,11 +1,13 @@
 """Process plumbing: this rank's place in the job, its process groups, and start-up layout checks.
 
 ``ParallelContext`` holds the rank, the device, a long-timeout gloo *control* group for messages, a
-short-timeout *data* group for tensors and a device mesh for FSDP2.
+short-timeout *data* group for tensors, a device mesh for FSDP2 and the ranks' ``ParallelLayout``
+(guidance groups x ring x Ulysses) with one process group per sub-group of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -19,7 +21,9 @@ from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from inference.model.sp import NoParallel, SequenceParallelism
-from inference.parallel.layout import ParallelConfigError
+from inference.parallel.cfg import GuidanceParallel
+from inference.parallel.layout import ParallelConfigError, ParallelLayout
+from inference.parallel.ring import UnifiedSequenceParallel
 from inference.parallel.ulysses import SequenceParallel
 
 logger = logging.getLogger(__name__)
@@ -49,8 +53,14 @@ class ParallelContext:
 
     ``data`` (the default group: NCCL on CUDA, gloo on CPU) carries tensors with a short timeout;
     ``control`` (gloo) carries pickled messages with a long one, so idle ranks wait there and never
-    inside a data collective. ``mesh`` is a 1-D device mesh over ``data`` for FSDP2. With one process
-    (``single()``) all three are None and torch.distributed is never initialised.
+    inside a data collective. ``mesh`` is a 1-D device mesh for FSDP2 over the ranks that share a
+    forward (all ranks, or this rank's guidance group). With one process (``single()``) all three are
+    None and torch.distributed is never initialised.
+
+    ``layout`` splits the ranks (``with_layout``); ``sp_group`` spans this rank's guidance group (the
+    ranks of one forward), ``ulysses_group`` its all-to-all ranks, ``ring_group`` the ranks its
+    key/value blocks visit and ``cfg_group`` the ranks at the same place in every guidance group.
+    Each is None where the layout has no such split.
     """
 
     rank: int = 0
@@ -62,6 +72,11 @@ class ParallelContext:
     mesh: DeviceMesh | None = None
     control_timeout: timedelta = DEFAULT_CONTROL_TIMEOUT
     data_timeout: timedelta = DEFAULT_DATA_TIMEOUT
+    layout: ParallelLayout | None = None
+    sp_group: ProcessGroup | None = None
+    ulysses_group: ProcessGroup | None = None
+    ring_group: ProcessGroup | None = None
+    cfg_group: ProcessGroup | None = None
 
     @property
     def distributed(self) -> bool:
@@ -87,12 +102,14 @@ class ParallelContext:
         data_timeout: timedelta | float = DEFAULT_DATA_TIMEOUT,
         control_timeout: timedelta | float = DEFAULT_CONTROL_TIMEOUT,
         environ: Mapping[str, str] | None = None,
+        layout: ParallelLayout | None = None,
     ) -> ParallelContext:
         """Join the job torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
 
         Without WORLD_SIZE, or with WORLD_SIZE=1, returns ``single(device)``. Timeouts are timedeltas
         or seconds. ``device`` defaults to ``cuda:LOCAL_RANK`` when CUDA is available, else cpu; pass
-        "cpu" to use gloo for data on a GPU host.
+        "cpu" to use gloo for data on a GPU host. ``layout`` (default: Ulysses over every rank) is
+        applied with ``with_layout``.
         """
         env = os.environ if environ is None else environ
         if int(env.get("WORLD_SIZE", "1") or "1") == 1:
@@ -151,13 +168,85 @@ class ParallelContext:
             data_to,
             ctrl_to,
         )
-        return cls(rank, local_rank, world_size, dev, control, data, mesh, ctrl_to, data_to)
+        ctx = cls(rank, local_rank, world_size, dev, control, data, mesh, ctrl_to, data_to)
+        return ctx.with_layout(layout) if layout is not None else ctx
+
+    def with_layout(self, layout: ParallelLayout) -> ParallelContext:
+        """This context with ``layout``'s process groups. Every rank must call it with the same layout.
+
+        The groups are created in one fixed order on every rank (as ``new_group`` requires): guidance
+        groups, Ulysses groups, ring groups, then the groups across guidance groups; a split of size
+        one creates nothing. With guidance groups, FSDP2 shards inside each group (``mesh``), since
+        the groups run different numbers of forwards.
+        """
+        if layout.world_size != self.world_size:
+            raise ParallelConfigError(
+                "layout",
+                f"{layout.describe()} needs {layout.world_size} processes, the job has {self.world_size}",
+            )
+        if not self.distributed:
+            return dataclasses.replace(self, layout=layout)
+        timeout = self.data_timeout
+        sp_group = self._subgroup(layout.sp_groups(), timeout) if layout.cfg > 1 else self.data
+        ulysses_group = sp_group if layout.ring == 1 else None
+        ring_group = sp_group if layout.ulysses == 1 and layout.ring > 1 else None
+        if layout.ring > 1 and layout.ulysses > 1:
+            ulysses_group = self._subgroup(layout.ulysses_groups(), timeout)
+            ring_group = self._subgroup(layout.ring_groups(), timeout)
+        cfg_group = self._subgroup(layout.cfg_groups(), timeout) if layout.cfg > 1 else None
+        mesh = self.mesh
+        if layout.cfg > 1:
+            mesh = DeviceMesh.from_group(sp_group, self.device.type, mesh_dim_names=("sp",))
+        logger.info(
+            "rank %d: layout %s (coordinates %s)", self.rank, layout.describe(), layout.coords(self.rank)
+        )
+        return dataclasses.replace(
+            self,
+            layout=layout,
+            mesh=mesh,
+            sp_group=sp_group,
+            ulysses_group=ulysses_group,
+            ring_group=ring_group,
+            cfg_group=cfg_group,
+        )
+
+    def _subgroup(self, groups: list[list[int]], timeout: timedelta) -> ProcessGroup:
+        """Create every group in ``groups`` (all ranks, same order); return the one holding this rank."""
+        mine = None
+        for ranks in groups:
+            group = dist.new_group(ranks, timeout=timeout)
+            if self.rank in ranks:
+                mine = group
+        if mine is None:
+            raise RuntimeError(f"rank {self.rank} is in none of the groups {groups}")
+        return mine
+
+    @property
+    def parallel_layout(self) -> ParallelLayout:
+        """The layout in use: the one given to ``with_layout``, else Ulysses over every rank."""
+        return self.layout if self.layout is not None else ParallelLayout(ulysses=self.world_size)
 
     def sequence_parallel(self) -> SequenceParallelism:
-        """The ``sp`` object for the model: ``NoParallel`` for one process, else Ulysses on ``data``."""
-        if not self.distributed:
+        """The ``sp`` object for the model: ``NoParallel`` for one process, else Ulysses (ring size 1)
+        or Ulysses x ring over this rank's guidance group."""
+        layout = self.parallel_layout
+        if not self.distributed or layout.sp_size == 1:
             return NoParallel()
-        return SequenceParallel(self.data, self.world_size, self.rank)
+        group = self.sp_group if self.sp_group is not None else self.data
+        _, ring_rank, ulysses_rank = layout.coords(self.rank)
+        sp_rank = ring_rank * layout.ulysses + ulysses_rank
+        if layout.ring == 1:
+            return SequenceParallel(group, layout.sp_size, sp_rank)
+        return UnifiedSequenceParallel(
+            group, self.ulysses_group, self.ring_group, layout.ulysses, layout.ring, sp_rank
+        )
+
+    def guidance_parallel(self) -> GuidanceParallel | None:
+        """The guidance-branch split for the sampler (``--cfg_parallel``), or None without one."""
+        layout = self.parallel_layout
+        if not self.distributed or layout.cfg == 1:
+            return None
+        return GuidanceParallel(self.cfg_group, layout.cfg, layout.coords(self.rank)[0])
 
     def barrier(self, timeout: timedelta | float = timedelta(minutes=10)) -> None:
         """Barrier on the control group that names the ranks that did not arrive (gloo only)."""
