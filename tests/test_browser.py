@@ -3,10 +3,15 @@
 Set up with ``bash launch/install_browser.sh``; every test skips with the reason when node, chromium or
 playwright-core is missing.
 
-- ``test_page_loads``: build_ui launched in-process; title, main controls and the live parse preview.
-- ``test_ui_flow_with_store_engine`` (slow): the same page, a test engine thread that claims the job from
-  the store and writes a real mp4 + subtitles; the browser uploads, submits, gets the video with a
-  subtitle track and reattaches after reopening the page.
+One page (build_ui launched in-process) and one test engine thread (claims jobs from the store, reports
+stages, writes a real mp4, subtitles and side files) serve every check of this module:
+
+- ``test_page_loads``: title, main controls, the live parse preview, speaker names in the voice labels, a
+  script example, the footer's "Use via API" link to /docs.
+- ``test_ui_flow`` (slow): layout at 1440x900 (Generate and the result without scrolling) and on a 390-px
+  phone, a renamed WAV as portrait, every field filled, a double click (one job), the named downloads,
+  "load settings" from the history row bringing every field back, the gallery. Screenshots go to
+  ``tmp/artifacts/ui/`` (or ``$UI_ARTIFACTS``).
 - ``test_real_service_end_to_end`` (slow): ``python distributed_app.py --preset tiny`` as a subprocess,
   the full pipeline, checked through the browser and ``/api/jobs``.
 """
@@ -30,13 +35,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 from PIL import Image, ImageDraw
 
+from inference.render.video_io import write_video
 from service.jobs import JobState, JobStore
+from service.ui import UI_CSS, build_ui, submit_form
 
 ROOT = Path(__file__).resolve().parents[1]
 BROWSER_DIR = ROOT / "tests" / "browser"
 CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+ARTIFACTS = Path(os.environ.get("UI_ARTIFACTS", ROOT / "tmp" / "artifacts" / "ui"))
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
 
 
@@ -101,8 +110,6 @@ def _node(script: str, *args: str, timeout: float) -> tuple[dict, float]:
 
 @contextlib.contextmanager
 def _ui_in_process(store: JobStore) -> Iterator[str]:
-    from service.ui import UI_CSS, build_ui, submit_form
-
     demo = build_ui(
         store,
         submit=lambda form, files: submit_form(store, form, files),
@@ -118,7 +125,7 @@ def _ui_in_process(store: JobStore) -> Iterator[str]:
         css=UI_CSS,
         allowed_paths=[str(store.outputs_dir)],
         ssr_mode=False,
-        footer_links=["api"],
+        footer_links=[],
     )
     try:
         yield f"http://127.0.0.1:{port}/"
@@ -126,71 +133,117 @@ def _ui_in_process(store: JobStore) -> Iterator[str]:
         demo.close()
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[JobStore]:
-    s = JobStore(tmp_path / "jobs.db", tmp_path / "outputs", min_free_bytes=0)
-    yield s
-    s.close()
-
-
-def test_page_loads(store: JobStore, tmp_path: Path) -> None:
-    _require_browser()
-    with _ui_in_process(store) as url:
-        shot = tmp_path / "page.png"
-        result, took = _node(
-            "ui_smoke.mjs", "--url", url, "--screenshot", str(shot), "--timeout", "60", timeout=120
-        )
-    assert result["ok"] and result["title"] == "Dialogue video"
-    assert shot.is_file() and shot.stat().st_size > 10_000
-    print(f"page-load browser test: {took:.1f} s wall, {json.dumps(result)}")
-
-
 def _store_engine(store: JobStore, stop: threading.Event) -> None:
-    """Test double of the engine: claims jobs and writes a real (grey, 1 s) mp4 with subtitles."""
-    from inference.render.video_io import write_video
-
+    """Test double of the engine: claims jobs, reports the renderer's stages and writes a real (grey,
+    1 s) mp4 with subtitles and the side files a render leaves (reference picture, mix, timeline)."""
     while not stop.is_set():
         job = store.claim_next("test-engine")
         if job is None:
             time.sleep(0.1)
             continue
-        store.update_progress(job.id, 50, "rendering clip 1/1")
+        out = store.job_dir(job.id)
+        store.update_progress(job.id, 2, "synthesising speech")
         store.set_state(job.id, "rendering")
+        store.update_progress(job.id, 50, "clip 1 of 1, step 8 of 16")
+        store.update_progress(job.id, 90, "decoding clip 1 of 1")
         store.set_state(job.id, "encoding")
         srt = "1\n00:00:00,000 --> 00:00:01,000\nHello, nice to meet you.\n"
         vtt = "WEBVTT\n\n00:00:00.000 --> 00:00:01.000\nHello, nice to meet you.\n"
         frames = np.full((25, 64, 96, 3), 128, np.uint8)
-        write_video(
-            frames, None, 24000, store.job_dir(job.id) / "video.mp4", subtitles={"srt": srt, "vtt": vtt}
+        write_video(frames, None, 24000, out / "video.mp4", subtitles={"srt": srt, "vtt": vtt})
+        Image.new("RGB", (96, 64), (90, 120, 160)).save(out / "reference.png")
+        (out / "timeline.json").write_text('{"turns": []}')
+        store.set_outputs(
+            job.id, ["video.mp4", "subtitles.srt", "subtitles.vtt", "reference.png", "timeline.json"]
         )
-        store.set_outputs(job.id, ["video.mp4", "subtitles.srt", "subtitles.vtt"])
         store.set_state(job.id, "done")
 
 
-@pytest.mark.slow
-def test_ui_flow_with_store_engine(store: JobStore, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def ui_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, JobStore, Path]]:
+    """One store, one test engine thread and one in-process page for every browser check of this module."""
     _require_browser()
-    left, right = write_portraits(tmp_path)
+    tmp = tmp_path_factory.mktemp("ui")
+    store = JobStore(tmp / "jobs.db", tmp / "outputs", min_free_bytes=0)
     stop = threading.Event()
     engine = threading.Thread(target=_store_engine, args=(store, stop), daemon=True)
     engine.start()
     try:
         with _ui_in_process(store) as url:
-            shot = tmp_path / "flow.png"
-            result, took = _node(
-                "ui_e2e.mjs", "--url", url, "--left", str(left), "--right", str(right), "--screenshot", str(shot),
-                "--timeout", "90", "--preset", "fast", timeout=150,
-            )  # fmt: skip
+            yield url, store, tmp
     finally:
         stop.set()
         engine.join(10)
-    assert result["ok"] and shot.is_file()
+        store.close()
+
+
+def test_page_loads(ui_service: tuple[str, JobStore, Path]) -> None:
+    url, _, tmp = ui_service
+    shot = tmp / "page.png"
+    result, took = _node(
+        "ui_smoke.mjs", "--url", url, "--screenshot", str(shot), "--timeout", "60", timeout=120
+    )
+    assert result["ok"] and result["title"] == "Dialogue video"
+    assert result["api_link"].endswith("/docs")
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    print(f"page-load browser test: {took:.1f} s wall, {json.dumps(result)}")
+
+
+@pytest.mark.slow
+def test_ui_flow(ui_service: tuple[str, JobStore, Path]) -> None:
+    """Layout at 1440x900 and 390 px, a renamed WAV as portrait, every field filled, a double click, the
+    video with named downloads, an example, then "load settings" from the history row, the gallery."""
+    url, store, tmp = ui_service
+    left, right = write_portraits(tmp)
+    bad = tmp / "voice.png"  # a WAV file under an image name
+    t = np.arange(16000) / 16000
+    soundfile.write(bad, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000, format="WAV")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    before = store.count()
+    result, took = _node(
+        "ui_flow.mjs", "--url", url, "--left", str(left), "--right", str(right), "--bad", str(bad),
+        "--artifacts", str(ARTIFACTS), "--timeout", "150", timeout=240,
+    )  # fmt: skip
+    print(f"browser flow: {took:.1f} s wall, screenshots in {ARTIFACTS}")
+    # Layout: Generate and the result area without scrolling on a desktop; one column on a phone with
+    # Generate on its first screen.
+    assert result["desktop"] == {"generate": True, "result": True}
+    assert result["phone"]["one_column"] and result["phone"]["generate_on_screen"], result["phone"]
+    for name in ("desktop-1440x900.png", "phone-390.png", "phone-390-full.png", "desktop-result.png"):
+        assert (ARTIFACTS / name).stat().st_size > 5_000, name
+    # The renamed WAV: our sentence, naming the field and saying what it is; gone with a real portrait.
+    assert result["bad_message"].startswith("⚠️ Portrait of person 1 (left)")
+    assert (
+        "not a picture but WAV audio" in result["bad_message"]
+        and "PNG, JPEG or WebP" in result["bad_message"]
+    )
+    assert result["framework_errors"] == [] and result["cleared_message"] == ""
+    assert "kept the ones you set" in result["preset_note"] and "seed (1234)" in result["preset_note"]
+    # A double click made one job, and it is the one the page shows.
+    assert store.count() == before + 1
     job = store.get(result["job_id"])
-    assert job.state == JobState.DONE and job.spec["preset"] == "fast" and job.settings["steps"] == 16
-    assert job.spec["script"].startswith("(s1) Hello")
-    assert store.input_path(job.id, job.spec["images"]["left"]).read_bytes() == left.read_bytes()
-    assert result["subtitle_tracks"] >= 1
-    print(f"store-engine browser flow: {took:.1f} s wall, {json.dumps(result)}")
+    assert job.state == JobState.DONE and "Already submitted" not in result["submit_message"]
+    assert job.spec["script"] == result["sent"]["script"] and job.spec["voices"] == ["af_heart", "bf_emma"]
+    assert job.spec["scene"]["layout"] == "backdrop" and job.spec["scene"]["aspect"] == "4:3"
+    assert job.settings["steps"] == 20 and job.settings["seed"] == 1234 and job.settings["max_frames"] == 750
+    assert job.spec["prompt"] == "Two colleagues in a quiet library."
+    short = job.id[:8]
+    names = {Path(d).name for d in result["downloads"]}
+    assert {f"dialogue-{short}.mp4", f"dialogue-{short}.srt", f"dialogue-{short}.vtt"} <= names, names
+    assert f"dialogue-{short}-files.zip" in names, names
+    assert Path(result["gallery_link"]).name == f"dialogue-{short}.mp4"
+    # The example changed every field; "load settings" brought each one back.
+    sent, example, loaded = result["sent"], result["example"], result["loaded"]
+    changed = {k for k in sent if sent[k] != example[k]}
+    assert {"left", "right", "layout", "aspect", "script", "voice2", "prompt", "steps", "seed"} <= changed, (
+        changed
+    )
+    for key in sent:
+        if key in ("left", "right"):  # the upload and the stored input are served under their own paths
+            assert loaded[key] and f"{key}_image" in loaded[key], (key, loaded[key])
+        else:
+            assert loaded[key] == sent[key], (key, sent[key], loaded[key])
+    assert short in result["form_message"] and "seed 1234" in result["form_message"]
 
 
 def _get_json(url: str, timeout: float = 5.0) -> tuple[int, dict]:

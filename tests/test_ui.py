@@ -1,5 +1,7 @@
-"""Gradio UI handlers against a real JobStore: parse preview, scene overlay, presets, submit, status,
-cancel, history, re-run, reattach, voice preview; plus the Blocks build and the mount on the REST app.
+"""Gradio UI handlers against a real JobStore: upload checks, parse preview, scene overlay, presets (a
+preset keeps what the user set), submit (once per double click), one-person jobs, status with named stages,
+named downloads, queue, gallery, history, load settings, re-runs with a new seed, examples that fill the
+whole form, reattach, voice preview; plus the Blocks build and the mount on the REST app.
 
 The engine is not part of the UI: tests move jobs along the way an engine would (claim, progress,
 outputs, done) through the store's own API.
@@ -8,6 +10,7 @@ outputs, done) through the store's own API.
 from __future__ import annotations
 
 import io
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +113,9 @@ def test_build_ui_renders_every_main_control(store: JobStore) -> None:
     for elem in ("left-portrait", "right-portrait", "scene-image", "boxes", "layout", "resolution",
                  "overlay-preview", "script-box", "parse-preview", "voice1", "voice2", "prompt", "preset",
                  "generate-btn", "cancel-btn", "job-id", "job-status", "result-video", "downloads", "history",
-                 "audio-tab", "audio1", "audio2", "audio-mode", "audio-preview"):  # fmt: skip
+                 "audio-tab", "audio1", "audio2", "audio-mode", "audio-preview", "single-image", "queue", "gallery",
+                 "dl-video", "dl-srt", "dl-vtt", "dl-zip", "load-settings-btn", "new-seed-btn", "preset-note",
+                 "example-0", "left-message", "single-message", "dv-inputs", "dv-output"):  # fmt: skip
         assert elem in ids, elem
     # The script tab comes first (the default): the browser tests type into #script-box.
     tabs = [b for b in demo.blocks.values() if type(b).__name__ == "Tab"]
@@ -124,7 +129,16 @@ def test_build_ui_renders_every_main_control(store: JobStore) -> None:
         ("filepath", "Recording of person 2 (right)"),
     ]
     kinds = {type(b).__name__ for b in demo.blocks.values()}
-    assert {"BrowserState", "Timer", "Video", "Dataframe", "Accordion"} <= kinds
+    assert {"BrowserState", "Timer", "Video", "HTML", "Accordion", "DownloadButton"} <= kinds
+    # Inputs on the left, Generate and the result on the right: both columns in one row, Generate first
+    # in the right one.
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert by_id["dv-inputs"].parent is by_id["dv-output"].parent
+    assert _first_button(by_id["dv-output"]).elem_id == "generate-btn"
+    people = [t.label for t in tabs if t.elem_id in ("portraits-tab", "scene-tab", "single-tab")]
+    assert people == ["Two portraits", "One scene + boxes", "One person"]
+    # Resolution sits with the preset (quality), not with the pictures.
+    assert by_id["resolution"].parent is by_id["preset"].parent
     voice_dd = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "voice1")
     labels = dict((v, k) for k, v in voice_dd.choices)
     assert labels["af_heart"].startswith("af_heart — American English, female")
@@ -133,6 +147,16 @@ def test_build_ui_renders_every_main_control(store: JobStore) -> None:
     # A failing info callable must not break the page.
     broken = build_ui(store, submit=lambda f, fl: "x", tts_preview=None, info=lambda: 1 / 0)
     assert "service info unavailable" in broken.dialogue_handlers.header()
+
+
+def _first_button(block: Any) -> Any:
+    for child in getattr(block, "children", []):
+        if type(child).__name__ == "Button":
+            return child
+        found = _first_button(child)
+        if found is not None:
+            return found
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- script
@@ -212,7 +236,12 @@ def test_preset_fill_and_overrides(ui: UiHandlers) -> None:
     assert ui.settings_overrides({**base, "length_unit": "frames", "max_length": 201}) == {"max_frames": 201}
     with pytest.raises(SettingsError) as err:
         ui.settings_overrides({**base, "max_length": 2})
-    assert err.value.field == "max_frames" and "3.24 s" in str(err.value)
+    assert err.value.field == "max_frames" and "2 seconds is shorter than one clip" in str(err.value)
+    assert "81 frames = 3.24 seconds" in str(err.value)
+    with pytest.raises(SettingsError, match="1 second is shorter"):  # one second, not "1 seconds"
+        ui.settings_overrides({**base, "max_length": 1})
+    with pytest.raises(SettingsError, match="longest video"):
+        ui.settings_overrides({**base, "max_length": 400})
     assert (
         ui.convert_length(40, "seconds", "frames") == 1000
         and ui.convert_length(1000, "frames", "seconds") == 40
@@ -228,9 +257,10 @@ def test_estimate_uses_script_length_and_step_time(store: JobStore) -> None:
     assert "45 s" in text  # 30 steps x 3 passes x 0.5 s
     no_time = _handlers(store, info=lambda: {}).estimate({**values, "script": ""})
     assert "estimated time" not in no_time and "write a script" in no_time
-    assert "Maximum length" not in ui.estimate({**values, "max_length": 1}) and "⚠️" in ui.estimate(
-        {**values, "max_length": 1}
-    )
+    # A settings error names the setting as the page does ("Maximum length", not max_frames), in the
+    # right number.
+    bad = ui.estimate({**values, "max_length": 1})
+    assert "⚠️ **Maximum length**: 1 second is shorter" in bad and "max_frames" not in bad
 
 
 # ---------------------------------------------------------------------------------------------- submit
@@ -238,7 +268,7 @@ def test_estimate_uses_script_length_and_step_time(store: JobStore) -> None:
 
 def test_generate_submits_job_to_store(ui: UiHandlers, store: JobStore, portraits: tuple[str, str]) -> None:
     job_id, msg = ui.generate(_values(ui, portraits, steps=20, seed=7, prompt="Two friends in a café."))
-    assert job_id is not None and job_id in msg and "position 1" in msg
+    assert job_id is not None and job_id[:8] in msg and "position 1" in msg
     job = store.get(job_id)
     assert job.state == JobState.QUEUED
     assert job.spec["script"].startswith("(s1) Hello there!") and job.spec["voices"] == [
@@ -263,7 +293,7 @@ def test_generate_rejects_bad_input_with_field(
     job_id, msg = ui.generate(_values(ui, portraits, voice2="xx_nobody"))
     assert job_id is None and "**Voice of person 2**" in msg
     job_id, msg = ui.generate(_values(ui, portraits, steps=0))
-    assert job_id is None and "steps" in msg
+    assert job_id is None and "**Steps**: 0 is out of range" in msg
     assert store.count() == 0
 
 
@@ -318,8 +348,7 @@ def test_audio_preview_errors_inline_with_field(
     assert m2.startswith("⚠️ **Recording of person 2 (right)**:") and "silent" in m2
     m1, m2, line = ui.audio_preview(recordings[0], None, "add")
     assert m1 == "✓ 1.0 s" and m2 == "" and "recording of person 2 (right) too" in line
-    short = _handlers(store=ui.store)
-    short.limits = type(ui.limits)(max_audio_seconds=1.2)
+    short = _handlers(ui.store, limits=Limits(max_audio_seconds=1.2))
     assert "too long" in short.audio_preview(*recordings, "para")[1]
 
 
@@ -371,7 +400,7 @@ def test_generate_in_audio_mode_names_the_bad_field(
     job_id, msg = ui.generate({**audio, "audio2": str(corrupt)})
     assert job_id is None and msg.startswith("⚠️ **Recording of person 2 (right)**:")
     job_id, msg = ui.generate({**audio, "audio2": recordings[1], "audio_mode": "loud"})
-    assert job_id is None and "**Audio mode**" in msg and "'para'" in msg
+    assert job_id is None and "**How the recordings play**" in msg and "'para'" in msg
     assert store.count() == 0
 
 
@@ -400,7 +429,7 @@ def test_history_and_rerun_of_ui_audio_job(
         ids == [first] and rows[0][7] == "own recordings" and rows[0][8] == "audio files, add: 1.0 s + 1.5 s"
     )
     again, msg = ui.rerun(first)
-    assert again is not None and again in msg
+    assert again is not None and again[:8] in msg
     a, b = store.get(first), store.get(again)
     assert b.spec == a.spec and b.settings == a.settings and b.spec["audio_source"] == "files"
     for name in a.inputs:
@@ -418,22 +447,41 @@ def test_poll_follows_the_job(ui: UiHandlers, store: JobStore, portraits: tuple[
     assert "position <b>2</b> of 2" in r.html and "queued" in r.html
 
     store.claim_next("test")
-    store.update_progress(first, 42, "rendering clip 1/2, step 3/16")
+    store.update_progress(first, 42, "clip 1 of 2, step 3 of 16")
     r = ui.poll(first)
-    assert "42%" in r.html and "rendering clip 1/2, step 3/16" in r.html and 'aria-valuenow="42"' in r.html
+    assert (
+        "42%" in r.html
+        and "Denoising: clip 1 of 2, step 3 of 16" in r.html
+        and 'aria-valuenow="42"' in r.html
+    )
+    assert 'data-stage="denoising"' in r.html and '<span class="dv-step dv-step-done">Speech</span>' in r.html
     assert "position <b>1</b> of 1" in ui.poll(second).html and "1 job running" in ui.poll(second).html
+    # Every stage the renderer reports has its name on the page.
+    for text, stage in (("synthesising speech", "Speech"), ("composing the scene", "Scene"),
+                        ("encoding audio (wav2vec2)", "Conditioning"), ("conditioning clip 2 of 2", "Conditioning"),
+                        ("decoding clip 2 of 2", "Decoding"), ("encoding the video", "Muxing")):  # fmt: skip
+        store.update_progress(first, 50, text)
+        assert f'<span class="dv-stage">{stage}: {text}</span>' in ui.poll(first).html, text
 
     store.set_state(first, "rendering")
     store.set_state(first, "encoding")
-    for name, data in {"video.mp4": b"mp4", "subtitles.vtt": b"WEBVTT\n", "subtitles.srt": b"1\n"}.items():
+    cue = "00:00:00,000 --> 00:00:01,000\nHi\n"
+    for name, data in {"video.mp4": b"mp4", "subtitles.vtt": f"WEBVTT\n\n{cue.replace(',', '.')}".encode(),
+                       "subtitles.srt": f"1\n{cue}".encode(), "mix.wav": b"RIFF", "render.json": b"{}"}.items():  # fmt: skip
         (store.job_dir(first) / name).write_bytes(data)
-    store.set_outputs(first, ["subtitles.vtt", "video.mp4", "subtitles.srt"])
+    store.set_outputs(first, ["subtitles.vtt", "video.mp4", "subtitles.srt", "mix.wav", "render.json"])
     store.set_state(first, "done")
     r = ui.poll(first)
-    assert r.terminal and not r.cancellable and "done" in r.html and "100%" in r.html
+    assert r.terminal and not r.cancellable and r.done and "done" in r.html and "100%" in r.html
     assert r.video == str(store.job_dir(first).resolve() / "video.mp4")
-    assert r.subtitles.endswith("subtitles.vtt")
-    assert [Path(p).name for p in r.downloads] == ["video.mp4", "subtitles.srt", "subtitles.vtt"]
+    # Downloads are named after the job, the side files zipped.
+    short = first[:8]
+    names = [Path(p).name for p in r.downloads.paths()]
+    assert names == [f"dialogue-{short}.mp4", f"dialogue-{short}.srt", f"dialogue-{short}.vtt",
+                     f"dialogue-{short}-files.zip"]  # fmt: skip
+    assert Path(r.downloads.video).read_bytes() == b"mp4" and r.subtitles == r.downloads.vtt
+    with zipfile.ZipFile(r.downloads.zip) as zf:
+        assert sorted(zf.namelist()) == ["mix.wav", "render.json"]
 
     assert "No job yet" in ui.poll("").html
     assert "not a job id" in ui.poll("../etc/passwd").html
@@ -489,7 +537,16 @@ def test_history_rows_and_selection(ui: UiHandlers, store: JobStore, portraits: 
     assert rows[0][:7] == [new[:8], rows[0][1], "queued (#1)", "quality", 40, "480p", 3]
     assert rows[1][2] == "done" and rows[1][-1] == 12.5
     assert rows[1][7] == "af_heart + am_adam" and rows[1][8].startswith("(s1) Hello there! / (s2)")
-    assert ui.select_row(ids, 1) == old and ui.select_row(ids, 5) == "" and ui.select_row(ids, None) == ""
+    table = ui.history_html()
+    assert table.index(new) < table.index(old)  # newest first
+    assert (
+        f'data-action="cancel" data-job="{new}"' in table
+        and f'data-action="delete" data-job="{new}"' not in table
+    )
+    assert (
+        f'data-action="delete" data-job="{old}"' in table and f'data-action="load" data-job="{old}"' in table
+    )
+    assert f'data-action="seed" data-job="{old}"' in table
 
 
 def test_rerun_resubmits_same_inputs(
@@ -498,7 +555,7 @@ def test_rerun_resubmits_same_inputs(
     first, _ = ui.generate(_values(ui, portraits, layout="backdrop", backdrop="plain", aspect="4:3", seed=11))
     _finish(store, first, {"video.mp4": b"x"})
     again, msg = ui.rerun(first)
-    assert again is not None and again != first and again in msg
+    assert again is not None and again != first and again[:8] in msg and "same seed (11)" in msg
     a, b = store.get(first), store.get(again)
     assert a.spec == b.spec and a.settings == b.settings
     for name in a.inputs:

@@ -36,13 +36,13 @@ export function parseArgs(argv, required) {
 }
 
 /** A fresh profile (--user-data-dir) each run; returns {context, page, close}. */
-export async function openBrowser() {
+export async function openBrowser(viewport = { width: 1400, height: 1000 }) {
   const profile = mkdtempSync(join(tmpdir(), "ui-browser-"));
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: CHROMIUM,
     headless: true,
     args: FLAGS,
-    viewport: { width: 1400, height: 1000 },
+    viewport,
   });
   const page = context.pages()[0] || (await context.newPage());
   const close = async () => {

@@ -1,7 +1,8 @@
 // Page-load check of the Gradio UI in a real headless Chromium:
 //   node tests/browser/ui_smoke.mjs --url URL --screenshot PATH [--timeout SECONDS]
 // Checks the title and that the main controls render, types a script and waits for the live parse
-// preview and the speaker names in the voice labels, then loads an example script.
+// preview and the speaker names in the voice labels, loads an example script, and reads where the
+// footer's "Use via API" leads.
 // Prints one JSON line; exits non-zero on failure.
 import { openBrowser, parseArgs, run } from "./lib.mjs";
 
@@ -14,7 +15,10 @@ const CONTROLS = [
   "#preset",
   "#generate-btn",
   "#job-status",
-  "#history",
+  "#queue",
+  "#gallery-tab",
+  "#history-tab",
+  "#example-0",
 ];
 
 run(async () => {
@@ -37,13 +41,15 @@ run(async () => {
     // The speaker names reach the voice labels through a State change (a second server round trip).
     await page.locator("#voice2").getByText("Ben").first().waitFor({ timeout });
     // An example button fills the box (the "A: / B:" example has three turns).
+    await page.getByText("Script formats, pauses and examples").click();
     await page.getByRole("button", { name: "A: / B:" }).click();
     await page.locator("#parse-preview").getByText("3 turns").waitFor({ timeout });
     const preview = await page.locator("#parse-preview").innerText();
     if (!preview.includes("letters")) throw new Error(`parse preview shows ${JSON.stringify(preview)}`);
+    const apiLink = await page.locator("#api-link").evaluate((a) => a.href);
     await page.screenshot({ path: args.screenshot, fullPage: true });
-    console.log(JSON.stringify({ ok: true, title, launch_ms: launched - t0, load_ms: loaded - launched,
-                                 total_ms: Date.now() - t0 }));
+    console.log(JSON.stringify({ ok: true, title, api_link: apiLink, launch_ms: launched - t0,
+                                 load_ms: loaded - launched, total_ms: Date.now() - t0 }));
   } finally {
     await close();
   }

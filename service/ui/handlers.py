@@ -1,0 +1,238 @@
+"""The page's event handlers as plain methods (store + validators only; callable from tests without a
+browser). :class:`UiHandlers` joins the previews (``previews.py``) and the job views (``jobs_view.py``)
+and adds submission, "load settings", re-runs and the examples."""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from service.jobs import DiskFullError, JobNotFoundError, JobStore, QueueFullError, validate_job_id
+from service.ui import examples
+from service.ui.form import (
+    ADVANCED_FIELDS,
+    advanced_values,
+    convert_length,
+    form_from_values,
+    preset_change,
+    preset_settings,
+    rerun_inputs,
+    settings_overrides,
+    values_from_job,
+)
+from service.ui.formatting import error_md, field_label, plural, short_id
+from service.ui.jobs_view import JobHandlers
+from service.ui.previews import PreviewHandlers, TtsPreviewFn
+from service.ui.uploads import AudioLengths
+from service.validation import Limits
+
+logger = logging.getLogger(__name__)
+
+SubmitFn = Callable[[dict[str, Any], dict[str, bytes]], str]
+"""``submit(form, files) -> job id``: form fields as the REST multipart form (``script``, ``voice1``,
+``voice2``, ``prompt``, ``preset``, ``settings`` (dict or JSON text), ``layout``, ``backdrop``, ``aspect``,
+``boxes``, ``audio_mode``), files by form name (``left_image``, ``right_image``, ``scene_image``, ``audio1``,
+``audio2``) -> bytes. Raises InputError (``field``, ``message``) for bad input."""
+InfoFn = Callable[[], Mapping[str, Any]]
+
+# The same form from the same browser within this many seconds is the same submission (a double click).
+DEDUPE_WINDOW_S = 10.0
+_MAX_SESSIONS = 256
+
+
+class UiHandlers(PreviewHandlers, JobHandlers):
+    """The UI's event handlers (store + validators only; callable from tests)."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        *,
+        submit: SubmitFn,
+        tts_preview: TtsPreviewFn | None,
+        info: InfoFn,
+        limits: Limits | None = None,
+    ) -> None:
+        self.store = store
+        self._submit = submit
+        self._tts_preview = tts_preview
+        self._info = info
+        # The REST limits: the audio checks apply the same size/length rules, the presets the same defaults.
+        self.limits = Limits() if limits is None else limits
+        self.job_defaults = dict(self.limits.job_defaults or {})
+        self.audio = AudioLengths(self.limits)
+        self.examples_dir = store.outputs_dir / examples.EXAMPLES_DIRNAME
+        self._lock = threading.Lock()
+        self._recent: dict[str, tuple[str, float, str]] = {}  # session -> (fingerprint, time, job id)
+        self._session_locks: dict[str, threading.Lock] = {}
+
+    # -- service info
+
+    def info(self) -> dict[str, Any]:
+        try:
+            return dict(self._info())
+        except Exception as exc:  # the page must still render when the info callable fails
+            logger.warning("service info unavailable: %r", exc)
+            return {"error": str(exc)}
+
+    def header(self) -> str:
+        """One line about the service: model, devices, engine state, queue."""
+        info = self.info()
+        parts: list[str] = []
+        if "error" in info:
+            parts.append(f"service info unavailable ({html.escape(str(info['error']))})")
+        if info.get("model"):
+            parts.append(f"model **{info['model']}**")
+        world = info.get("world_size")
+        if world:
+            sp = info.get("ulysses_size")
+            parts.append(
+                plural(int(world), "process", "processes") + (f" (Ulysses {sp})" if sp and sp > 1 else "")
+            )
+        engine = info.get("engine")
+        if isinstance(engine, Mapping):
+            alive = engine.get("alive")
+            parts.append(
+                "engine " + ("running" if alive else f"not running {engine.get('message') or ''}".strip())
+            )
+        elif engine is None and "engine" in info:
+            parts.append("no engine attached (jobs wait in the queue)")
+        elif isinstance(engine, str):
+            parts.append(html.escape(engine))
+        try:
+            queued, running = self.store.count(state="queued"), len(self.store.active())
+            parts.append(f"{plural(queued, 'job')} waiting, {running} running")
+        except Exception as exc:
+            parts.append(f"job store unreadable: {exc}")
+        return " · ".join(parts)
+
+    # -- presets
+
+    def preset_values(self, preset: str, length_unit: str = "seconds") -> tuple[Any, ...]:
+        """Advanced-settings values of a preset (under the service defaults), in ADVANCED_FIELDS order."""
+        values = advanced_values(preset_settings(preset, self.job_defaults), length_unit)
+        return tuple(values[k] for k in ADVANCED_FIELDS)
+
+    def settings_overrides(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        return settings_overrides(values, self.job_defaults)
+
+    def convert_length(self, value: float | None, old_unit: str, new_unit: str) -> float | None:
+        return convert_length(value, old_unit, new_unit)
+
+    def preset_change(
+        self, preset: str, length_unit: str, current: Mapping[str, Any], touched: Any
+    ) -> tuple[dict[str, Any], str]:
+        return preset_change(preset, length_unit, current, set(touched or ()), self.job_defaults)
+
+    # -- submit
+
+    def generate(self, values: Mapping[str, Any], session: str | None = None) -> tuple[str | None, str]:
+        """Validate and submit one job from the form values (keys: FORM_FIELDS).
+
+        The same form sent again from the same browser session within DEDUPE_WINDOW_S (a double click)
+        returns the job of the first send instead of making a second one. Returns (job id or None, Markdown).
+        """
+        try:
+            form, files = form_from_values(values, self.job_defaults)
+        except OSError as exc:
+            return None, f"⚠️ could not read an uploaded file: {exc}"
+        except ValueError as exc:
+            return None, error_md(exc)
+        key = _fingerprint(form, files)
+        with self._session_lock(session):
+            if session is not None:
+                seen = self._recent.get(session)
+                if seen is not None and seen[0] == key and time.monotonic() - seen[1] < DEDUPE_WINDOW_S:
+                    return seen[
+                        2
+                    ], f"Already submitted as job `{short_id(seen[2])}`; this is the same request."
+            try:
+                job_id = self._submit(form, files)
+            except (QueueFullError, DiskFullError) as exc:
+                return None, f"⚠️ {exc}"
+            except ValueError as exc:
+                return None, error_md(exc)
+            if session is not None:
+                self._recent[session] = (key, time.monotonic(), job_id)
+        job = self.store.get(job_id)
+        where = f"position {job.queue_position} in the queue" if job.queue_position else job.state.value
+        return job_id, f"Submitted job `{short_id(job_id)}` ({where})."
+
+    def _session_lock(self, session: str | None) -> threading.Lock:
+        if session is None:
+            return threading.Lock()
+        with self._lock:
+            if session not in self._session_locks and len(self._session_locks) >= _MAX_SESSIONS:
+                oldest = next(iter(self._session_locks))
+                self._session_locks.pop(oldest)
+                self._recent.pop(oldest, None)
+            return self._session_locks.setdefault(session, threading.Lock())
+
+    def rerun(self, job_id: str | None, *, new_seed: bool = False) -> tuple[str | None, str]:
+        """Submit a new job with the same inputs (files from ``outputs/<id>/inputs/``) and settings; with a
+        fresh random seed when ``new_seed``."""
+        if not job_id:
+            return None, "Choose a job first."
+        try:
+            job = self.store.get(validate_job_id(job_id.strip()))
+            form, files = rerun_inputs(self.store, job, new_seed=new_seed)
+            new_id = self._submit(form, files)
+        except (QueueFullError, DiskFullError, JobNotFoundError) as exc:
+            return None, f"⚠️ {exc}"
+        except OSError as exc:
+            return None, f"⚠️ the inputs of job {short_id(job_id)} are no longer on disk ({exc})"
+        except ValueError as exc:
+            return None, error_md(exc)
+        seed = self.store.get(new_id).settings.get("seed")
+        how = f"with a new seed ({seed})" if new_seed else f"with the same seed ({seed})"
+        return new_id, f"Re-submitted job `{short_id(job_id)}` {how} as `{short_id(new_id)}`."
+
+    # -- settings that come back
+
+    def load_settings(self, job_id: str | None) -> tuple[dict[str, Any] | None, list[str], str]:
+        """A stored job's inputs and settings as form values: (values or None, the advanced fields that
+        differ from its preset, a sentence saying what was loaded and what could not be)."""
+        if not job_id:
+            return None, [], "Choose a job first."
+        try:
+            job = self.store.get(validate_job_id(job_id.strip()))
+            values, differ, missing = values_from_job(self.store, job, self.job_defaults)
+        except (ValueError, JobNotFoundError) as exc:
+            return None, [], f"⚠️ {exc}"
+        text = (
+            f"Loaded the settings of job `{short_id(job.id)}` (seed {values['seed']}: the same video again; "
+            "set the seed to -1 or use New seed for another take)."
+        )
+        if missing:
+            text += " ⚠️ No longer on disk: " + ", ".join(field_label(f) for f in missing) + " — upload again."
+        return values, differ, text
+
+    def example(self, index: int) -> tuple[dict[str, Any], list[str], str]:
+        """Whole-form example ``index`` of ``examples.FORM_EXAMPLES`` as form values."""
+        ex = examples.FORM_EXAMPLES[index]
+        values = examples.example_values(
+            ex,
+            self.examples_dir,
+            installed_voices=self.limits.installed_voices,
+            job_defaults=self.job_defaults,
+        )
+        return values, [], f"Example “{ex.label}” loaded: every field is filled; press Generate."
+
+
+def _fingerprint(form: Mapping[str, Any], files: Mapping[str, bytes]) -> str:
+    h = hashlib.sha256(json.dumps(form, sort_keys=True, default=str).encode())
+    for name in sorted(files):
+        h.update(name.encode())
+        h.update(hashlib.sha256(files[name]).digest())
+    return h.hexdigest()
+
+
+def image_path(value: Any) -> str | None:
+    """A component value that names a file (a path string), else None."""
+    return str(value) if isinstance(value, str | Path) and str(value) else None
