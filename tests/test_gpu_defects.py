@@ -167,8 +167,8 @@ def test_rank0_gets_its_share_of_the_cores_after_start_up(monkeypatch, restore_p
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(host, "available_cores", lambda: 8)
     torch.set_num_threads(1)
-    # --ring_size 2 is refused right after start-up, before any weights load.
-    assert distributed_app.main(["--preset", "tiny", "--ring_size", "2"]) == 2
+    # --sample_steps 0 is refused right after start-up, before any weights load.
+    assert distributed_app.main(["--preset", "tiny", "--sample_steps", "0"]) == 2
     assert torch.get_num_threads() == 2
 
 
