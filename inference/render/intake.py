@@ -29,7 +29,7 @@ import soundfile
 from PIL import Image
 
 from common.errors import InputError
-from inference.render.settings import PRESETS
+from inference.render.settings import PRESETS, LoraState
 from inference.render.spec import (
     AUDIO_MODES,
     PERSONS,
@@ -69,6 +69,8 @@ class Limits:
         under the job's own settings.
     installed_voices: voice ids whose files this service has (None: every catalog voice); a voice that
         is in Kokoro's catalog but not installed is refused when the job is accepted, not when it runs.
+    lora: the service's LoRAs (``--lora_dir``, ``--lora_mode``): which presets it offers, what they
+        resolve to, and whether a job's ``lora`` setting can be honoured.
     """
 
     max_upload_bytes: int = 25 * 2**20
@@ -80,6 +82,7 @@ class Limits:
     max_list_limit: int = 200
     installed_voices: frozenset[str] | None = None
     job_defaults: Mapping[str, Any] | None = None
+    lora: LoraState = LoraState()
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ def build_job(req: JobInput, limits: Limits) -> Submission:
     and audio decoding.
     """
     n = req.name
-    preset, overrides, settings = resolve_settings(req.preset, req.settings, limits.job_defaults)
+    preset, overrides, settings = resolve_settings(req.preset, req.settings, limits.job_defaults, limits.lora)
     prompt = check_text(n("prompt"), req.prompt, limits.max_prompt_chars, required=False)
 
     # -- speech: a script (TTS) or recordings
@@ -411,7 +414,7 @@ def check_text(field: str, value: Any, max_chars: int, *, required: bool) -> str
 
 
 def resolve_settings(
-    preset: Any, overrides: Any, defaults: Mapping[str, Any] | None = None
+    preset: Any, overrides: Any, defaults: Mapping[str, Any] | None = None, lora: LoraState = LoraState()
 ) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """(preset name, overrides, resolved settings dict) or JobInputError naming the setting.
 
@@ -425,9 +428,9 @@ def resolve_settings(
     if not isinstance(overrides, dict):
         raise JobInputError("settings", f"expected a JSON object of settings, got {type(overrides).__name__}")
     try:
-        resolved = PRESETS[name].apply({**(defaults or {}), **overrides})
+        resolved = PRESETS[name].apply({**(defaults or {}), **overrides}, lora)
     except InputError as exc:
-        field = exc.field if exc.field == "settings" else f"settings.{exc.field}"
+        field = exc.field if exc.field in ("settings", "preset") else f"settings.{exc.field}"
         raise JobInputError(field, exc.message) from None
     # A random seed (negative) is drawn here, once: the stored job then always renders the same video,
     # also when a restart re-runs it and it resumes after its last finished clip.
