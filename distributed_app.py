@@ -12,6 +12,7 @@ a flag this service cannot honour is refused at start-up with the reason.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata as md
 import logging
 import os
 import sys
@@ -25,7 +26,29 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import torch
+import uvicorn
 from torch.distributed.elastic.multiprocessing.errors import record
+
+from dialogue import detect_language
+from inference.parallel.context import ParallelContext
+from inference.parallel.fsdp import check_t5_fsdp
+from inference.parallel.host import configure_cpu_threads
+from inference.parallel.layout import ParallelConfigError
+from inference.parallel.selftest import run_selftest
+from inference.render.intake import Limits
+from inference.render.settings import GenerationSettings, SettingsError
+from inference.render.worker import Runtime, RuntimeOptions, StartupError, setup_logging
+from service.api import ServiceInfo, create_app
+from service.jobs import JobStore
+from service.runner import (
+    EngineMonitor,
+    StoreJobSource,
+    StoreSink,
+    learn_from_history,
+    wav_bytes,
+    weights_report,
+)
+from service.submit import submit_form
 
 logger = logging.getLogger("distributed_app")
 
@@ -86,9 +109,6 @@ def _bool(text: str) -> bool:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse what cannot be honoured, with the reason and the supported options."""
-    from inference.parallel.fsdp import check_t5_fsdp
-    from inference.render.worker import StartupError
-
     check_t5_fsdp(args.t5_fsdp)
     if args.offload_model:
         raise StartupError("--offload_model", "moving models to the CPU between uses is not implemented; "
@@ -104,9 +124,6 @@ def check_flags(args: argparse.Namespace) -> None:
 def job_defaults(args: argparse.Namespace) -> dict[str, Any]:
     """Start-up flags that become the default settings of every job: applied over the job's preset at
     submission; a setting the job gives itself wins."""
-    from inference.render.settings import GenerationSettings, SettingsError
-    from inference.render.worker import StartupError
-
     values: dict[str, Any] = {}
     flags = {"frame_num": "frame_num", "motion_frames": "motion_frame", "mode": "mode", "steps": "sample_steps",
              "shift": "sample_shift"}  # fmt: skip
@@ -127,20 +144,6 @@ def job_defaults(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> None:
-    import uvicorn
-
-    from service.api import ServiceInfo, create_app
-    from service.jobs import JobStore
-    from service.runner import (
-        EngineMonitor,
-        StoreJobSource,
-        StoreSink,
-        learn_from_history,
-        wav_bytes,
-        weights_report,
-    )
-    from service.validation import Limits
-
     ctx = runtime.ctx
     args.outputs_dir.mkdir(parents=True, exist_ok=True)
     store = JobStore(args.outputs_dir / "jobs.db", args.outputs_dir, max_queue=args.max_queue,
@@ -180,14 +183,15 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
     )
     app = create_app(store, info, auth_token=args.api_token, limits=limits, tts_preview=tts_preview)
     if not args.no_ui:
-        from service.ui import build_ui, mount_ui, submit_form
+        # Imported only with the UI: gradio takes seconds to import and --no_ui services never need it.
+        from service.ui import build_ui, mount_ui
 
         info_dict = {"model": args.preset, "world_size": ctx.world_size, "ulysses_size": ctx.world_size,
                      "engine": "tiny random weights (demo)" if args.preset == "tiny" else "MultiTalk 14B",
                      "default_preset": info.default_preset}  # fmt: skip
         blocks = build_ui(
             store,
-            submit=lambda form, files: submit_form(store, form, files, limits=limits),
+            submit=lambda form, files: submit_form(store, form, files, limits=limits).id,
             tts_preview=tts_preview,
             info=lambda: {**info_dict, **monitor.speed()},
             limits=limits,
@@ -224,22 +228,16 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
 
 def _flag_message(exc: ValueError) -> str:
     """Parallel-layout errors name the option as the user typed it (``--ulysses_size``)."""
-    from inference.parallel.layout import ParallelConfigError
-
     if isinstance(exc, ParallelConfigError):
-        return f"--{exc.field}: {str(exc).split(': ', 1)[-1]}"
+        return f"--{exc.field}: {exc.message}"
     return str(exc)
 
 
 def _language_of(text: str) -> str:
-    from dialogue import detect_language
-
     return detect_language(text)
 
 
 def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
     out = {"python": sys.version.split()[0]}
     for pkg in ("torch", "transformers", "diffusers", "gradio", "kokoro"):
         try:
@@ -252,8 +250,6 @@ def _versions() -> dict[str, str]:
 @record
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from inference.parallel.host import configure_cpu_threads
-    from inference.render.worker import Runtime, RuntimeOptions, setup_logging
 
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank)
@@ -286,9 +282,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _selftest(dtype: torch.dtype) -> int:
-    from inference.parallel.context import ParallelContext
-    from inference.parallel.selftest import run_selftest
-
     ctx = ParallelContext.from_env(data_timeout=120, control_timeout=300)
     try:
         ok, _, line = run_selftest(ctx, dtype)

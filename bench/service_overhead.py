@@ -3,9 +3,10 @@
 REST: ``distributed_app.py --preset tiny`` as a subprocess; per job, the wall time from POST
 /api/generate to the first poll of /api/status that says ``done`` (multipart upload, validation,
 store, engine hand-off, per-step progress writes to SQLite, polling), beside the engine's own
-``total_time`` for the job. In-process: ``inference.pipeline.generate`` with the model and
-``Renderer`` loaded by ``Runtime.start`` (what the service does at start-up), on exactly the request
-the service rendered (its stored spec and inputs, the settings from its ``render.json``).
+``total_time`` for the job. In-process: ``Runtime.render`` (the same clip driver and engine, one process,
+no web server, no store) with the model and ``Renderer`` loaded by ``Runtime.start`` (what the service does
+at start-up), on exactly the job the service rendered (its stored JobSpec and inputs, the settings from
+its ``render.json``).
 
 The first job of each side is cold (Kokoro loads on first use, caches fill); later jobs are warm.
 Prints wall times and the overhead ratio REST / in-process per job; no assertions. Timings on a
@@ -125,28 +126,57 @@ def run_rest(args: argparse.Namespace, weights: Path, work: Path, portraits: tup
     return out
 
 
+class _Timings:
+    """A ``JobSink`` that keeps the stage timings of one in-process job."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    def progress(self, job_id: str, percent: float, stage: str) -> None:
+        pass
+
+    def timing(self, job_id: str, name: str, seconds: float) -> None:
+        self.times[name] = seconds
+
+    def state(self, job_id: str, state: str) -> None:
+        pass
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return False
+
+    def done(self, job_id: str, outputs: list[str]) -> None:
+        pass
+
+    def failed(self, job_id: str, reason: str, *, cancelled: bool = False, interrupted: bool = False) -> None:
+        raise SystemExit(f"in-process job failed: {reason}")
+
+
 def run_in_process(args: argparse.Namespace, weights: Path, work: Path, rest: dict) -> dict:
-    """The service's first job again, through ``generate`` in this process."""
+    """The service's first job again, through ``Runtime.render`` in this process."""
+    # Imported here, after main() set OMP_NUM_THREADS for the wanted thread count: torch reads it when it
+    # loads, and the project's render modules load torch.
     import torch
 
-    from inference.render.pipeline import JobRequest, generate
-    from inference.render.worker import Runtime, RuntimeOptions
+    from inference.render.settings import GenerationSettings
+    from inference.render.spec import JobSpec
+    from inference.render.worker import RenderJob, Runtime, RuntimeOptions
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     job_dir = work / "outputs" / rest["first_id"]
     settings = json.loads((job_dir / "render.json").read_text())["settings"]  # what the engine used
-    req = JobRequest.from_spec(rest["spec"], settings, job_dir / "inputs")
+    spec, settings = JobSpec.from_json(rest["spec"]), GenerationSettings.from_dict(settings)
     t0 = time.perf_counter()
     runtime = Runtime.start(RuntimeOptions(preset="tiny", weights=weights))
     out: dict = {"startup_s": time.perf_counter() - t0, "jobs": []}
     try:
         for i in range(args.jobs):
-            timings: dict[str, float] = {}
+            sink = _Timings()
             t0 = time.perf_counter()
-            generate(req, work / f"inproc{i}", runtime.model, runtime.renderer,
-                     timing=lambda n, s, t=timings: t.__setitem__(n, s))  # fmt: skip
-            out["jobs"].append({"wall_s": time.perf_counter() - t0, "timing": timings})
+            runtime.render(
+                RenderJob(f"inproc{i}", spec, settings, job_dir / "inputs", work / f"inproc{i}"), sink
+            )
+            out["jobs"].append({"wall_s": time.perf_counter() - t0, "timing": sink.times})
     finally:
         runtime.close()
     return out
@@ -162,7 +192,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch/OMP threads on each side")
     args = p.parse_args()
     os.environ.update(_env(args.threads))
-
+    # After the environment above: torch (which this loads) reads OMP_NUM_THREADS when it is imported.
     from inference.checkpoint.weights import make_tiny
 
     work = Path(tempfile.mkdtemp(prefix="service_overhead_"))

@@ -21,10 +21,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from inference.render.pipeline import JobRequest
+import soundfile as sf
+
+from common.errors import InputError
+from inference.checkpoint.weights import WeightPaths
+from inference.render.settings import GenerationSettings
+from inference.render.spec import JobSpec
 from inference.render.worker import RenderJob
 from service.api import EngineStatus, WorkerStatus
-from service.jobs import JobState, JobStore
+from service.jobs import INPUTS_DIRNAME, Job, JobState, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -208,15 +213,20 @@ class StoreJobSource:
                 return None
             time.sleep(min(self.poll_s, left))
 
-    def _to_render_job(self, job) -> RenderJob | None:
+    def _to_render_job(self, job: Job) -> RenderJob | None:
+        """The stored job as the renderer takes it: its JobSpec and settings read back strictly, its
+        input files present. A job that fails this fails now, with the reason."""
+        inputs = self.store.job_dir(job.id) / INPUTS_DIRNAME
         try:
-            request = JobRequest.from_spec(job.spec, job.settings, self.store.job_dir(job.id) / "inputs")
-        except ValueError as exc:
+            spec = JobSpec.from_json(job.spec)
+            settings = GenerationSettings.from_dict(job.settings)
+            spec.input_paths(inputs)
+        except InputError as exc:
             self.store.set_state(job.id, JobState.FAILED, error=f"cannot start the job: {exc}")
             logger.warning("job %s refused: %s", job.id, exc)
             return None
         self.monitor.beat(job.id, "preparing")
-        return RenderJob(job.id, request, self.store.job_dir(job.id))
+        return RenderJob(job.id, spec, settings, inputs, self.store.job_dir(job.id))
 
     def _maybe_cleanup(self) -> None:
         if time.monotonic() - self._last_cleanup < CLEANUP_EVERY_S:
@@ -247,8 +257,6 @@ def learn_from_history(store: JobStore, monitor: EngineMonitor, limit: int = 20)
 
 def wav_bytes(audio, sample_rate: int) -> bytes:
     """float32 mono -> 16-bit WAV bytes (for the voice preview endpoint)."""
-    import soundfile as sf
-
     buf = io.BytesIO()
     sf.write(buf, audio, sample_rate, format="WAV", subtype="PCM_16")
     return buf.getvalue()
@@ -256,8 +264,6 @@ def wav_bytes(audio, sample_rate: int) -> bytes:
 
 def weights_report(root: Path, preset: str) -> dict[str, Any]:
     """What /api/info says about the weights: the root, the preset and what is missing."""
-    from inference.checkpoint.weights import WeightPaths
-
     paths = WeightPaths.under(root)
     missing = paths.missing()
     return {"root": str(root), "preset": preset, "complete": not missing, "missing": missing[:20],

@@ -754,7 +754,10 @@ def test_auth(tmp_path: Path) -> None:
     assert client.post("/api/generate", data=data, files=files, headers=good).status_code == 200
     assert client.get("/api/info", headers=good).json()["auth_required"] is True
     assert client.get("/api/health").status_code == 200  # open for load balancers
-    assert client.get("/openapi.json").status_code == 200
+    assert client.head("/api/health").status_code == 200
+    # One gate for the whole app: the schema and the docs need the token too.
+    assert client.get("/openapi.json").status_code == 401
+    assert client.get("/openapi.json", headers=good).status_code == 200
     with pytest.raises(ValueError, match="non-empty"):
         create_app(store, ServiceInfo(), auth_token="  ")
     store.close()
@@ -949,3 +952,41 @@ def test_a_random_seed_is_drawn_once_at_submission(tmp_path: Path) -> None:
         isinstance(seed, int) and seed >= 0
     )  # stored concrete: a re-run after a restart renders the same video
     store.close()
+
+
+@needs_script
+def test_one_person_jobs(env) -> None:
+    """One image with one recording or a speaker-1 script: the single-person path, as upstream's
+    single_example_*.json; a second person on a one-image job is refused, naming what brought it."""
+    store, _, client = env
+    portrait = _png(400, 600)
+    resp = client.post("/api/generate", files={"image": ("me.png", portrait, "image/png"),
+                                               "audio1": ("a.wav", AUDIO1, "audio/wav")})  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    spec = store.get(resp.json()["task_id"]).spec
+    assert (spec["people"], spec["layout"], spec["images"]) == (1, "single", {"image": "image.png"})
+    h, w = spec["scene"]["bucket"]
+    assert spec["scene"]["scene_boxes"] == [[0, 0, h, w]] and spec["audio"] == {"person1": "audio1.wav"}
+
+    form = {"script": "Hello, I am the only one here.", "voice1": "af_bella"}
+    resp = client.post("/api/generate", data=form, files={"left_image": ("l.png", portrait, "image/png")})
+    assert resp.status_code == 200, resp.text
+    spec = store.get(resp.json()["task_id"]).spec
+    assert (spec["people"], spec["voices"], spec["speakers"]) == (1, ["af_bella"], ["Speaker 1"])
+
+    body = {"prompt": "A woman sings.", "cond_image": _data_url(portrait, "image/png"),
+            "cond_audio": {"person1": _data_url(AUDIO1, "audio/wav")}}  # fmt: skip
+    resp = client.post("/api/generate", json=body)
+    assert resp.status_code == 200, resp.text
+    assert store.get(resp.json()["task_id"]).spec["layout"] == "single"
+
+    count = store.count()
+    two = {"script": "(s1) Hi there.\n(s2) Hello!"}
+    _err(client.post("/api/generate", data=two, files={"image": ("me.png", portrait, "image/png")}), 400, "script",
+         "one-person job", "speaker 2")  # fmt: skip
+    files = {"image": ("me.png", portrait, "image/png"), "audio1": ("a.wav", AUDIO1, "audio/wav"),
+             "audio2": ("b.flac", AUDIO2, "audio/flac")}  # fmt: skip
+    _err(client.post("/api/generate", files=files), 400, "audio2", "one recording")
+    _err(client.post("/api/generate", data=two, files={"left_image": ("l.png", portrait, "image/png")}), 400,
+         "right_image", "required")  # fmt: skip
+    assert store.count() == count

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
+from inference.render.intake import Limits, build_job
+from inference.render.spec import JobInput, JobSpec
 from service.jobs import JobState, JobStore
-from service.runner import EngineMonitor, StoreSink, learn_from_history
+from service.runner import EngineMonitor, StoreJobSource, StoreSink, learn_from_history
 
 SPEC = {"kind": "dialogue", "version": 1}
 
@@ -83,3 +87,27 @@ def test_a_user_cancel_during_a_shutdown_still_cancels(store: JobStore) -> None:
     other = _rendering_job(store)
     sink.failed(other, "RuntimeError: decode failed")
     assert store.get(other).state == JobState.FAILED and "decode failed" in store.get(other).error
+
+
+def test_the_source_reads_the_stored_job_spec_back_and_refuses_a_bad_one(store: JobStore) -> None:
+    """The renderer gets the typed JobSpec the service stored (read strictly), its settings and its
+    inputs folder; a stored spec that does not read back fails the job with the key it names."""
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 400), (90, 120, 200)).save(buf, format="PNG")
+    sub = build_job(JobInput(image=buf.getvalue(), script="Hello, this is me."), Limits())
+    job = store.submit(sub.spec, sub.settings, sub.files)
+    source = StoreJobSource(store, EngineMonitor(1, "cpu"), poll_s=0.01)
+    render_job = source(0.5)
+    assert render_job is not None and render_job.job_id == job.id
+    assert (
+        isinstance(render_job.spec, JobSpec) and render_job.spec == sub.spec and render_job.spec.people == 1
+    )
+    assert render_job.settings.seed == sub.settings["seed"]
+    assert render_job.inputs == store.job_dir(job.id) / "inputs"
+    assert render_job.spec.input_paths(render_job.inputs)["image"].read_bytes() == buf.getvalue()
+
+    broken = dict(sub.spec.to_json(), people=3)
+    bad = store.submit(broken, sub.settings, sub.files)
+    assert source(0.2) is None
+    failed = store.get(bad.id)
+    assert failed.state == JobState.FAILED and "spec.people" in failed.error

@@ -193,7 +193,8 @@ def test_cancellation_at_step_boundary():
     calls: list = []
     polls = {"n": 0}
 
-    def should_stop():
+    def step_boundary(latent):
+        assert latent.shape == SHAPE  # the boundary sees the current latent
         polls["n"] += 1
         return polls["n"] == 3  # asked before steps 1, 2, 3 -> stop before step 3
 
@@ -204,14 +205,14 @@ def test_cancellation_at_step_boundary():
             noise,
             timesteps(6, 7.0),
             settings,
-            should_stop=should_stop,
+            step_boundary=step_boundary,
             progress=lambda d, t: progress.append((d, t)),
         )
     assert (info.value.step, info.value.total) == (2, 6)
     assert len(calls) == 2 * 3 and progress == [(1, 6), (2, 6)]
     with pytest.raises(Cancelled):
         sample_clip(
-            _x0_model(noise, noise, calls := []), noise, timesteps(6, 7.0), settings, should_stop=lambda: True
+            _x0_model(noise, noise, calls := []), noise, timesteps(6, 7.0), settings, step_boundary=lambda x: True
         )
     assert calls == []
 

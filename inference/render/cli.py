@@ -4,18 +4,25 @@
     torchrun --nproc-per-node=2 -m inference.generate --preset tiny --weights weights/tiny \\
         --input JOB.json --out OUT.mp4 --ulysses_size 2
 
-JOB.json is upstream MultiTalk's format (``prompt``, ``cond_image``, ``cond_audio`` {person1, person2},
-``audio_type`` add|para, ``bbox``, ``tts_audio`` {text, human1_voice, human2_voice}) or ours
-(``left_image``, ``right_image`` or ``scene_image`` + ``boxes``, ``script`` in any supported format,
-``voices``, ``prompt``, optional ``settings``). Relative paths are relative to the JSON file. Bad jobs
-print a clear error and exit 2 (on one process before any weights load). Under torchrun every rank
-denoises (Ulysses) and rank 0 writes the mp4. ``--save_frames PATH.npy`` also keeps the uint8 frames
-[T, H, W, 3] as they went into the encoder, to compare renders exactly (e.g. 1 rank against P ranks).
+JOB.json is upstream MultiTalk's format (``prompt``, ``cond_image``, ``cond_audio`` {person1[, person2]},
+``audio_type`` add|para, ``bbox``, ``tts_audio`` {text, human1_voice[, human2_voice]}) or ours
+(``left_image``, ``right_image``, ``scene_image`` + ``boxes`` or ``image`` for one person, ``script`` in
+any supported format, ``voices``, ``audio``, ``prompt``, ``preset``, ``settings``), read by the same parser
+and checked by the same rules as a REST job (``inference.render.spec``, ``inference.render.intake``).
+One ``cond_audio`` entry (or a speaker-1 script with one voice) is a one-person job, as upstream's
+``single_example_*.json``. Relative paths are resolved against the working directory, as upstream does,
+and failing that against the JSON file's folder.
+
+Every check that needs no model (files present and decodable, voices installed, the number of people,
+settings) runs before any weight loads; a bad job prints one ``error:`` line and exits 2. Under torchrun
+every rank denoises (Ulysses) and rank 0 writes the mp4. ``--save_frames PATH.npy`` also keeps the uint8
+frames [T, H, W, 3] as they went into the encoder, to compare renders exactly (1 rank against P ranks).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -23,8 +30,20 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from common.errors import InputError
+from common.files import atomic_write_bytes
+from inference.checkpoint.weights import WeightPaths
+from inference.parallel.host import configure_cpu_threads
+from inference.render.intake import Limits, Submission, build_job
+from inference.render.pipeline import FRAMES_FILE, OUTPUT_VIDEO
+from inference.render.settings import GenerationSettings
+from inference.render.spec import JobInputError, ReadFile, parse_job_json
+from inference.render.worker import RenderFailed, RenderJob, Runtime, RuntimeOptions, setup_logging
+from tts.tiny import DEFAULT_TINY_VOICES
 
 logger = logging.getLogger(__name__)
 
@@ -57,56 +76,86 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _settings(args: argparse.Namespace, job: dict):
-    from inference.render.settings import PRESETS, GenerationSettings
+# Files of a local job: the renderer's own limits apply (audio length, image size), not upload sizes.
+MAX_FILE_BYTES = 2**31
 
-    values: dict = {}
-    if args.quality:
-        values.update(PRESETS[args.quality].settings.to_dict())
-    if isinstance(job.get("settings"), dict):
-        values.update(job["settings"])
+
+def read_local_file(job_file: Path) -> ReadFile:
+    """``read_file`` for job JSON that names files by path: relative to the working directory (as
+    upstream resolves them), failing that relative to the job file's folder."""
+
+    def read(key: str, value: Any) -> bytes:
+        if not isinstance(value, str) or not value:
+            raise JobInputError(key, f"expected a file path, got {value!r}"[:200])
+        path = Path(value)
+        places = [path] if path.is_absolute() else [Path.cwd() / path, job_file.parent / path]
+        for place in places:
+            if place.is_file():
+                size = place.stat().st_size
+                if size > MAX_FILE_BYTES:
+                    raise JobInputError(key, f"{place} is {size} bytes; the limit is {MAX_FILE_BYTES}")
+                try:
+                    return place.read_bytes()
+                except OSError as exc:
+                    raise JobInputError(key, f"cannot read {place}: {exc.strerror or exc}") from None
+        where = str(path) if path.is_absolute() else f"{Path.cwd()} or {job_file.parent.resolve()}"
+        raise JobInputError(key, f"file not found: {value} (looked in {where})")
+
+    return read
+
+
+def installed_voices(args: argparse.Namespace) -> frozenset[str] | None:
+    """The voices the weights folder has (the tiny preset writes its four at start-up when missing);
+    None when there is no voice folder yet (start-up then names the missing weights)."""
+    paths = WeightPaths.under(RuntimeOptions(preset=args.preset, weights=args.weights).weights_root)
+    if (paths.kokoro_dir / "voices").is_dir():
+        return frozenset(paths.voices())
+    return frozenset(DEFAULT_TINY_VOICES) if args.preset == "tiny" else None
+
+
+def load_job(args: argparse.Namespace) -> Submission:
+    """Read and check the job file with the flags' settings; JobInputError names what is wrong.
+
+    Settings: the preset (``--quality``, else the job's ``preset``, else ``quality``: upstream's
+    defaults), then (tiny preset) 4 steps, then the job's ``settings``, ``--settings`` and the flags."""
+    try:
+        body = json.loads(args.input.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise JobInputError(
+            "input", f"cannot read the job file {args.input}: {exc.strerror or exc}"
+        ) from None
+    except ValueError as exc:
+        raise JobInputError("input", f"the job file {args.input} is not valid JSON: {exc}") from None
+    req = parse_job_json(body, read_local_file(args.input), source="cli", body_field="input")
+    overrides: Any = req.settings
     if args.settings:
         try:
             extra = json.loads(args.settings)
         except ValueError as exc:
-            raise ValueError(f"--settings: not valid JSON ({exc})") from None
+            raise JobInputError("--settings", f"not valid JSON ({exc})") from None
         if not isinstance(extra, dict):
-            raise ValueError("--settings: expected a JSON object")
-        values.update(extra)
-    for key, value in (("mode", args.mode), ("steps", args.sample_steps), ("seed", args.seed)):
-        if value is not None:
-            values[key] = value
-    if args.preset == "tiny":
-        values.setdefault("steps", 4)
-    return GenerationSettings.from_dict(values)
-
-
-def _load_job(args: argparse.Namespace):
-    """Read and check the job file -> ``JobRequest``; raises ValueError with a one-line message."""
-    from inference.render.pipeline import JobRequest
-
-    try:
-        job = json.loads(args.input.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the job file {args.input}: {exc}") from None
-    settings = _settings(args, job if isinstance(job, dict) else {})
-    return JobRequest.from_job_json(job, args.input.parent, settings)
+            raise JobInputError("--settings", "expected a JSON object")
+        overrides = {**(overrides if isinstance(overrides, dict) else {}), **extra}
+    flags = {"mode": args.mode, "steps": args.sample_steps, "seed": args.seed}
+    if any(v is not None for v in flags.values()):
+        base = overrides if isinstance(overrides, dict) else {}
+        overrides = {**base, **{k: v for k, v in flags.items() if v is not None}}
+    req = dataclasses.replace(req, preset=args.quality or req.preset or "quality", settings=overrides)
+    limits = Limits(max_upload_bytes=MAX_FILE_BYTES, installed_voices=installed_voices(args),
+                    job_defaults={"steps": 4} if args.preset == "tiny" else None)  # fmt: skip
+    return build_job(req, limits)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from inference.parallel.host import configure_cpu_threads
-    from inference.render.worker import Runtime, RuntimeOptions, setup_logging
-
     configure_cpu_threads()  # torchrun leaves OMP_NUM_THREADS=1: rank 0's CPU work would get one thread
-
-    req = None
-    if int(os.environ.get("WORLD_SIZE", "1") or "1") == 1:
-        # One process: refuse a bad job before loading any weights (minutes for the 14B model).
-        # Under torchrun rank 0 checks it after start-up, so that it can stop the other ranks.
+    submission = None
+    if int(os.environ.get("RANK", "0") or "0") == 0:
+        # Refuse a bad job before any weight loads (minutes for the 14B model). Under torchrun a refused
+        # job ends rank 0 here, before the process group forms, and torchrun stops the other ranks.
         try:
-            req = _load_job(args)
-        except ValueError as exc:
+            submission = load_job(args)
+        except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     runtime = None
@@ -124,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         setup_logging(runtime.ctx.rank)
         if runtime.ctx.is_rank0:
-            return _rank0(args, runtime, req)
+            assert submission is not None
+            return _rank0(args, runtime, submission)
         runtime.follow()
         return 0
     except (ValueError, OSError) as exc:
@@ -136,17 +186,19 @@ def main(argv: list[str] | None = None) -> int:
             runtime.close()
 
 
-def _rank0(args: argparse.Namespace, runtime, req) -> int:
-    from inference.render.pipeline import FRAMES_FILE, OUTPUT_VIDEO
-
+def _rank0(args: argparse.Namespace, runtime: Runtime, submission: Submission) -> int:
+    """Render the accepted job in a work folder beside ``--out``, then move the outputs into place."""
     try:
-        if req is None:
-            req = _load_job(args)
         out = args.out
         out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".render-", dir=out.parent))
         try:
-            names = runtime.render(req, work)
+            inputs = work / "inputs"
+            inputs.mkdir()
+            for name, data in submission.files.items():
+                atomic_write_bytes(inputs / name, data)
+            settings = GenerationSettings.from_dict(submission.settings)
+            names = runtime.render(RenderJob("cli", submission.spec, settings, inputs, work))
             for name in names:
                 if name == OUTPUT_VIDEO:
                     target = out
@@ -158,7 +210,11 @@ def _rank0(args: argparse.Namespace, runtime, req) -> int:
                 shutil.move(str(work / name), target)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    except (ValueError, OSError) as exc:
+    except RenderFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        runtime.shutdown()
+        return 1
+    except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         runtime.shutdown()  # ranks > 0 may still wait for a first message
         return 2

@@ -1,19 +1,22 @@
-"""One job from inputs to mp4: the front half on rank 0, the clip loop, decoding and muxing.
+"""The parts of one job from its ``JobSpec`` to an mp4, split along the process topology.
 
-Split along the process topology:
-
-- ``Renderer`` lives on rank 0. ``prepare`` does everything before the video model (script ->
-  Kokoro timeline, portraits -> scene, wav2vec2, T5, masks); ``clip_inputs`` builds one clip's
-  conditioning (CLIP, VAE ``y``, motion latents, windowed audio); ``accept_clip`` decodes and
-  colour-corrects a denoised clip; ``write_outputs`` muxes the mp4 and writes the side files.
+- ``Renderer`` lives on rank 0. ``prepare`` does everything before the video model (the spec's parsed
+  dialogue -> Kokoro timeline, or the recordings; pictures -> scene; wav2vec2, T5, masks);
+  ``clip_inputs`` builds one clip's conditioning (CLIP, VAE ``y``, motion latents, windowed audio);
+  ``accept_clip`` decodes and colour-corrects a denoised clip; ``write_outputs`` muxes the mp4 and
+  writes the side files.
 - ``denoise_clip`` runs on every rank with the same tensors: the sampler's Euler loop around the
   DiT, with the ``sp`` object for sequence parallelism. Its inputs are exactly the tensors the engine
   broadcasts, so one process and P ranks run the same code.
-- ``generate`` strings these together for one process (the CLI and the single-GPU service).
 
-Tensor names broadcast per clip (B = 1): ``context`` [1, L, text_dim], ``context_null`` [1, L', text_dim],
-``clip_fea`` [1, 257, clip_dim], ``y`` [1, 20, T_lat, h, w], ``audio`` [1, 2, frame_num, 5, layers, width],
-``ref_target_masks`` [3, h, w], and for later clips ``motion_latent`` [16, T_m, h, w].
+The clip driver that strings them together is ``inference.render.worker.DialogueWorker`` (one DENOISE
+message per clip, through the engine, on one process or many).
+
+Tensor names broadcast per clip (B = 1, N = people, 1 or 2): ``context`` [1, L, text_dim], ``context_null``
+[1, L', text_dim], ``clip_fea`` [1, 257, clip_dim], ``y`` [1, 20, T_lat, h, w], ``audio``
+[1, N, frame_num, 5, layers, width], ``ref_target_masks`` [3, h, w], and for later clips ``motion_latent``
+[16, T_m, h, w]. One person: the single-person path (no speaker routing; the masks give person 1 the
+whole frame and the model does not read them).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.errors import InputError
 from common.files import atomic_write, atomic_write_text
 from inference.checkpoint.lora import AdapterBank
 from inference.checkpoint.weights import WeightPaths
@@ -57,8 +59,15 @@ from inference.render.sampler import (
     sample_clip,
     timesteps,
 )
-from inference.render.settings import DEFAULT_PROMPT, FPS, GenerationSettings
+from inference.render.settings import FPS, GenerationSettings
+from inference.render.spec import JobSpec
 from inference.render.teacache import TeaCache, teacache_for
+from inference.render.video_io import write_video
+from inference.scene.compose import Scene, compose_scene, load_image, scene_from_image
+from inference.scene.single import single_scene
+from tts.engine import KokoroEngine
+from tts.timeline import Timeline, build_timeline
+from tts.user_audio import timeline_from_files
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +86,6 @@ OUTPUT_FILES = (
 )
 FRAMES_SPILL_DIR = ".frames"  # per-clip decoded frames until the mux
 FRAMES_FILE = "frames.npy"  # uint8 [T, H, W, 3] as handed to the encoder (RenderConfig.save_frames)
-AUDIO_MODES = ("add", "para")
 # Kokoro's vocoder draws noise: speech is seeded with a constant, so the same script and voices always
 # sound the same (whatever the video seed), and a resumed render continues over identical audio.
 TTS_SEED = 0
@@ -87,204 +95,17 @@ _PREPARE_END = 10.0
 _RENDER_END = 95.0
 
 
-class JobInputError(InputError):
-    """A job description that cannot be rendered; ``field`` names the offending input."""
-
-
-@dataclass(frozen=True)
-class JobRequest:
-    """Everything a render needs, with local file paths (inputs already saved by the store or CLI).
-
-    Pictures: ``left_image`` + ``right_image`` (composed with ``layout``), or ``scene_image`` with
-    optional ``boxes`` ([y0, x0, y1, x1] in original pixels). Speech: ``script`` + ``voices``, or
-    ``audio_files`` (one per person) with ``audio_mode`` add|para.
-    """
-
-    settings: GenerationSettings
-    prompt: str = DEFAULT_PROMPT
-    script: str | None = None
-    voices: tuple[str, str] = ("af_heart", "am_adam")
-    audio_files: tuple[Path, Path | None] | None = None
-    audio_mode: str = "add"
-    left_image: Path | None = None
-    right_image: Path | None = None
-    scene_image: Path | None = None
-    boxes: list[list[float]] | None = None
-    layout: str = "side_by_side"
-    backdrop: str = "blur"
-    aspect: str | None = None
-
-    def __post_init__(self) -> None:
-        if (self.script is None) == (self.audio_files is None):
-            raise JobInputError("script", "give either a dialogue script or audio files, exactly one of them")
-        if self.scene_image is None and (self.left_image is None or self.right_image is None):
-            raise JobInputError("left_image", "give two portraits (left and right) or one scene image")
-        if self.audio_mode not in AUDIO_MODES:
-            raise JobInputError("audio_mode", f"{self.audio_mode!r}: allowed {AUDIO_MODES}")
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any], settings: dict[str, Any], inputs_dir: Path) -> JobRequest:
-        """From a job-store row: ``spec`` as built by ``service.validation``; file names in ``inputs_dir``."""
-
-        def path(name: str | None) -> Path | None:
-            if name is None:
-                return None
-            p = (inputs_dir / name).resolve()
-            if p.parent != inputs_dir.resolve() or not p.is_file():
-                raise JobInputError("inputs", f"input file {name!r} is missing from the job folder")
-            return p
-
-        images = spec.get("images") or {}
-        scene = spec.get("scene") or {}
-        kwargs: dict[str, Any] = {
-            "settings": GenerationSettings.from_dict(settings),
-            "prompt": spec.get("prompt") or DEFAULT_PROMPT,
-        }
-        if spec.get("audio_source") == "files":
-            audio = spec.get("audio") or {}
-            kwargs["audio_files"] = (path(audio.get("person1")), path(audio.get("person2")))
-            kwargs["audio_mode"] = spec.get("audio_mode") or "add"
-        else:
-            kwargs["script"] = spec.get("script")
-            kwargs["voices"] = tuple(spec.get("voices") or ("af_heart", "am_adam"))
-        if "scene" in images:
-            kwargs["scene_image"] = path(images["scene"])
-            kwargs["boxes"] = scene.get("boxes")
-        else:
-            kwargs["left_image"] = path(images.get("left"))
-            kwargs["right_image"] = path(images.get("right"))
-            kwargs["layout"] = scene.get("layout") or "side_by_side"
-            kwargs["backdrop"] = scene.get("backdrop") or "blur"
-            kwargs["aspect"] = scene.get("aspect")
-        return cls(**kwargs)
-
-    @classmethod
-    def from_job_json(cls, data: dict[str, Any], base_dir: Path, settings: GenerationSettings) -> JobRequest:
-        """From a local JSON job file: upstream MultiTalk's format or ours (see ``inference.generate``)."""
-        if not isinstance(data, dict):
-            raise JobInputError("input", "the job file must hold a JSON object")
-
-        def local(key: str, value: Any) -> Path:
-            if not isinstance(value, str) or not value:
-                raise JobInputError(key, "expected a file path")
-            p = Path(value) if Path(value).is_absolute() else base_dir / value
-            if not p.is_file():
-                raise JobInputError(key, f"file not found: {p}")
-            return p
-
-        prompt = data.get("prompt") or DEFAULT_PROMPT
-        if not isinstance(prompt, str):
-            raise JobInputError("prompt", "expected text")
-        kwargs: dict[str, Any] = {"settings": settings, "prompt": prompt}
-        if "cond_image" in data:  # upstream MultiTalk's layout
-            kwargs["scene_image"] = local("cond_image", data["cond_image"])
-            if data.get("bbox") is not None:
-                kwargs["boxes"] = _boxes("bbox", data["bbox"])
-            tts = data.get("tts_audio")
-            if tts:
-                if not isinstance(tts, dict) or not isinstance(tts.get("text"), str):
-                    raise JobInputError("tts_audio", "expected {text, human1_voice, human2_voice}")
-                if data.get("cond_audio"):  # upstream's TTS examples carry an empty cond_audio {}
-                    raise JobInputError("cond_audio", "give either tts_audio or cond_audio files, not both")
-                kwargs["script"] = _script("tts_audio.text", tts["text"])
-                kwargs["voices"] = (
-                    _voice_id("tts_audio.human1_voice", tts.get("human1_voice"), "af_heart"),
-                    _voice_id("tts_audio.human2_voice", tts.get("human2_voice"), "am_adam"),
-                )
-            else:
-                audio = data.get("cond_audio")
-                if not isinstance(audio, dict) or "person1" not in audio:
-                    raise JobInputError(
-                        "cond_audio", "expected {person1: file, person2: file} or a tts_audio block"
-                    )
-                second = audio.get("person2")
-                kwargs["audio_files"] = (
-                    local("cond_audio.person1", audio["person1"]),
-                    local("cond_audio.person2", second) if second else None,
-                )
-                kwargs["audio_mode"] = data.get("audio_type") or "add"
-        else:  # our own form
-            if "scene_image" in data:
-                kwargs["scene_image"] = local("scene_image", data["scene_image"])
-                if data.get("boxes") is not None:
-                    kwargs["boxes"] = _boxes("boxes", data["boxes"])
-            else:
-                kwargs["left_image"] = local("left_image", data.get("left_image"))
-                kwargs["right_image"] = local("right_image", data.get("right_image"))
-                kwargs["layout"] = data.get("layout", "side_by_side")
-            if "script" in data:
-                if data.get("audio") is not None:
-                    raise JobInputError("audio", "give either a script or audio files, not both")
-                kwargs["script"] = _script("script", data["script"])
-                voices = data.get("voices") or ["af_heart", "am_adam"]
-                if not isinstance(voices, list | tuple) or len(voices) != 2:
-                    raise JobInputError("voices", "expected two voice ids")
-                kwargs["voices"] = (
-                    _voice_id("voices[0]", voices[0], "af_heart"),
-                    _voice_id("voices[1]", voices[1], "am_adam"),
-                )
-            else:
-                files = data.get("audio")
-                if not isinstance(files, list | tuple) or not 1 <= len(files) <= 2:
-                    raise JobInputError("audio", "expected a script or a list of one or two audio files")
-                kwargs["audio_files"] = (
-                    local("audio[0]", files[0]),
-                    local("audio[1]", files[1]) if len(files) > 1 else None,
-                )
-                kwargs["audio_mode"] = data.get("audio_mode", "add")
-        return cls(**kwargs)
-
-
-def _voice_id(key: str, value: Any, default: str) -> str:
-    """A Kokoro voice id from the catalog. Upstream passes voice *paths*
-    (weights/Kokoro-82M/voices/af_heart.pt); we keep the id."""
-    from tts.voices import get_voice
-
-    if value is None or value == "":
-        return default
-    if not isinstance(value, str):
-        raise JobInputError(key, f"expected a voice id, got {type(value).__name__}")
-    name = Path(value).name
-    voice = name[:-3] if name.endswith(".pt") else name
-    try:  # checked here so a typo fails before any model runs, naming the field
-        get_voice(voice)
-    except ValueError as exc:
-        raise JobInputError(key, str(exc)) from None
-    return voice
-
-
-def _script(key: str, text: Any) -> str:
-    """The dialogue script, parsed once to reject it early; the message names the line."""
-    from dialogue import parse_script
-
-    try:
-        parse_script(text)
-    except ValueError as exc:
-        raise JobInputError(key, str(exc)) from None
-    return text
-
-
-def _boxes(key: str, boxes: Any) -> list[list[float]]:
-    """Two boxes [y0, x0, y1, x1], person 1 first (a ``{person1, person2}`` dict may list them in any order)."""
-    from inference.scene.compose import parse_boxes
-
-    try:
-        return [list(box) for box in parse_boxes(boxes)]
-    except ValueError as exc:
-        raise JobInputError(key, getattr(exc, "message", None) or str(exc)) from None
-
-
 @dataclass
 class Prepared:
     """Rank 0's state for one job between clips."""
 
-    request: JobRequest
+    spec: JobSpec
     settings: GenerationSettings
     out_dir: Path
     timeline: Any  # tts.timeline.Timeline
     scene: Any  # inference.scene.Scene
     reference: torch.Tensor  # [3, H, W] in [-1, 1] at the render size
-    audio_emb: torch.Tensor  # [2, T_audio, layers, width] fp32
+    audio_emb: torch.Tensor  # [people, T_audio, layers, width] fp32
     context: torch.Tensor  # [1, L, text_dim]
     context_null: torch.Tensor  # [1, L', text_dim]
     masks: torch.Tensor  # [3, h, w] at latent resolution
@@ -392,7 +213,6 @@ def denoise_clip(
     *,
     clip_index: int,
     sp: SequenceParallelism | None = None,
-    should_stop: Callable[[], bool] | None = None,
     progress: Callable[[int, int], None] | None = None,
     step_boundary: Callable[[torch.Tensor], bool] | None = None,
     batched: bool = False,
@@ -401,6 +221,8 @@ def denoise_clip(
 ) -> torch.Tensor:
     """Denoise one clip; runs on every rank with identical ``tensors``. Returns the latent [16, T, h, w].
 
+    step_boundary(latent): called before every step; True stops the clip (``Cancelled``). In the engine it
+    all-reduces the cancel flag, so every rank stops at the same step.
     batched: run the guidance branches of a step as one forward (``branch_model_fns``); equal to one
     forward per branch up to float rounding. stats: filled with the clip's passes (computed / skipped by
     TeaCache when ``settings.teacache``) and forwards. adapters: switchable LoRAs, turned on or off for
@@ -422,7 +244,6 @@ def denoise_clip(
         settings,
         motion_latent=tensors.get("motion_latent"),
         progress=progress,
-        should_stop=should_stop,
         clip_index=clip_index,
         step_boundary=step_boundary,
         batch_fn=batch_fn if batched else None,
@@ -451,13 +272,14 @@ def render_size(bucket: tuple[int, int], divisor: int) -> tuple[int, int]:
 
 
 def latent_masks_at(masks: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """Pixel masks [3, H, W] (a partition) -> a partition [3, h, w] by area vote, every class kept."""
+    """Pixel masks [3, H, W] (a partition) -> a partition [3, h, w] by area vote, every class the pixel
+    masks have kept (a one-person scene has no person 2 and no background)."""
     m = torch.from_numpy(np.asarray(masks, dtype=np.float32))[None]
     area = F.interpolate(m, size=size, mode="area")[0]  # fraction of each class per cell
     label = area.argmax(0)
     out = F.one_hot(label, 3).permute(2, 0, 1).float()
     for c in range(3):  # a tiny render may lose a thin class: give it its best cell back
-        if out[c].sum() == 0:
+        if out[c].sum() == 0 and area[c].sum() > 0:
             # ... but never a class's last cell, or fixing one class would empty another.
             spare = out.sum((1, 2))[out.argmax(0)] > 1  # [h, w]
             idx = int(torch.where(spare, area[c], -1.0).flatten().argmax())
@@ -478,6 +300,8 @@ class Renderer:
     """Rank 0's components: Kokoro, wav2vec2, T5, CLIP and the VAE, loaded from ``paths``."""
 
     def __init__(self, paths: WeightPaths, config: RenderConfig = RenderConfig()) -> None:
+        # Imported here on purpose: transformers + diffusers take seconds to import, and only rank 0's
+        # Renderer needs them (ranks > 0, the web process and the CLI's job checks never do).
         from inference.encoders import ClipImageEncoder, T5Encoder, WanVae
         from inference.encoders.wav2vec2 import AudioEncoder
 
@@ -499,47 +323,34 @@ class Renderer:
     def tts(self):
         """Kokoro, loaded on first use (a job with uploaded audio never needs it)."""
         if self._tts is None:
-            from tts.engine import KokoroEngine
-
             self._tts = KokoroEngine(self.paths.kokoro_dir, device="cpu")
         return self._tts
 
     # ---- front half -------------------------------------------------------------------------
 
-    def _timeline(self, req: JobRequest):
-        """The speech timeline and the two speaker names (from the script, or generic for recordings)."""
-        from tts.timeline import build_timeline
-        from tts.user_audio import timeline_from_files
-
-        if req.script is not None:
-            from dialogue import parse_script
-
-            dialogue = parse_script(req.script)
-            timeline = build_timeline(
-                dialogue, req.voices, self.tts, gap_s=self.config.tts_gap_s, seed=TTS_SEED
-            )
-            return timeline, tuple(s.name for s in dialogue.speakers)
-        assert req.audio_files is not None
-        timeline = timeline_from_files(
-            req.audio_files[0],
-            req.audio_files[1],
-            req.audio_mode,
-            max_seconds=self.config.max_audio_seconds,
+    def _timeline(self, spec: JobSpec, files: dict[str, Path]) -> Timeline:
+        """The speech timeline: the spec's parsed dialogue spoken by Kokoro, or the recordings."""
+        if spec.dialogue is not None:
+            assert spec.voices is not None
+            # build_timeline takes a voice per speaker; a one-person dialogue has no speaker-2 turns.
+            voices = (spec.voices[0], spec.voices[-1])
+            return build_timeline(spec.dialogue, voices, self.tts, gap_s=self.config.tts_gap_s, seed=TTS_SEED)
+        assert spec.audio_mode is not None
+        return timeline_from_files(
+            files["person1"], files.get("person2"), spec.audio_mode, max_seconds=self.config.max_audio_seconds
         )
-        return timeline, timeline.speaker_names
 
-    def _scene(self, req: JobRequest, names: tuple[str, str]):
-        from inference.scene.compose import compose_scene, load_image, scene_from_image
-
-        size = req.settings.resolution
-        if req.scene_image is not None:
-            image = load_image(req.scene_image, "scene_image")
-            return scene_from_image(image, req.boxes, size=size, names=names)
-        left = load_image(req.left_image, "left_image")
-        right = load_image(req.right_image, "right_image")
-        kwargs: dict[str, Any] = {"layout": req.layout, "backdrop": req.backdrop, "names": names}
-        if req.aspect:
-            kwargs["aspect"] = req.aspect
+    def _scene(self, spec: JobSpec, settings: GenerationSettings, files: dict[str, Path]) -> Scene:
+        size, names, sc = settings.resolution, spec.speaker_names, spec.scene
+        if spec.layout == "single":
+            return single_scene(load_image(files["image"], "image"), size=size, name=names[0])
+        if spec.layout == "scene":
+            boxes = None if sc.boxes is None else [list(b) for b in sc.boxes]
+            return scene_from_image(load_image(files["scene"], "scene_image"), boxes, size=size, names=names)
+        kwargs: dict[str, Any] = {"layout": sc.layout, "backdrop": sc.backdrop, "names": names}
+        if sc.aspect:
+            kwargs["aspect"] = sc.aspect
+        left, right = load_image(files["left"], "left_image"), load_image(files["right"], "right_image")
         return compose_scene(left, right, size=size, **kwargs)
 
     def _encode_text(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -551,28 +362,32 @@ class Renderer:
 
     def prepare(
         self,
-        req: JobRequest,
+        spec: JobSpec,
+        settings: GenerationSettings,
+        inputs: Path,
         out_dir: Path,
         *,
         progress: ProgressFn | None = None,
         timing: TimingFn | None = None,
     ) -> Prepared:
-        """Everything before the first clip. ``out_dir`` receives the side outputs as they appear."""
+        """Everything before the first clip: ``inputs`` holds the files the spec names, ``out_dir``
+        receives the side outputs as they appear."""
         progress = progress or (lambda p, s: None)
         timing = timing or (lambda n, s: None)
         out_dir = Path(out_dir)
-        settings = req.settings.with_resolved_seed()  # the service stores a concrete seed already
+        files = spec.input_paths(inputs)
+        settings = settings.with_resolved_seed()  # the service stores a concrete seed already
         out_dir.mkdir(parents=True, exist_ok=True)
 
-        progress(1, "synthesising speech" if req.script is not None else "loading audio")
+        progress(1, "synthesising speech" if spec.dialogue is not None else "loading audio")
         t0 = time.monotonic()
-        timeline, names = self._timeline(req)
+        timeline = self._timeline(spec, files)
         timing("tts_time", time.monotonic() - t0)
         timeline.write(out_dir)
 
         progress(4, "composing the scene")
         t0 = time.monotonic()
-        scene = self._scene(req, names)
+        scene = self._scene(spec, settings, files)
         atomic_write(out_dir / "reference.png", lambda f: scene.image.save(f, format="PNG"))
         atomic_write(out_dir / "overlay.png", lambda f: scene.overlay.save(f, format="PNG"))
         render_hw = render_size(scene.bucket, self.config.render_divisor)
@@ -590,13 +405,13 @@ class Renderer:
 
         progress(6, "encoding audio (wav2vec2)")
         t0 = time.monotonic()
-        tracks = timeline.resampled(16000)
-        audio_emb = torch.stack([self.audio_encoder.encode(tracks[i]) for i in range(2)])
+        tracks = timeline.resampled(16000)  # [2, M]; person 2's track is silent in a one-person job
+        audio_emb = torch.stack([self.audio_encoder.encode(tracks[i]) for i in range(spec.people)])
         timing("audio_encode_time", time.monotonic() - t0)
 
         progress(8, "encoding the prompt (T5)")
         t0 = time.monotonic()
-        context, context_null = self._encode_text(req.prompt, settings.negative_prompt)
+        context, context_null = self._encode_text(spec.prompt, settings.negative_prompt)
         timing("text_encode_time", time.monotonic() - t0)
 
         plan = plan_clips(int(audio_emb.shape[1]), settings)
@@ -611,7 +426,7 @@ class Renderer:
         )
         progress(_PREPARE_END, f"prepared: {len(plan.clips)} clip(s)")
         prep = Prepared(
-            request=req,
+            spec=spec,
             settings=settings,
             out_dir=out_dir,
             timeline=timeline,
@@ -643,7 +458,7 @@ class Renderer:
             clip_image = prep.motion[:, -1]
             motion_latent = y[4:, : motion_latent_frames(settings.motion_frames)].contiguous()
         idx = prep.plan.audio_indices(clip)  # [frame_num, 5]
-        audio = prep.audio_emb[:, idx][None]  # [1, 2, frame_num, 5, layers, width]
+        audio = prep.audio_emb[:, idx][None]  # [1, people, frame_num, 5, layers, width]
         tensors = {
             "context": prep.context,
             "context_null": prep.context_null,
@@ -674,8 +489,6 @@ class Renderer:
 
     def write_outputs(self, prep: Prepared) -> list[str]:
         """Mux the mp4 (atomically) with the mixed speech and subtitles; returns the output names."""
-        from inference.render.video_io import write_video
-
         timeline = prep.timeline
         clips = [np.load(p, mmap_mode="r") for p in prep.frame_files]
         num_frames = sum(c.shape[0] for c in clips)
@@ -693,6 +506,7 @@ class Renderer:
             "fps": FPS,
             "size": [int(width), int(height)],
             "clips": prep.num_clips,
+            "people": prep.spec.people,
             "settings": prep.settings.to_dict(),
             "scene": prep.scene.to_json(),
         }
@@ -756,53 +570,6 @@ def clip_progress(prep: Prepared, clip: ClipSpec, step: int, total: int) -> tupl
     done = (clip.index + step / max(total, 1)) / prep.num_clips
     pct = _PREPARE_END + (_RENDER_END - _PREPARE_END) * done
     return pct, f"clip {clip.index + 1} of {prep.num_clips}, step {step} of {total}"
-
-
-def generate(
-    req: JobRequest,
-    out_dir: Path,
-    model: torch.nn.Module,
-    renderer: Renderer,
-    *,
-    sp: SequenceParallelism | None = None,
-    progress: ProgressFn | None = None,
-    timing: TimingFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> list[str]:
-    """One process, start to finish: returns the names of the files written to ``out_dir``."""
-    progress = progress or (lambda p, s: None)
-    timing = timing or (lambda n, s: None)
-    t_start = time.monotonic()
-    prep = renderer.prepare(req, out_dir, progress=progress, timing=timing)
-    video_time = decode_time = conditioning_time = 0.0
-    for clip in prep.plan.clips[prep.start_clip :]:
-        t0 = time.monotonic()
-        tensors = renderer.clip_inputs(prep, clip)
-        conditioning_time += time.monotonic() - t0
-        t0 = time.monotonic()
-        latent = denoise_clip(
-            model,
-            tensors,
-            prep.settings,
-            clip_index=clip.index,
-            sp=sp,
-            should_stop=should_stop,
-            progress=lambda s, n, c=clip: progress(*clip_progress(prep, c, s, n)),
-        )
-        video_time += time.monotonic() - t0
-        t0 = time.monotonic()
-        renderer.accept_clip(prep, clip, latent)
-        decode_time += time.monotonic() - t0
-    timing("conditioning_time", conditioning_time)
-    timing("video_time", video_time)
-    timing("decode_time", decode_time)
-    progress(_RENDER_END, "encoding the video")
-    t0 = time.monotonic()
-    names = renderer.write_outputs(prep)
-    timing("mux_time", time.monotonic() - t0)
-    timing("total_time", time.monotonic() - t_start)
-    progress(100.0, "done")
-    return names
 
 
 def expected_frames(audio_seconds: float, settings: GenerationSettings) -> int:

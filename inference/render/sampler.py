@@ -83,7 +83,7 @@ class PassStats:
 
 
 class Cancelled(Exception):
-    """Raised by `sample_clip` at a step boundary when `should_stop()` returned True."""
+    """Raised by `sample_clip` at a step boundary when `step_boundary(latent)` returned True."""
 
     def __init__(self, step: int, total: int) -> None:
         super().__init__(f"sampling cancelled before step {step + 1} of {total}")
@@ -337,7 +337,6 @@ def sample_clip(
     *,
     motion_latent: Tensor | None = None,
     progress: Callable[[int, int], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
     clip_index: int = 0,
     step_boundary: Callable[[Tensor], bool] | None = None,
     batch_fn: BatchFn | None = None,
@@ -351,10 +350,9 @@ def sample_clip(
     The fresh noise comes from `motion_noise_generator(settings.seed, clip_index)`, so settings.seed
     must be resolved (non-negative) when motion_latent is given.
 
-    step_boundary(latent), when given, replaces should_stop and also sees the current latent (the
-    engine all-reduces the cancel flag there and, in debug mode, checks the latents agree on every rank).
-    should_stop() is polled before every step; True raises `Cancelled`. In a multi-rank group the
-    answer must be the same on every rank (the engine decides it, not this loop).
+    step_boundary(latent) is called before every step with the current latent; True raises `Cancelled`
+    (the engine all-reduces the cancel flag there and, in debug mode, checks the latents agree on every
+    rank). In a multi-rank group the answer must be the same on every rank (the engine decides it).
     progress(done, total) is called after every step. batch_fn, when given, evaluates the branches of
     each step in one batched forward instead of one model_fn call per branch; stats, when given, counts
     the passes and forwards. Returns the clean latent [C, T_lat, h, w] fp32.
@@ -395,11 +393,7 @@ def sample_clip(
         inject(ts[0])
 
     for i in range(total):
-        if step_boundary is not None:
-            stop = step_boundary(latent)
-        else:
-            stop = should_stop is not None and should_stop()
-        if stop:
+        if step_boundary is not None and step_boundary(latent):
             logger.info("clip %d cancelled before step %d/%d", clip_index, i + 1, total)
             raise Cancelled(i, total)
         preds = evaluate_branches(

@@ -258,9 +258,9 @@ class JobSpec:
             script=r.req("script", str) if tts else r.null("script"),
             dialogue=dialogue,
             voices=tuple(r.str_list("voices")) if tts else r.null("voices"),
-            audio=None if tts else r.str_map("audio"),
-            audio_mode=None if tts else r.req("audio_mode", str),
-            audio_seconds=None if tts else r.num_map("audio_seconds"),
+            audio=r.null("audio") if tts else r.str_map("audio"),
+            audio_mode=r.null("audio_mode") if tts else r.req("audio_mode", str),
+            audio_seconds=r.null("audio_seconds") if tts else r.num_map("audio_seconds"),
         )
         if tts:
             if r.req("turns", int) != len(dialogue.turns):

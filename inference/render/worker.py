@@ -2,9 +2,12 @@
 
 ``Runtime.start`` joins torchrun's group (or stays a single process), checks the parallel sizes,
 loads the DiT on every rank (optionally FSDP2-sharded) and rank 0's encoders, and reports memory.
-``DialogueWorker`` plugs the pipeline into the SPMD engine: a job becomes one DENOISE message per
-clip; rank 0 prepares before the first clip and decodes between clips (``Worker.finish`` returns
-the next clip as a follow-up), every rank runs ``denoise_clip`` with the Ulysses ``sp`` object.
+``DialogueWorker`` is the one clip driver: it plugs the pipeline into the SPMD engine, a job (a
+``JobSpec`` with its settings and input folder) becomes one DENOISE message per clip; rank 0 prepares
+before the first clip and decodes between clips (``Worker.finish`` returns the next clip as a follow-up),
+every rank runs ``denoise_clip`` with the Ulysses ``sp`` object. The engine's step boundary is the one
+way a clip stops (a cancel, a shutdown). ``Runtime.render`` runs one job this way for the CLI, tests and
+benchmarks, on one process or under torchrun.
 
 Where results go is a ``JobSink`` (the job store in the service, a callback in the CLI).
 """
@@ -22,13 +25,14 @@ from typing import Any, Protocol
 import torch
 
 from common.errors import InputError
-from inference.checkpoint.weights import WeightPaths
+from inference.checkpoint.weights import WeightPaths, make_tiny
+from inference.model.config import DiTConfig
 from inference.parallel.context import ParallelContext
 from inference.parallel.engine import Engine, JobContext, Liveness, Message, Op, TensorSpec
+from inference.parallel.fsdp import check_fsdp_mode, load_dit, report_memory
 from inference.parallel.host import HostGpus, device_free_bytes, resolve_device
 from inference.parallel.layout import check_heads, check_parallel_sizes
 from inference.render.pipeline import (
-    JobRequest,
     Prepared,
     RenderConfig,
     Renderer,
@@ -37,6 +41,7 @@ from inference.render.pipeline import (
 )
 from inference.render.sampler import Cancelled, ClipSpec
 from inference.render.settings import GenerationSettings
+from inference.render.spec import JobSpec
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +62,14 @@ def setup_logging(rank: int, level: int | None = None) -> None:
 
 class StartupError(InputError):
     """A flag or environment the service cannot honour; says what is supported."""
+
+
+class RenderFailed(RuntimeError):
+    """A job that ``Runtime.render`` ran ended without a video (``cancelled``: stopped by its sink)."""
+
+    def __init__(self, reason: str, *, cancelled: bool = False) -> None:
+        super().__init__(reason)
+        self.cancelled = cancelled
 
 
 @dataclass(frozen=True)
@@ -99,10 +112,13 @@ class JobSink(Protocol):
 
 @dataclass
 class RenderJob:
-    """A job on rank 0: id, request and output folder. ``prepared`` is set after the front half."""
+    """A job on rank 0: what to make (``spec`` + ``settings``), the folder with its input files and
+    the output folder. ``prepared`` is set after the front half."""
 
     job_id: str
-    request: JobRequest
+    spec: JobSpec
+    settings: GenerationSettings
+    inputs: Path
     out_dir: Path
     prepared: Prepared | None = None
     clip_index: int = 0
@@ -193,7 +209,9 @@ class DialogueWorker:
         if job.prepared is None:
             self._state(job, "preparing")
             job.prepared = self.renderer.prepare(
-                job.request,
+                job.spec,
+                job.settings,
+                job.inputs,
                 job.out_dir,
                 progress=lambda p, s: self.sink and self.sink.progress(job.job_id, p, s),
                 timing=lambda n, s: self._timing(job, n, s),
@@ -277,9 +295,6 @@ class Runtime:
 
     @classmethod
     def start(cls, options: RuntimeOptions) -> Runtime:
-        from inference.checkpoint.weights import make_tiny
-        from inference.parallel.fsdp import check_fsdp_mode, load_dit, report_memory
-
         mode = check_fsdp_mode(options.dit_fsdp)
         world = int(os.environ.get("WORLD_SIZE", "1") or "1")
         ulysses = options.ulysses_size if options.ulysses_size is not None else world
@@ -325,10 +340,12 @@ class Runtime:
         self.engine = engine
         return engine
 
-    def render(self, req: JobRequest, out_dir: Path, job_id: str = "cli") -> list[str]:
-        """Rank 0, CLI: render one job through the engine (all ranks join), then shut the engine down."""
-        sink = _CollectingSink()
-        pending = [RenderJob(job_id, req, Path(out_dir))]
+    def render(self, job: RenderJob, sink: JobSink | None = None) -> list[str]:
+        """Rank 0: render one job through the engine (all ranks join), then shut the engine down.
+        Returns the output names; RenderFailed when the job ended without a video. ``sink`` also gets
+        every report (progress, timings, cancel requests)."""
+        sink = _CollectingSink(sink)
+        pending = [job]
 
         def source(timeout_s: float) -> RenderJob | None:
             if pending:
@@ -342,6 +359,8 @@ class Runtime:
         engine.serve(install_signal_handlers=True)
         if sink.error is not None:
             raise sink.error
+        if not sink.finished:
+            raise RenderFailed(f"job {job.job_id}: the engine stopped before the job ended")
         return sink.outputs
 
     def follow(self) -> None:
@@ -363,11 +382,13 @@ class Runtime:
 
 
 class _CollectingSink:
-    """The CLI's sink: logs progress, remembers the outputs or the failure."""
+    """``Runtime.render``'s sink: logs progress, remembers the outputs or the failure, and forwards
+    everything to ``forward`` when given."""
 
-    def __init__(self) -> None:
+    def __init__(self, forward: JobSink | None = None) -> None:
+        self.forward = forward
         self.outputs: list[str] = []
-        self.error: Exception | None = None
+        self.error: RenderFailed | None = None
         self.finished = False
         self._last_log = 0.0
 
@@ -376,26 +397,34 @@ class _CollectingSink:
         if now - self._last_log > 2.0 or percent >= 100:
             logger.info("%5.1f%% %s", percent, stage)
             self._last_log = now
+        if self.forward is not None:
+            self.forward.progress(job_id, percent, stage)
 
     def timing(self, job_id: str, name: str, seconds: float) -> None:
         logger.info("timing %s = %.2fs", name, seconds)
+        if self.forward is not None:
+            self.forward.timing(job_id, name, seconds)
 
     def state(self, job_id: str, state: str) -> None:
         logger.info("job %s: %s", job_id, state)
+        if self.forward is not None:
+            self.forward.state(job_id, state)
 
     def cancel_requested(self, job_id: str) -> bool:
-        return False
+        return self.forward is not None and self.forward.cancel_requested(job_id)
 
     def done(self, job_id: str, outputs: list[str]) -> None:
         self.outputs = outputs
         self.finished = True
+        if self.forward is not None:
+            self.forward.done(job_id, outputs)
 
     def failed(self, job_id: str, reason: str, *, cancelled: bool = False, interrupted: bool = False) -> None:
-        self.error = ValueError(reason)
+        self.error = RenderFailed(reason, cancelled=cancelled)
         self.finished = True
+        if self.forward is not None:
+            self.forward.failed(job_id, reason, cancelled=cancelled, interrupted=interrupted)
 
 
 def _num_heads(preset: str) -> int:
-    from inference.model.config import DiTConfig
-
     return DiTConfig.preset(preset).num_heads
