@@ -17,15 +17,14 @@ back. Live engine state (heartbeat, per-rank busy state) comes from ``ServiceInf
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import mimetypes
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
@@ -38,7 +37,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from inference.render.intake import Limits, check_voice
+from common.bounded import loads as bounded_json
+from dialogue.script import parse_script
+from inference.render.intake import Limits, check_text, check_voice
 from inference.render.settings import PRESETS
 from service.errors import (
     AuthError,
@@ -48,8 +49,19 @@ from service.errors import (
     UnsupportedMediaError,
     answer_for,
 )
-from service.jobs import OUTPUT_NAME_RE, Job, JobState, JobStore, OutputNotFoundError, validate_job_id
+from service.jobs import (
+    JOB_ID_RE,
+    OUTPUT_NAME_RE,
+    Job,
+    JobNotFoundError,
+    JobState,
+    JobStore,
+    OutputNotFoundError,
+    validate_job_id,
+)
 from service.metrics import render_metrics
+from service.previews import PreviewPool
+from service.security import Gate, GateConfig, principal_of
 from service.submit import submit_input
 from service.validation import (
     PayloadTooLargeError,
@@ -390,12 +402,8 @@ def _content_type(request: Request) -> str:
 
 
 def _json_body(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError("body", f"not valid JSON: {exc}") from None
-    except RecursionError:
-        raise RequestError("body", "JSON nested too deeply") from None
+    """The JSON body with bounded nesting and numbers (``common.bounded``); problems name ``body``."""
+    return bounded_json(raw, "body")
 
 
 # ---------------------------------------------------------------------------------------------- router
@@ -407,16 +415,28 @@ def create_router(
     *,
     auth_token: str | None = None,
     limits: Limits = Limits(),
-    tts_preview: TtsPreview | None = None,
+    tts_preview: TtsPreview | PreviewPool | None = None,
+    share_jobs: bool = False,
 ) -> APIRouter:
     """All /api routes. ``auth_token``: when set, every route but /api/health needs
-    ``Authorization: Bearer <token>``."""
+    ``Authorization: Bearer <token>`` (or a credential the app's ``Gate`` accepted). A job is visible to
+    the credential that submitted it; ``share_jobs`` shows every job to every credential."""
     if auth_token is not None and not auth_token.strip():
         raise ValueError("auth_token must be a non-empty string or None (no auth)")
-    preview_lock = threading.Lock()
+    previews = PreviewPool(tts_preview) if tts_preview is not None and not isinstance(tts_preview, PreviewPool) \
+        else tts_preview  # fmt: skip
+
+    def viewer(request: Request) -> str | None:
+        """The credential whose jobs this request sees; None: every job."""
+        return None if share_jobs else principal_of(request)
+
+    def visible(job: Job, request: Request) -> Job:
+        if not job.visible_to(viewer(request)):
+            raise JobNotFoundError(job.id)  # another credential's job: as if it did not exist
+        return job
 
     def require_auth(request: Request) -> None:
-        if auth_token is None:
+        if auth_token is None or principal_of(request) is not None:
             return
         header = request.headers.get("authorization")
         if not header:
@@ -523,32 +543,37 @@ def create_router(
                 if (data := await read_upload(u, limits.max_upload_bytes)) is not None
             }
             req = request_from_form({k: v for k, v in texts.items() if v is not None}, files, limits)
-        job = await run_in_threadpool(submit_input, store, req, limits)
+        job = await run_in_threadpool(submit_input, store, req, limits, owner=principal_of(request))
         return GenerateResponse(task_id=job.id, status_url=f"{prefix(request)}/api/status/{job.id}",
                                 status=job.state.value, queue_position=job.queue_position)  # fmt: skip
 
     @protected.get("/status/{job_id}", response_model=JobStatusResponse, summary="State of one job")
     async def status(job_id: str, request: Request) -> JobStatusResponse:
-        job = await run_in_threadpool(store.get, validate_job_id(job_id))
+        job = visible(await run_in_threadpool(store.get, validate_job_id(job_id)), request)
         return JobStatusResponse.of(job, prefix(request), full=True)
 
     @protected.get("/jobs", response_model=JobListResponse, summary="Jobs, newest first")
     async def list_jobs(
         request: Request,
         limit: int = Query(20, ge=1, le=limits.max_list_limit),
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET),
         state: JobState | None = Query(None),
     ) -> JobListResponse:
+        who = viewer(request)
+
         def read() -> tuple[list[Job], int]:
-            return store.list(limit, offset, state=state), store.count(state=state)
+            return store.list(limit, offset, state=state, visible_to=who), store.count(
+                state=state, visible_to=who
+            )
 
         jobs, total = await run_in_threadpool(read)
         views = [JobStatusResponse.of(j, prefix(request), full=False) for j in jobs]
         return JobListResponse(jobs=views, total=total, limit=limit, offset=offset)
 
     @protected.delete("/jobs/{job_id}", response_model=CancelResponse, summary="Cancel a job")
-    async def cancel(job_id: str) -> CancelResponse:
-        job = await run_in_threadpool(store.request_cancel, validate_job_id(job_id))
+    async def cancel(job_id: str, request: Request) -> CancelResponse:
+        visible(await run_in_threadpool(store.get, validate_job_id(job_id)), request)
+        job = await run_in_threadpool(store.request_cancel, job_id)
         if job.state == JobState.CANCELLED:
             message = "cancelled"
         else:
@@ -560,27 +585,33 @@ def create_router(
     async def queue(request: Request) -> QueueResponse:
         engine = _engine_status(service_info)
         queued, running = await run_in_threadpool(lambda: (store.queue(), store.active()))
+        who = viewer(request)
+        queue_size = len(queued)
+        queued, running = [j for j in queued if j.visible_to(who)], [j for j in running if j.visible_to(who)]
         return QueueResponse(
             workers=[] if engine is None else [_plain(w) for w in engine.workers],
             running=[JobStatusResponse.of(j, prefix(request), full=False) for j in running],
             queue=[JobStatusResponse.of(j, prefix(request), full=False) for j in queued],
-            queue_size=len(queued),
+            queue_size=queue_size,
             max_queue=store.max_queue,
         )
 
+    @protected.head("/download/{job_id}", include_in_schema=False)
     @protected.get(
         "/download/{job_id}",
         summary="Download a job's video (or another output with ?file=)",
         response_class=FileResponse,
         responses={200: {"content": {"video/mp4": {}, "application/octet-stream": {}}}},
     )
-    async def download(job_id: str, file: str | None = Query(None, max_length=128)) -> FileResponse:
+    async def download(
+        job_id: str, request: Request, file: str | None = Query(None, max_length=128)
+    ) -> FileResponse:
         validate_job_id(job_id)
         if file is not None and not OUTPUT_NAME_RE.fullmatch(file):
             raise RequestError(
                 "file", f"{file[:80]!r} is not an output file name (plain names such as video.mp4)"
             )
-        job = await run_in_threadpool(store.get, job_id)
+        job = visible(await run_in_threadpool(store.get, job_id), request)
         name = file
         if name is None:
             name = _video_name(job)
@@ -614,10 +645,12 @@ def create_router(
             "versions": _plain(service_info.versions),
             "weights": _plain(service_info.weights),
             "engine": None if engine is None else _plain(engine),
-            "limits": _plain(limits),
+            "limits": {**_plain(limits), **_media_limits(limits)},
+            "preview_limits": None if previews is None else _plain(previews.limits),
             "max_queue": store.max_queue,
             "retention_days": store.retention_days,
             "auth_required": auth_token is not None,
+            "jobs_shared": share_jobs,
             **{str(k): _plain(v) for k, v in service_info.extra.items()},
         }
 
@@ -650,29 +683,27 @@ def create_router(
         response_class=Response,
         responses={200: {"content": {"audio/wav": {}}}},
     )
-    async def tts_preview_route(body: TtsPreviewRequest) -> Response:
-        voice = await run_in_threadpool(check_voice, "voice", body.voice, None, limits.installed_voices)
-        text = body.text if body.text is not None and body.text.strip() else None
-        if text is not None and len(text) > limits.max_preview_chars:
-            raise RequestError(
-                "text", f"{len(text)} characters is too long; the limit is {limits.max_preview_chars}"
-            )
-        if tts_preview is None:
+    async def tts_preview_route(body: TtsPreviewRequest, request: Request) -> Response:
+        voice = check_voice("voice", body.voice, None, limits.installed_voices)
+        text = check_text("text", body.text, limits.max_preview_chars, required=False)
+        if text is not None:
+            _check_speakable(text)  # what a script refuses (emoji only, no words) a preview refuses too
+        if previews is None:
             raise UnavailableError(
                 "voice preview needs the TTS engine, which is not attached to this API process"
             )
-
-        def speak() -> bytes:
-            # One preview at a time: each runs the TTS model on the CPU/GPU of the web process.
-            with preview_lock:
-                return tts_preview(voice, text)
-
-        wav = await run_in_threadpool(speak)  # bad text: an InputError naming it, answered 400
+        # The preview pool's own threads speak; this route only awaits, so no API thread is held.
+        client = (request.client.host if request.client else "unknown") + "/" + str(principal_of(request))
+        wav = await previews.speak_async(voice, text, client)  # bad text: an InputError, answered 400
         return Response(content=wav, media_type="audio/wav")
 
     public = APIRouter(route_class=JsonErrorRoute)
 
-    @public.get("/health", summary="Engine alive, heartbeat age, store writable (503 when unhealthy)")
+    @public.head("/health", include_in_schema=False)
+    @public.get(
+        "/health",
+        summary="Engine alive, heartbeat age, store writable (503 when unhealthy)",
+    )
     async def health() -> JSONResponse:
         problems: list[str] = []
         engine_view: dict[str, Any] = {"attached": service_info.engine_status is not None}
@@ -723,6 +754,36 @@ def create_router(
     return router
 
 
+MAX_OFFSET = 2**62  # GET /api/jobs?offset=: SQLite integers are 64-bit
+
+
+def _check_speakable(text: str) -> None:
+    """Preview text must be what a one-speaker script accepts: words, not only emoji or symbols."""
+    try:
+        parse_script(text)
+    except ValueError as exc:
+        message = getattr(exc, "message", str(exc))
+        raise RequestError("text", message) from None
+
+
+def _media_limits(limits: Limits) -> dict[str, Any]:
+    """Limits enforced below ``Limits``: image pixels and sides, the audio decode budget, JSON bounds."""
+    from common.bounded import MAX_INT_DIGITS, MAX_JSON_DEPTH
+    from inference.scene.compose import MAX_ASPECT, MAX_PIXELS, MIN_SHORT_SIDE
+    from tts.user_audio import MAX_VALUES_PER_SECOND, value_budget
+
+    return {
+        "max_image_pixels": MAX_PIXELS,
+        "min_image_short_side": MIN_SHORT_SIDE,
+        "max_image_aspect": MAX_ASPECT,
+        "max_audio_samples_per_second": MAX_VALUES_PER_SECOND,
+        "max_audio_decoded_samples": value_budget(limits.max_audio_seconds),
+        "max_json_depth": MAX_JSON_DEPTH,
+        "max_integer_digits": MAX_INT_DIGITS,
+        "max_list_offset": MAX_OFFSET,
+    }
+
+
 def _engine_status(info: ServiceInfo) -> EngineStatus | None:
     if info.engine_status is None:
         return None
@@ -730,6 +791,37 @@ def _engine_status(info: ServiceInfo) -> EngineStatus | None:
 
 
 # ---------------------------------------------------------------------------------------------- app
+
+
+def job_file_guard(store: JobStore, share_jobs: bool) -> Callable[[str | None, str], bool]:
+    """For the gate: may ``principal`` fetch ``target`` through Gradio's file route? Outside the outputs
+    folder Gradio's own rules apply (its cache, allowed paths). Inside it only a job's folder qualifies
+    (no hidden folders) and only for a credential that may see the job; the store's files, other
+    folders and other credentials' jobs are refused. The UI's example pictures live in their own folder."""
+    outputs = store.outputs_dir.resolve()
+
+    def guard(principal: str | None, target: str) -> bool:
+        try:
+            path = Path(target).resolve()
+        except (OSError, ValueError):
+            return False
+        if not path.is_relative_to(outputs):
+            return True
+        parts = path.relative_to(outputs).parts
+        if len(parts) >= 2 and parts[0] == _EXAMPLES_DIRNAME:
+            return True
+        if len(parts) < 2 or not JOB_ID_RE.fullmatch(parts[0]) or any(p.startswith(".") for p in parts[1:]):
+            return False
+        try:
+            job = store.get(parts[0])
+        except (JobNotFoundError, ValueError):
+            return False
+        return share_jobs or job.visible_to(principal)
+
+    return guard
+
+
+_EXAMPLES_DIRNAME = "ui-examples"  # service.ui.examples.EXAMPLES_DIRNAME (the API does not import the UI)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -763,12 +855,21 @@ def create_app(
     *,
     auth_token: str | None = None,
     limits: Limits = Limits(),
-    tts_preview: TtsPreview | None = None,
+    tts_preview: TtsPreview | PreviewPool | None = None,
+    users: Mapping[str, str] | None = None,
+    share_jobs: bool = False,
+    body_timeout_s: float = 30.0,
     title: str = "Dialogue video service",
     version: str = "0.1.0",
 ) -> FastAPI:
     """FastAPI app with the /api routes, /openapi.json and /docs; mount Gradio on it afterwards with
-    ``gr.mount_gradio_app(app, blocks, path="/")``."""
+    ``gr.mount_gradio_app(app, blocks, path="/")``.
+
+    The whole app (also what is mounted later) sits behind one ``service.security.Gate``: with
+    ``auth_token`` and/or ``users`` (``--auth``) every route but ``GET/HEAD /api/health`` needs one of
+    them, failed logins are throttled, request bodies are capped at ``limits.max_request_bytes`` and
+    must keep arriving (``body_timeout_s``), and Gradio's file route serves a job's files only to the
+    credential that may see the job (never the store's own files)."""
     app = FastAPI(
         title=title,
         version=version,
@@ -779,9 +880,19 @@ def create_app(
         redoc_url=None,
     )
     app.include_router(
-        create_router(store, service_info, auth_token=auth_token, limits=limits, tts_preview=tts_preview)
+        create_router(
+            store,
+            service_info,
+            auth_token=auth_token,
+            limits=limits,
+            tts_preview=tts_preview,
+            share_jobs=share_jobs,
+        )  # fmt: skip
     )
     install_error_handlers(app)
+    gate = GateConfig(auth_token, dict(users or {}), max_body_bytes=limits.max_request_bytes,
+                      body_timeout_s=body_timeout_s)  # fmt: skip
+    app.add_middleware(Gate, config=gate, file_guard=job_file_guard(store, share_jobs))
     app.state.store = store
     app.state.service_info = service_info
     return app

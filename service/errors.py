@@ -8,7 +8,7 @@
     401  AuthError                      404  JobNotFoundError (id), OutputNotFoundError (file), NoSuchEndpoint
     409  InvalidTransitionError (id), NotReadyError
     413  PayloadTooLargeError           415  UnsupportedMediaError
-    429  QueueFullError (Retry-After)   503  UnavailableError   507  DiskFullError
+    429  QueueFullError, RateLimitedError (Retry-After)   503  UnavailableError   507  DiskFullError
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from service.jobs import (
     OutputNotFoundError,
     QueueFullError,
 )
+from service.security import RateLimitedError
 from service.validation import PayloadTooLargeError
 
 
@@ -69,6 +70,7 @@ _TABLE: tuple[tuple[type[BaseException], int, object, Mapping[str, str]], ...] =
     (NoSuchEndpoint, 404, None, {}),
     (InvalidTransitionError, 409, "id", {}),
     (QueueFullError, 429, None, {"Retry-After": "30"}),
+    (RateLimitedError, 429, None, {}),  # Retry-After: the limiter's own wait
     (UnavailableError, 503, None, {}),
     (DiskFullError, 507, None, {}),
 )
@@ -81,5 +83,7 @@ def answer_for(exc: BaseException) -> Answer | None:
             if field_name is _SAME:
                 assert isinstance(exc, InputError)
                 return Answer(status, exc.field, exc.message, headers)
+            if isinstance(exc, RateLimitedError):
+                headers = {"Retry-After": str(exc.retry_after_s)}
             return Answer(status, field_name, str(exc), headers)  # type: ignore[arg-type]
     return None

@@ -171,6 +171,13 @@ class Job:
     purged_at: float | None
     # 1-based place in the queue (1 = runs next); None unless queued.
     queue_position: int | None = None
+    # The credential that submitted it ("token", "user:<name>"); None: submitted without one.
+    owner: str | None = None
+
+    def visible_to(self, principal: str | None) -> bool:
+        """May ``principal`` see this job? Its owner may; a job without owner, or a request without
+        credential (an open service), sees and is seen by everyone."""
+        return principal is None or self.owner is None or self.owner == principal
 
     @property
     def is_terminal(self) -> bool:
@@ -217,7 +224,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     worker TEXT,
-    purged_at REAL
+    purged_at REAL,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state_seq ON jobs(state, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -329,6 +337,9 @@ class JobStore:
             for stmt in _SCHEMA.strip().split(";"):
                 if stmt.strip():
                     conn.execute(stmt)
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+            if "owner" not in columns:  # stores made before job ownership
+                conn.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
@@ -378,7 +389,12 @@ class JobStore:
     # ------------------------------------------------------------------ submit / read
 
     def submit(
-        self, spec: JobSpec | Mapping[str, Any], settings: Mapping[str, Any], files: Mapping[str, bytes]
+        self,
+        spec: JobSpec | Mapping[str, Any],
+        settings: Mapping[str, Any],
+        files: Mapping[str, bytes],
+        *,
+        owner: str | None = None,
     ) -> Job:
         """Store a new queued job with its input files.
 
@@ -387,6 +403,7 @@ class JobStore:
             settings: generation settings (JSON-serialisable).
             files: input file name -> bytes; names must match ``INPUT_NAME_RE`` (e.g. ``left_image.png``)
                 and are written to ``outputs/<id>/inputs/<name>``.
+            owner: the credential submitting it (``Job.visible_to``); None: visible to everyone.
 
         Raises:
             ValueError: a file name that is not a plain allowed name, or spec/settings not JSON.
@@ -423,9 +440,9 @@ class JobStore:
                 if queued >= self.max_queue:
                     raise QueueFullError(self.max_queue)
                 conn.execute(
-                    "INSERT INTO jobs (id, state, created_at, updated_at, spec, settings, inputs, stage) "
-                    "VALUES (?, 'queued', ?, ?, ?, ?, ?, 'waiting in queue')",
-                    (job_id, now, now, spec_json, settings_json, _dumps(sorted(files))),
+                    "INSERT INTO jobs (id, state, created_at, updated_at, spec, settings, inputs, stage, owner) "
+                    "VALUES (?, 'queued', ?, ?, ?, ?, ?, 'waiting in queue', ?)",
+                    (job_id, now, now, spec_json, settings_json, _dumps(sorted(files)), owner),
                 )
             inserted = True
         finally:
@@ -452,28 +469,26 @@ class JobStore:
         validate_job_id(job_id)
         return self._conn().execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
 
-    def list(self, limit: int = 50, offset: int = 0, *, state: str | None = None) -> list[Job]:
-        """Jobs newest first. ``state`` filters to one state."""
-        if limit < 0 or offset < 0:
-            raise ValueError(f"limit and offset must be >= 0, got limit={limit} offset={offset}")
-        conn = self._conn()
-        if state is None:
-            rows = conn.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ? OFFSET ?", (limit, offset))
-        else:
-            state = JobState(state)
-            rows = conn.execute(
-                "SELECT * FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ? OFFSET ?",
-                (state, limit, offset),
+    def list(
+        self, limit: int = 50, offset: int = 0, *, state: str | None = None, visible_to: str | None = None
+    ) -> list[Job]:
+        """Jobs newest first. ``state`` filters to one state; ``visible_to`` to the jobs that credential
+        may see (``Job.visible_to``)."""
+        if not 0 <= limit <= _MAX_SQL_INT or not 0 <= offset <= _MAX_SQL_INT:
+            raise ValueError(
+                f"limit and offset must be in 0..{_MAX_SQL_INT}, got limit={limit} offset={offset}"
             )
+        where, params = _job_filter(state, visible_to)
+        rows = self._conn().execute(
+            f"SELECT * FROM jobs{where} ORDER BY seq DESC LIMIT ? OFFSET ?", (*params, limit, offset)
+        )
         rows = rows.fetchall()
         positions = self._queue_positions() if any(r["state"] == JobState.QUEUED for r in rows) else {}
         return [_row_to_job(r, positions.get(r["id"])) for r in rows]
 
-    def count(self, *, state: str | None = None) -> int:
-        conn = self._conn()
-        if state is None:
-            return conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
-        return conn.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState(state),)).fetchone()[0]
+    def count(self, *, state: str | None = None, visible_to: str | None = None) -> int:
+        where, params = _job_filter(state, visible_to)
+        return self._conn().execute(f"SELECT COUNT(*) FROM jobs{where}", params).fetchone()[0]
 
     def _queue_positions(self) -> dict[str, int]:
         rows = self._conn().execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq").fetchall()
@@ -767,6 +782,21 @@ class JobStore:
         return True, "ok"
 
 
+_MAX_SQL_INT = 2**63 - 1
+
+
+def _job_filter(state: str | None, visible_to: str | None) -> tuple[str, tuple[Any, ...]]:
+    """`` WHERE ...`` and its parameters for a state and a credential (either may be None)."""
+    clauses, params = [], []
+    if state is not None:
+        clauses.append("state = ?")
+        params.append(JobState(state).value)
+    if visible_to is not None:
+        clauses.append("(owner IS NULL OR owner = ?)")
+        params.append(visible_to)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
+
+
 def _row_to_job(row: sqlite3.Row, queue_position: int | None) -> Job:
     return Job(
         id=row["id"],
@@ -788,4 +818,5 @@ def _row_to_job(row: sqlite3.Row, queue_position: int | None) -> Job:
         worker=row["worker"],
         purged_at=row["purged_at"],
         queue_position=queue_position,
+        owner=row["owner"],
     )

@@ -34,10 +34,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["submit_form", "submit_input"]
 
 
-def submit_input(store: JobStore, job_input: JobInput, limits: Limits) -> Job:
-    """Check ``job_input`` and store it as a queued job."""
+def submit_input(store: JobStore, job_input: JobInput, limits: Limits, *, owner: str | None = None) -> Job:
+    """Check ``job_input`` and store it as a queued job (``owner``: the submitting credential)."""
     submission = build_job(job_input, limits)
-    job = store.submit(submission.spec, submission.settings, submission.files)
+    job = store.submit(submission.spec, submission.settings, submission.files, owner=owner)
     logger.info("job %s accepted: %d person(s), %s, %s", job.id, submission.spec.people,
                 submission.spec.layout, submission.spec.audio_source)  # fmt: skip
     return job
