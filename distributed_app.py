@@ -40,6 +40,7 @@ from inference.render.settings import GenerationSettings, SettingsError
 from inference.render.worker import Runtime, RuntimeOptions, StartupError, setup_logging
 from service.api import ServiceInfo, create_app
 from service.jobs import JobStore
+from service.previews import PreviewPool
 from service.runner import (
     EngineMonitor,
     StoreJobSource,
@@ -83,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=tuple(SIZES), default=None, help="default resolution family")
     p.add_argument("--server_port", type=int, default=8419)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--auth", default=None, help="user:pass for the UI (basic login)")
+    p.add_argument("--auth", default=None, help="user:pass: a login for every route, UI and API (HTTP basic "
+                   "auth); with --api_token both are accepted")  # fmt: skip
+    p.add_argument("--share_jobs", action="store_true", help="every credential sees every job (default: a job is "
+                   "visible to the credential that submitted it)")  # fmt: skip
     p.add_argument("--api_token", default=os.environ.get("DIALOGUE_API_TOKEN"),
                    help="bearer token for /api (default $DIALOGUE_API_TOKEN)")  # fmt: skip
     p.add_argument("--outputs_dir", type=Path, default=Path("outputs"))
@@ -113,6 +117,10 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.offload_model:
         raise StartupError("--offload_model", "moving models to the CPU between uses is not implemented; "
                            "use --dit_fsdp full to cut the DiT's memory per GPU, and --t5_cpu for T5")  # fmt: skip
+    if args.auth is not None:
+        name, _, password = args.auth.partition(":")
+        if not name or not password:
+            raise StartupError("--auth", "expected user:password (a user name, a colon, a password)")
     if args.num_persistent_param_in_dit is not None:
         raise StartupError("--num_persistent_param_in_dit", "per-layer weight streaming is not implemented; "
                            "use --dit_fsdp full (each GPU holds 1/P of the DiT)")  # fmt: skip
@@ -167,6 +175,9 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
             text, voice, _language_of(text), seed=0)  # fmt: skip
         return wav_bytes(audio, renderer.tts.sample_rate)
 
+    previews = PreviewPool(tts_preview)  # its own threads and queue bound, shared by REST and UI
+    users = dict([args.auth.split(":", 1)]) if args.auth else None
+
     info = ServiceInfo(
         world_size=ctx.world_size,
         ulysses_size=ctx.world_size,
@@ -181,7 +192,8 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
         heartbeat_timeout_s=max(120.0, 4 * args.heartbeat_s),
         extra={"dit_fsdp_mode": args.dit_fsdp, "job_defaults": defaults, "device": str(ctx.device)},
     )
-    app = create_app(store, info, auth_token=args.api_token, limits=limits, tts_preview=tts_preview)
+    app = create_app(store, info, auth_token=args.api_token, limits=limits, tts_preview=previews, users=users,
+                     share_jobs=args.share_jobs)  # fmt: skip
     if not args.no_ui:
         # Imported only with the UI: gradio takes seconds to import and --no_ui services never need it.
         from service.ui import build_ui, mount_ui
@@ -192,12 +204,11 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
         blocks = build_ui(
             store,
             submit=lambda form, files: submit_form(store, form, files, limits=limits).id,
-            tts_preview=tts_preview,
+            tts_preview=previews,
             info=lambda: {**info_dict, **monitor.speed()},
             limits=limits,
         )
-        auth = tuple(args.auth.split(":", 1)) if args.auth else None
-        mount_ui(app, blocks, store, auth=auth)
+        mount_ui(app, blocks, store)  # behind the app's gate (--auth, --api_token), like every route
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.server_port, log_level="warning",
                                            access_log=False))  # fmt: skip
     web = threading.Thread(target=server.run, name="web", daemon=True)
