@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 
+from inference.checkpoint.loader import open_checkpoint, resolve_config
 from inference.model.config import DiTConfig
 from inference.model.dit import MultiTalkDiT
 from inference.model.layers import sinusoidal_embedding_1d
@@ -92,8 +93,6 @@ def teacache_forwards(weights: Path | None, thresh: float, resolution: int, step
 
 def modulations_from_weights(folder: Path, steps: int, resolution: int) -> list[torch.Tensor]:
     """e0 [1, 6, C] for every step of the default schedule, from the checkpoint's time layers only."""
-    from inference.checkpoint.loader import open_checkpoint, resolve_config
-
     cfg = resolve_config(folder)
     refs = open_checkpoint(folder)
     w = {

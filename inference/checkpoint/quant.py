@@ -40,6 +40,7 @@ from safetensors.torch import save
 
 from common.errors import InputError
 from common.files import atomic_write_bytes, atomic_write_text
+from inference.checkpoint.loader import check_keys, open_checkpoint, resolve_config
 from inference.model.config import DiTConfig
 from inference.model.dit import MultiTalkDiT, build_model
 
@@ -319,8 +320,6 @@ def load_quantized_dit(
     Raises:
         QuantError / CheckpointError: a file that does not match the model (missing keys, shapes, kinds).
     """
-    from inference.checkpoint.loader import check_keys, open_checkpoint, resolve_config
-
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg = resolve_config(folder, config)

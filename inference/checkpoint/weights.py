@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import InputError
+from inference.model.config import DiTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +130,9 @@ class WeightPaths:
 
 def tiny_dit_config():
     """The tiny DiT matched to the tiny encoders' widths (text, CLIP, wav2vec2)."""
+    # Imported here on purpose, as in make_tiny: the tiny encoders bring transformers and diffusers (seconds
+    # to import), and the web process and the CLI's job checks read this module for weight paths only.
     from inference.encoders.tiny import TINY_CLIP_DIM, TINY_T5_DIM, TINY_WAV2VEC2_DIM, TINY_WAV2VEC2_LAYERS
-    from inference.model.config import DiTConfig
 
     return dataclasses.replace(
         DiTConfig.tiny(),
@@ -161,6 +163,8 @@ def make_tiny(out: str | Path, seed: int = 0) -> WeightPaths:
         except (OSError, ValueError):
             pass
 
+    # Imported here on purpose: writing the weights needs torch, transformers and diffusers, which the
+    # callers that only read paths (the web process, the CLI's job checks) should not pay for.
     from inference.checkpoint.loader import save_checkpoint
     from inference.encoders.tiny import write_tiny_clip, write_tiny_t5, write_tiny_vae, write_tiny_wav2vec2
     from inference.model.dit import build_model

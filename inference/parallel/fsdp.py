@@ -30,6 +30,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
+from inference.checkpoint.loader import check_keys, open_checkpoint, resolve_config
+from inference.checkpoint.lora import merge_sources
+from inference.model.dit import build_model
 from inference.parallel.context import ParallelContext
 from inference.parallel.layout import ParallelConfigError
 
@@ -178,10 +181,6 @@ def load_dit(
     Returns:
         The model in eval mode with gradients off.
     """
-    from inference.checkpoint.loader import check_keys, open_checkpoint, resolve_config
-    from inference.checkpoint.lora import merge_sources
-    from inference.model.dit import build_model
-
     mode = check_fsdp_mode(mode)
     cfg = resolve_config(folder, config)  # type: ignore[arg-type]
     dtype = dtype or (torch.bfloat16 if ctx.device.type == "cuda" else torch.float32)

@@ -7,6 +7,11 @@ Then the same inputs run under Ulysses over all ranks, with the model replicated
 P in {2, 4, 5, 8} and puts rank boundaries mid-frame. The largest difference over all ranks and
 variants is printed as one line; more than the tolerance (1e-5 in fp32 on CPU) fails.
 
+The ranks run the layout the flags give (``--ulysses_size``, ``--ring_size``, ``--cfg_parallel``): with a
+ring, the forward also runs once with the log-sum-exp rescale of the running output left out, and that
+negative control must exceed the tolerance; with guidance groups, every group runs the forward and the
+per-step all-gather of the branch predictions is checked.
+
 ``dtype=torch.bfloat16`` (``launch/selftest.sh N --dtype bf16``) runs the same comparison with the
 model in bf16, as the GPU service runs it (on CUDA with flash-attn when it is installed). The
 tolerance comes from bf16's machine epsilon: each bf16 run is within one bf16 step of the exact
@@ -33,8 +38,10 @@ import torch.distributed as dist
 from inference.model.attention import attention_kernel_for, set_attention_kernel
 from inference.model.config import DiTConfig
 from inference.model.dit import MultiTalkDiT
-from inference.model.sp import NoParallel
+from inference.model.sp import NoParallel, SequenceParallelism
 from inference.parallel.context import ParallelContext
+from inference.parallel.fsdp import apply_fsdp
+from inference.parallel.ring import UnifiedSequenceParallel
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +80,6 @@ def _inputs(cfg: DiTConfig, device: torch.device, seed: int = 11) -> dict[str, t
 @torch.no_grad()
 def run_selftest(ctx: ParallelContext, dtype: torch.dtype = torch.float32) -> tuple[bool, float, str]:
     """Returns (ok, max_abs_diff over all ranks, a one-line report). ``dtype``: fp32 or bf16."""
-    from inference.parallel.fsdp import apply_fsdp
-
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"selftest dtype must be float32 or bfloat16, got {dtype}")
     if ctx.device.type == "cuda":
@@ -111,6 +116,8 @@ def run_selftest(ctx: ParallelContext, dtype: torch.dtype = torch.float32) -> tu
             diffs[f"fsdp_{mode}"] = max(
                 (out - reference).abs().max().item(), (out_again - reference).abs().max().item()
             )
+    control = _ring_negative_control(ctx, model, inputs, sp, reference)
+    layout_ok, layout_note = _guidance_check(ctx)
     worst = torch.tensor([max(diffs.values())], dtype=torch.float64, device=ctx.device)
     if ctx.distributed:
         dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=ctx.data)
@@ -120,11 +127,12 @@ def run_selftest(ctx: ParallelContext, dtype: torch.dtype = torch.float32) -> tu
     finite = all(v == v for v in diffs.values())  # NaN fails too
     if dtype == torch.float32:
         tolerance = CUDA_TOLERANCE if ctx.device.type == "cuda" else CPU_TOLERANCE
-        ok = max_diff <= tolerance and finite
+        ok = max_diff <= tolerance and finite and layout_ok and (control is None or control > tolerance)
         word = "ok" if ok else "FAILED"
         line = (
             f"selftest {word} max_abs_diff={max_diff:.3e} ranks={ctx.world_size} device={ctx.device.type} "
-            f"tokens={seq_len} tolerance={tolerance:g} ({detail} on rank 0)"
+            f"tokens={seq_len} tolerance={tolerance:g} ({detail} on rank 0){layout_note}"
+            f"{_control_note(control, tolerance)}"
         )
         return ok, max_diff, line
     scale = reference.abs().max().item()
@@ -136,6 +144,7 @@ def run_selftest(ctx: ParallelContext, dtype: torch.dtype = torch.float32) -> tu
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=ctx.data)
     tokens, flips, beyond, unrounded = (int(c) for c in counts.tolist())
     ok = finite and max_diff <= tolerance and vs_fp32 <= tolerance and tokens > 0 and beyond == unrounded == 0
+    ok = ok and layout_ok and (control is None or control > tolerance)
     if kernel_diff is not None:
         ok = ok and kernel_diff <= tolerance
         kernel += f" {kernel}_vs_sdpa={kernel_diff:.3e}"
@@ -147,7 +156,8 @@ def run_selftest(ctx: ParallelContext, dtype: torch.dtype = torch.float32) -> tu
         f"device={ctx.device.type} attention={kernel} tokens={seq_len} "
         f"tolerance={tolerance:.3e} (= {BF16_STEPS} x bf16 eps {BF16_EPS:g} x max|reference| {scale:.3f}) "
         f"bf16_vs_fp32={vs_fp32:.3e} routing_positions={tokens} one_step_flips={flips} "
-        f"beyond_one_step={beyond} not_bf16={unrounded} ({detail} on rank 0)"
+        f"beyond_one_step={beyond} not_bf16={unrounded} ({detail} on rank 0){layout_note}"
+        f"{_control_note(control, tolerance)}"
     )
     return ok, max_diff, line
 
@@ -201,3 +211,58 @@ def _position_counts(
             dtype=torch.float64,
         )
     return counts.to(device)
+
+
+def _ring_negative_control(
+    ctx: ParallelContext,
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    sp: SequenceParallelism,
+    reference: torch.Tensor,
+) -> float | None:
+    """Under ring attention, the same forward with the log-sum-exp rescale of the running output left
+    out; the smallest difference over all ranks, which must exceed the tolerance. None without a ring."""
+    if not isinstance(sp, UnifiedSequenceParallel):
+        return None
+    sp._rescale = False
+    try:
+        diff = (model(**inputs, sp=sp) - reference).abs().max().double()
+    finally:
+        sp._rescale = True
+    least = diff.reshape(1).to(ctx.device)
+    dist.all_reduce(least, op=dist.ReduceOp.MIN, group=ctx.data)
+    return float(least.item())
+
+
+def _control_note(control: float | None, tolerance: float) -> str:
+    if control is None:
+        return ""
+    verdict = "fails as it must" if control > tolerance else "DID NOT FAIL"
+    return f" negative_control(ring without LSE rescale)={control:.3e} {verdict}"
+
+
+def _guidance_check(ctx: ParallelContext) -> tuple[bool, str]:
+    """The layout in the report line and, with guidance groups, the per-step all-gather of 3 and 2
+    branches (each group's share, returned in branch order on every rank)."""
+    layout = ctx.parallel_layout
+    note = f" layout=({layout.describe()})"
+    guidance = ctx.guidance_parallel()
+    if guidance is None:
+        return True, note
+    latent = torch.arange(24, dtype=torch.float32, device=ctx.device).view(2, 3, 2, 2)
+    t = torch.ones(1, device=ctx.device)
+    ok = True
+    for branches in (("cond", "drop_text", "uncond"), ("cond", "drop_audio")):
+
+        def evaluate(
+            x: torch.Tensor, _t: torch.Tensor, share: tuple[str, ...], names=branches
+        ) -> torch.Tensor:
+            return torch.stack([x * (1 + names.index(b)) for b in share])
+
+        got = guidance.wrap(evaluate)(latent, t, branches)
+        expected = torch.stack([latent * (1 + j) for j in range(len(branches))])
+        ok = ok and torch.equal(got, expected)
+    flag = torch.tensor([0.0 if ok else 1.0], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.data)
+    ok = flag.item() == 0.0
+    return ok, note + f" guidance_all_gather={'ok' if ok else 'FAILED'}"
