@@ -1,13 +1,33 @@
-"""Wan VAE: diffusers AutoencoderKLWan from Wan2.1_VAE.pth, latent normalisation and the I2V conditioning ``y``."""
+"""Wan VAE: diffusers AutoencoderKLWan from Wan2.1_VAE.pth, latent normalisation, the I2V conditioning ``y``,
+tiled encode/decode and their memory.
+
+Time is always processed in the Wan VAE's causal chunks (encode: frame 0, then 4 frames at a time; decode:
+one latent frame at a time), a feature cache carrying the causal context between chunks. Tiling
+(``VaeTiling``, ``--vae_tiling auto|on|off``) adds a spatial split: overlapping square tiles, each run
+through every chunk on its own, blended with linear ramps across the overlaps (weights normalised to sum
+to 1) and written straight into one output, so the peak is one tile's activations plus the output instead
+of a whole frame's activations. Our own blend rather than diffusers' ``enable_tiling``: that one keeps every
+decoded tile of every frame until the end (about 1.8x the output, plus copies) and its in-place sequential
+blending weighs the top-left tile twice in four-tile corners.
+
+``vae_decode_bytes`` / ``vae_encode_bytes`` give the peak bytes of the tensors one call allocates, from a dry
+run of the same code on the meta device (no data, same allocations), for the memory plan and for ``auto``.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from inference.encoders.common import (
     VAE_CHECKPOINT,
@@ -201,22 +221,225 @@ def _check_num_frames(num_frames: int) -> None:
         raise EncoderError("num_frames", f"{num_frames!r}: must be 4n + 1 (1, 5, ..., 81)")
 
 
+VAE_TILING_MODES: tuple[str, ...] = ("auto", "on", "off")
+_SPATIAL = VAE_STRIDE[1]
+
+
+def wan21_vae_config() -> dict[str, Any]:
+    """``AutoencoderKLWan`` kwargs of the released Wan2.1 VAE (base width 96, 2 residual blocks per level)."""
+    return {
+        "base_dim": 96,
+        "z_dim": VAE_Z_DIM,
+        "dim_mult": [1, 2, 4, 4],
+        "num_res_blocks": 2,
+        "attn_scales": [],
+        "temperal_downsample": [False, True, True],
+        "latents_mean": list(VAE_LATENT_MEAN),
+        "latents_std": list(VAE_LATENT_STD),
+    }
+
+
+@dataclass(frozen=True)
+class VaeTiling:
+    """Spatial tiles in pixels: ``tile`` x ``tile`` squares starting about every ``stride`` pixels (spread
+    evenly so the last one ends at the border), neighbours overlapping by at least ``tile - stride`` pixels.
+    Both multiples of 8. ``stride == tile`` means no overlap (visible seams: only for comparisons)."""
+
+    tile: int = 256
+    stride: int = 192
+
+    def __post_init__(self) -> None:
+        if self.tile % _SPATIAL or self.stride % _SPATIAL or not 0 < self.stride <= self.tile:
+            raise EncoderError(
+                "vae_tiling",
+                f"tile {self.tile} / stride {self.stride}: need multiples of 8 with 0 < stride <= tile",
+            )
+
+
+def tile_spans(length: int, tile: int, stride: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of the tiles covering ``0..length``: ``tile`` long, the fewest whose starts are at
+    most ``stride`` apart, spread evenly from 0 to ``length - tile``. One span when ``tile >= length``."""
+    if tile >= length:
+        return [(0, length)]
+    n = math.ceil((length - tile) / stride) + 1
+    starts = [round(i * (length - tile) / (n - 1)) for i in range(n)]
+    return [(a, a + tile) for a in starts]
+
+
+def _ramp(spans: list[tuple[int, int]], i: int, scale: int, device: torch.device) -> torch.Tensor:
+    """Blend weight along one axis of tile ``i`` (in output units: ``scale`` per span unit): 1 inside, rising
+    linearly across the overlap with the previous tile and falling across the overlap with the next, so two
+    overlapping tiles' weights sum to 1 there."""
+    start, stop = spans[i]
+    n = (stop - start) * scale
+    pos = torch.arange(n, dtype=torch.float32, device=device)
+    w = torch.ones(n, device=device)
+    if i > 0:
+        overlap = (spans[i - 1][1] - start) * scale
+        w = torch.minimum(w, (pos + 1) / (overlap + 1))
+    if i + 1 < len(spans):
+        overlap = (stop - spans[i + 1][0]) * scale
+        w = torch.minimum(w, (n - pos) / (overlap + 1))
+    return w
+
+
+class _PeakBytes(TorchDispatchMode):
+    """Peak bytes of the storages ops create while active (each counted once until it is collected); storages
+    that existed before (weights, the given input) are not counted, also when an op views them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        given = {
+            t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+        }
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self._sizes and key not in given:  # a view or in-place result adds nothing
+                    self._sizes[key] = storage.nbytes()
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+
+def _config_items(config: Mapping[str, Any]) -> tuple:
+    keys = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample")
+    return tuple((k, tuple(config[k]) if isinstance(config[k], list | tuple) else config[k]) for k in keys)
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_vae(items: tuple, dtype: torch.dtype) -> WanVae:
+    from diffusers import AutoencoderKLWan  # heavy; only for the dry run
+
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in items}
+    with torch.device("meta"):
+        model = AutoencoderKLWan(**kwargs, attn_scales=[], latents_mean=list(VAE_LATENT_MEAN),
+                                 latents_std=list(VAE_LATENT_STD))  # fmt: skip
+    return WanVae(model.to(dtype).eval())
+
+
+@functools.lru_cache(maxsize=256)
+def _dry_run(op: str, frames: int, height: int, width: int, tiling: VaeTiling | None, items: tuple,
+             dtype: torch.dtype) -> int:  # fmt: skip
+    """Peak bytes allocated by one ``op`` ("decode" | "encode") of this size, run on the meta device."""
+    vae = _meta_vae(items, dtype)
+    _check_num_frames(frames)
+    with torch.no_grad():
+        if op == "decode":
+            given = torch.empty(VAE_Z_DIM, (frames - 1) // 4 + 1, height // 8, width // 8, device="meta")
+            with _PeakBytes() as peak:
+                vae.decode(given, tiling=tiling)
+        else:
+            given = torch.empty(3, frames, height, width, device="meta")
+            with _PeakBytes() as peak:
+                vae.encode(given, tiling=tiling)
+    return peak.peak
+
+
+def _frame_sized_bytes(op: str, frames: int, height: int, width: int) -> int:
+    """Bytes of the float32 tensors a tiled call keeps for the whole frame while it runs a tile: decode the
+    un-normalised latent, the output video and the weight sum; encode the output latent and its weight sum."""
+    t_lat, h, w = (frames - 1) // 4 + 1, height // 8, width // 8
+    if op == "decode":
+        return 4 * (VAE_Z_DIM * t_lat * h * w + 3 * frames * height * width + height * width)
+    return 4 * (VAE_Z_DIM * t_lat * h * w + h * w)
+
+
+def _planned_bytes(op: str, frames: int, height: int, width: int, tiling: VaeTiling | None,
+                   config: Mapping[str, Any] | None, dtype: torch.dtype) -> int:  # fmt: skip
+    items = _config_items(config or wan21_vae_config())
+    if tiling is None or (tiling.tile >= height and tiling.tile >= width):
+        return _dry_run(op, frames, height, width, tiling, items, dtype)
+    # Every tile after the first allocates the same as the second one of a frame two tiles wide (all
+    # tiles are whole), next to the frame-sized tensors: run that small frame, swap the frame-sized part.
+    sh, sw = min(tiling.tile, height), min(tiling.tile, width)
+    small = (sh, min(2 * sw, width)) if width > tiling.tile else (min(2 * sh, height), sw)
+    peak = _dry_run(op, frames, *small, tiling, items, dtype)
+    return peak + _frame_sized_bytes(op, frames, height, width) - _frame_sized_bytes(op, frames, *small)
+
+
+def vae_decode_bytes(
+    num_frames: int,
+    height: int,
+    width: int,
+    tiling: VaeTiling | None = None,
+    *,
+    config: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    """Peak bytes of the tensors one ``WanVae.decode`` of a ``num_frames`` x ``height`` x ``width`` clip
+    allocates (the float32 output included; the weights and the given latent not), untiled or with
+    ``tiling``. ``config``: ``AutoencoderKLWan`` kwargs, default the Wan2.1 VAE; ``dtype``: its weights'
+    dtype (upstream and ``Renderer``: float32). Exact for the allocations of this code: a dry run on the
+    meta device (about a second for 81 frames, cached; tiled, of a frame two tiles wide plus the
+    frame-sized buffers). A GPU adds its allocator's rounding and kernel workspaces."""
+    return _planned_bytes("decode", num_frames, height, width, tiling, config, dtype)
+
+
+def vae_encode_bytes(
+    num_frames: int,
+    height: int,
+    width: int,
+    tiling: VaeTiling | None = None,
+    *,
+    config: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    """As ``vae_decode_bytes`` for ``WanVae.encode`` of a [3, num_frames, height, width] video (the latent
+    output included, the given video not). ``build_y`` encodes a whole clip (conditioning + zeros)."""
+    return _planned_bytes("encode", num_frames, height, width, tiling, config, dtype)
+
+
+def _free_device_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can use on a CUDA device (free, plus what the caching allocator holds unused);
+    None elsewhere: host memory is not planned, so ``auto`` does not tile on a CPU."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 class WanVae(_ModelHolder):
     """Wan2.1 VAE (diffusers ``AutoencoderKLWan``) with Wan's latent normalisation.
 
     Encode takes the posterior mean (as Wan), decode clamps to [-1, 1]; both work on one video without a
-    batch axis and return float32, like ``wan.modules.vae.WanVAE``."""
+    batch axis and return float32, like ``wan.modules.vae.WanVAE``.
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    ``tiling_mode``: "off" (whole frames), "on" (always ``tiling``'s tiles) or "auto" (tiles when the
+    untiled call would need more than the CUDA device has free, per ``vae_decode_bytes``; on a CPU never)."""
+
+    def __init__(
+        self, model: torch.nn.Module, tiling_mode: str = "off", tiling: VaeTiling | None = None
+    ) -> None:
         self.model = model
         device = self.device
         self._mean = torch.tensor(VAE_LATENT_MEAN, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
         std = torch.tensor(VAE_LATENT_STD, dtype=torch.float32, device=device).view(-1, 1, 1, 1)
         self._inv_std = 1.0 / std  # upstream multiplies by 1/std on encode and divides by it on decode
+        self.tiling_mode = "off"
+        self.tiling = VaeTiling()
+        self.set_tiling(tiling_mode, tiling)
 
     @classmethod
     def from_wan(
-        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        tiling_mode: str = "off",
+        tiling: VaeTiling | None = None,
     ) -> WanVae:
         """Load from a Wan folder or from ``Wan2.1_VAE.pth``. Upstream runs the VAE in float32."""
         from diffusers import AutoencoderKLWan
@@ -226,7 +449,32 @@ class WanVae(_ModelHolder):
         d_sd, config = vae_wan_to_diffusers(sd)
         model = _build_loaded(lambda: AutoencoderKLWan(**config), d_sd, "vae_checkpoint", device, dtype)
         logger.info("VAE loaded from %s: base width %d, %s on %s", ckpt, config["base_dim"], dtype, device)
-        return cls(model)
+        return cls(model, tiling_mode, tiling)
+
+    def set_tiling(self, mode: str, tiling: VaeTiling | None = None) -> None:
+        """Choose "auto" | "on" | "off" (and optionally the tile size) for later calls."""
+        if mode not in VAE_TILING_MODES:
+            raise EncoderError("vae_tiling", f"unknown mode {mode!r}; choose one of {list(VAE_TILING_MODES)}")
+        self.tiling_mode = mode
+        if tiling is not None:
+            self.tiling = tiling
+
+    def _tiles(self, op: str, frames: int, height: int, width: int) -> VaeTiling | None:
+        """The tiling a call of ``op`` on a clip of this size uses under the current mode."""
+        if self.tiling_mode != "auto":
+            return self.tiling if self.tiling_mode == "on" else None
+        free = _free_device_bytes(self.device)
+        if free is None:
+            return None
+        bytes_of = vae_decode_bytes if op == "decode" else vae_encode_bytes
+        need = bytes_of(
+            frames, height, width, None, config=dict(_config_items(self.model.config)), dtype=self.dtype
+        )
+        if need <= free:
+            return None
+        logger.info("VAE %s of %dx%dx%d: untiled needs %.1f GiB, %.1f GiB free: tiling (%d px tiles)",
+                    op, frames, height, width, need / 2**30, free / 2**30, self.tiling.tile)  # fmt: skip
+        return self.tiling
 
     def to(self, device: str | torch.device) -> WanVae:
         self.model.to(device)
@@ -252,23 +500,93 @@ class WanVae(_ModelHolder):
         if h % 8 or w % 8 or h == 0 or w == 0:
             raise EncoderError(field, f"size {h}x{w}: height and width must be positive multiples of 8")
 
+    _AUTO = object()  # the ``tiling`` argument's default: follow ``tiling_mode``
+
     @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """video: [3, T, H, W] in [-1, 1], T = 4n + 1 -> normalised latent [16, T_lat, H/8, W/8] (float32)."""
+    def encode(self, video: torch.Tensor, tiling: VaeTiling | None | object = _AUTO) -> torch.Tensor:
+        """video: [3, T, H, W] in [-1, 1], T = 4n + 1 -> normalised latent [16, T_lat, H/8, W/8] (float32).
+
+        tiling: a ``VaeTiling`` or None (whole frames) for this call; by default ``tiling_mode`` decides."""
         self._check_video(video, "video")
-        x = video.to(self.device, self.dtype)[None]
-        mu = self.model.encode(x).latent_dist.mode()[0].float()
+        _, t, h, w = video.shape
+        if tiling is WanVae._AUTO:
+            tiling = self._tiles("encode", t, h, w)
+        if tiling is None:
+            mu = self.model.encode(video.to(self.device, self.dtype)[None]).latent_dist.mode()[0].float()
+        else:
+            mu = self._encode_tiled(video, tiling)  # type: ignore[arg-type]
         return (mu - self._mean) * self._inv_std
 
     @torch.no_grad()
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """latent: normalised [16, T_lat, h, w] -> video [3, 4 (T_lat - 1) + 1, 8h, 8w] in [-1, 1] (float32)."""
+    def decode(self, latent: torch.Tensor, tiling: VaeTiling | None | object = _AUTO) -> torch.Tensor:
+        """latent: normalised [16, T_lat, h, w] -> video [3, 4 (T_lat - 1) + 1, 8h, 8w] in [-1, 1] (float32).
+
+        tiling: as in ``encode``."""
         if not isinstance(latent, torch.Tensor) or latent.ndim != 4 or latent.shape[0] != VAE_Z_DIM:
             shape = tuple(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
             raise EncoderError("latent", f"expected a tensor [16, T_lat, h, w], got {shape}")
+        _, t_lat, h, w = latent.shape
+        if tiling is WanVae._AUTO:
+            tiling = self._tiles("decode", 4 * (t_lat - 1) + 1, h * _SPATIAL, w * _SPATIAL)
         z = latent.to(self.device, torch.float32) / self._inv_std + self._mean
+        if tiling is not None:
+            return self._decode_tiled(z, tiling)  # type: ignore[arg-type]
         out = self.model.decode(z[None].to(self.dtype)).sample[0]
         return out.float().clamp_(-1.0, 1.0)
+
+    def _decode_tiled(self, z: torch.Tensor, tiling: VaeTiling) -> torch.Tensor:
+        """z: un-normalised latent [16, T_lat, h, w] -> [3, T, 8h, 8w] in [-1, 1], tile by tile (each through
+        all causal chunks), blended into one output."""
+        _, _, h, w = z.shape
+        rows = tile_spans(h, tiling.tile // _SPATIAL, tiling.stride // _SPATIAL)
+        cols = tile_spans(w, tiling.tile // _SPATIAL, tiling.stride // _SPATIAL)
+        out: torch.Tensor | None = None
+        weight_sum = torch.zeros(h * _SPATIAL, w * _SPATIAL, device=z.device)
+        for i, (r0, r1) in enumerate(rows):
+            wy = _ramp(rows, i, _SPATIAL, z.device)
+            for j, (c0, c1) in enumerate(cols):
+                part = self.model.decode(z[None, :, :, r0:r1, c0:c1].to(self.dtype)).sample[
+                    0
+                ]  # [3, T, th, tw]
+                if out is None:
+                    out = torch.zeros(3, part.shape[1], h * _SPATIAL, w * _SPATIAL, device=z.device)
+                weight = wy[:, None] * _ramp(cols, j, _SPATIAL, z.device)[None, :]
+                region = (
+                    slice(None),
+                    slice(None),
+                    slice(r0 * _SPATIAL, r1 * _SPATIAL),
+                    slice(c0 * _SPATIAL, c1 * _SPATIAL),
+                )
+                out[region].addcmul_(part.float(), weight)
+                weight_sum[region[2:]] += weight
+                del part
+        assert out is not None
+        return out.div_(weight_sum).clamp_(-1.0, 1.0)
+
+    def _encode_tiled(self, video: torch.Tensor, tiling: VaeTiling) -> torch.Tensor:
+        """video [3, T, H, W] -> posterior mean [16, T_lat, H/8, W/8] (float32), tile by tile, blended in latent
+        space (tiles start on the 8-pixel latent grid)."""
+        _, _, height, width = video.shape
+        h, w = height // _SPATIAL, width // _SPATIAL
+        rows = tile_spans(h, tiling.tile // _SPATIAL, tiling.stride // _SPATIAL)
+        cols = tile_spans(w, tiling.tile // _SPATIAL, tiling.stride // _SPATIAL)
+        out: torch.Tensor | None = None
+        weight_sum = torch.zeros(h, w, device=self.device)
+        for i, (r0, r1) in enumerate(rows):
+            wy = _ramp(rows, i, 1, self.device)
+            for j, (c0, c1) in enumerate(cols):
+                x = video[None, :, :, r0 * _SPATIAL : r1 * _SPATIAL, c0 * _SPATIAL : c1 * _SPATIAL]
+                mu = self.model.encode(x.to(self.device, self.dtype)).latent_dist.mode()[
+                    0
+                ]  # [16, T_lat, th, tw]
+                if out is None:
+                    out = torch.zeros(mu.shape[0], mu.shape[1], h, w, device=self.device)
+                weight = wy[:, None] * _ramp(cols, j, 1, self.device)[None, :]
+                out[:, :, r0:r1, c0:c1].addcmul_(mu.float(), weight)
+                weight_sum[r0:r1, c0:c1] += weight
+                del mu
+        assert out is not None
+        return out.div_(weight_sum)
 
     @torch.no_grad()
     def build_y(
