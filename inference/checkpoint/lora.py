@@ -56,6 +56,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
 
 from common.errors import InputError
 
@@ -404,8 +406,6 @@ def _local(param: torch.Tensor) -> tuple[torch.Tensor, slice | None]:
 
     FSDP2 shards dim 0 with torch.chunk's rule (ceil(n / P) rows per rank, the last ones shorter or empty).
     """
-    from torch.distributed.tensor import DTensor, Shard  # only for FSDP2-sharded models
-
     if not isinstance(param, DTensor):
         return param.data, None
     if len(param.placements) != 1 or param.placements[0] != Shard(0):
@@ -506,8 +506,6 @@ class AdapterBank:
 def _drop_gathered_weights(model: nn.Module) -> None:
     """FSDP2 with reshard_after_forward=False keeps gathered weights between forwards: free them so the
     next forward gathers the switched shards."""
-    from torch.distributed.fsdp import FSDPModule  # only relevant for FSDP2-sharded models
-
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
