@@ -115,10 +115,23 @@ class Prepared:
     frame_files: list[Path] = field(default_factory=list)
     motion: torch.Tensor | None = None  # [3, motion_frames, H, W] in [-1, 1]
     start_clip: int = 0  # > 0 when an interrupted render resumes after its last finished clip
+    passes: list[dict[str, int]] = field(default_factory=list)  # model work per denoised clip
 
     @property
     def num_clips(self) -> int:
         return len(self.plan.clips)
+
+    def record_passes(self, clip: int, passes: int, skipped: int, model_calls: int) -> None:
+        """One denoised clip's model work: branch passes, of them skipped by TeaCache, and forwards."""
+        self.passes.append(
+            {"clip": clip, "passes": passes, "computed": passes - skipped, "skipped": skipped,
+             "model_calls": model_calls}
+        )  # fmt: skip
+
+    def passes_record(self) -> dict[str, Any]:
+        """The render record's "passes": per clip and totals (clips resumed from disk are not counted)."""
+        total = {k: sum(c[k] for c in self.passes) for k in ("passes", "computed", "skipped", "model_calls")}
+        return {**total, "per_clip": list(self.passes), "resumed_after_clip": self.start_clip}
 
 
 @dataclass(frozen=True)
@@ -509,6 +522,7 @@ class Renderer:
             "people": prep.spec.people,
             "settings": prep.settings.to_dict(),
             "scene": prep.scene.to_json(),
+            "passes": prep.passes_record(),
         }
         atomic_write_text(prep.out_dir / "render.json", json.dumps(meta, indent=1, ensure_ascii=False))
         names = [*OUTPUT_FILES, "render.json"]

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from common.errors import InputError
+from inference.checkpoint.loader import resolve_config
 from inference.checkpoint.weights import WeightPaths, make_tiny
 from inference.model.config import DiTConfig
 from inference.parallel.context import ParallelContext
@@ -39,8 +40,9 @@ from inference.render.pipeline import (
     clip_progress,
     denoise_clip,
 )
-from inference.render.sampler import Cancelled, ClipSpec
-from inference.render.settings import GenerationSettings
+from inference.render.sampler import Cancelled, ClipSpec, PassStats, passes_for
+from inference.render.settings import GenerationSettings, check_lora_setting
+from inference.render.speed import ModelSpeed, SpeedOptions, finish_model, merged_loras, read_adapters
 from inference.render.spec import JobSpec
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class RuntimeOptions:
     control_timeout_s: float = 1800.0
     make_tiny: bool = True
     save_frames: bool = False  # rank 0 also writes the uint8 frames before encoding (frames.npy)
+    speed: SpeedOptions = SpeedOptions()  # LoRAs, batched guidance, --compile, attention kernel
 
     @property
     def weights_root(self) -> Path:
@@ -139,8 +142,10 @@ class DialogueWorker:
         ctx: ParallelContext,
         renderer: Renderer | None,
         sink: JobSink | None,
+        speed: ModelSpeed | None = None,
     ) -> None:
         self.model = model
+        self.speed = speed or ModelSpeed()  # switchable LoRAs, batched-guidance mode
         self.ctx = ctx
         self.sp = ctx.sequence_parallel()
         self.renderer = renderer
@@ -166,6 +171,7 @@ class DialogueWorker:
         settings = GenerationSettings.from_dict(dict(msg.settings["generation"]))
         clip_index = int(msg.settings["clip_index"])
         progress = self._progress if self.ctx.is_rank0 else None
+        stats = PassStats()
         try:
             with job.signal_passes(self.model):  # liveness per model pass (rank 0's /api/health)
                 latent = denoise_clip(
@@ -176,10 +182,13 @@ class DialogueWorker:
                     sp=self.sp,
                     step_boundary=job.step_boundary,  # cancel flag + optional latent checksum
                     progress=progress,
+                    batched=bool(msg.settings.get("batched", False)),
+                    stats=stats,
+                    adapters=self.speed.adapters,
                 )
         except Cancelled:
             return None
-        return {"latent": latent}
+        return {"latent": latent, "passes": torch.tensor([stats.passes, stats.skipped, stats.model_calls])}
 
     # ---- rank 0 ---------------------------------------------------------------------------------
 
@@ -206,6 +215,7 @@ class DialogueWorker:
 
     def prepare(self, job: RenderJob) -> tuple[Message, dict[str, torch.Tensor]]:
         assert self.renderer is not None, "prepare() runs on rank 0 only"
+        check_lora_setting(job.settings, self.speed.lora)  # e.g. stored before a restart with other LoRAs
         if job.prepared is None:
             self._state(job, "preparing")
             job.prepared = self.renderer.prepare(
@@ -224,10 +234,14 @@ class DialogueWorker:
         tensors = self.renderer.clip_inputs(prep, clip)  # CLIP + VAE encode of the clip's conditioning
         job.add_time("conditioning_time", time.monotonic() - t0)
         specs = tuple(TensorSpec.of(name, t) for name, t in sorted(tensors.items()))
+        branches = len(passes_for(prep.settings.text_guidance))
+        need = self.working_bytes(tensors["y"].shape)
+        batched = self.speed.batched(self.ctx.device, branches, need)
         settings = {
             "generation": prep.settings.to_dict(),
             "clip_index": clip.index,
-            "min_free_bytes": self.working_bytes(tensors["y"].shape),
+            "batched": batched,  # decided here and sent: every rank runs the clip the same way
+            "min_free_bytes": need * (branches if batched else 1),
         }
         self._current = job
         job.clip_started = time.monotonic()
@@ -244,6 +258,8 @@ class DialogueWorker:
         t0 = time.monotonic()
         self.renderer.accept_clip(prep, clip, result["latent"])
         job.add_time("decode_time", time.monotonic() - t0)
+        if "passes" in result:
+            prep.record_passes(clip.index, *(int(v) for v in result["passes"].tolist()))
         if not clip.is_last:
             job.clip_index += 1
             return job
@@ -285,8 +301,9 @@ class Runtime:
     """One process of the service or CLI: context, model, and (rank 0) the encoders."""
 
     def __init__(self, options: RuntimeOptions, ctx: ParallelContext, model: torch.nn.Module, paths: WeightPaths,
-                 renderer: Renderer | None) -> None:  # fmt: skip
+                 renderer: Renderer | None, speed: ModelSpeed | None = None) -> None:  # fmt: skip
         self.options = options
+        self.speed = speed or ModelSpeed()
         self.ctx = ctx
         self.model = model
         self.paths = paths
@@ -314,9 +331,11 @@ class Runtime:
             ctx.barrier()  # rank 0 may have been writing the tiny weights
         paths.check(options.preset)
         t0 = time.monotonic()
-        model = load_dit(paths.wan_dir, ctx, mode=mode)
+        adapters = read_adapters(options.speed, resolve_config(paths.wan_dir))  # checked before loading
+        model = load_dit(paths.wan_dir, ctx, mode=mode, loras=merged_loras(options.speed, adapters))
         check_heads(model.config.num_heads, ctx.world_size)
         logger.info("DiT loaded in %.1fs; %s", time.monotonic() - t0, report_memory(model, ctx.device))
+        speed = finish_model(model, options.speed, adapters, ctx.device)
         renderer = None
         if ctx.is_rank0:
             divisor = 8 if options.preset == "tiny" else 1
@@ -327,11 +346,11 @@ class Runtime:
                 save_frames=options.save_frames,
             )
             renderer = Renderer(paths, config)
-        return cls(options, ctx, model, paths, renderer)
+        return cls(options, ctx, model, paths, renderer, speed)
 
     def make_engine(self, sink: JobSink | None, source: Callable[[float], Any] | None, *, heartbeat_s: float = 60.0,
                     check_consistency: bool = False, liveness: Liveness | None = None) -> Engine:  # fmt: skip
-        worker = DialogueWorker(self.model, self.ctx, self.renderer, sink)
+        worker = DialogueWorker(self.model, self.ctx, self.renderer, sink, self.speed)
         engine = Engine(
             worker, self.ctx, source, heartbeat_s=heartbeat_s, check_consistency=check_consistency,
             liveness=liveness,
