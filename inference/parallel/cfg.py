@@ -85,8 +85,10 @@ class GuidanceParallel:
                         f"evaluate returned {tuple(preds.shape)}, expected {(len(mine), *latent.shape)}"
                     )
                 local[: len(mine)] = preds
-            gathered = local.new_empty((self.size, *local.shape))  # [G, slots, C, T, h, w]
-            dist.all_gather_into_tensor(gathered, local, group=self.group)
+            gathered = local.new_empty((self.size * slots, *latent.shape))
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            gather(gathered, local, group=self.group)
+            gathered = gathered.view(self.size, slots, *latent.shape)
             self.comm_bytes["all_gather"] += local.numel() * local.element_size() * (self.size - 1)
             # Branch j was evaluated by group j % G in its slot j // G.
             return torch.stack([gathered[j % self.size, j // self.size] for j in range(len(branches))])
