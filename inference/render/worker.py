@@ -42,8 +42,8 @@ from inference.render.pipeline import (
 )
 from inference.render.sampler import Cancelled, ClipSpec, PassStats, passes_for
 from inference.render.settings import GenerationSettings, check_lora_setting
-from inference.render.speed import ModelSpeed, SpeedOptions, finish_model, merged_loras, read_adapters
 from inference.render.spec import JobSpec
+from inference.render.speed import ModelSpeed, SpeedOptions, finish_model, merged_loras, read_adapters
 
 logger = logging.getLogger(__name__)
 
