@@ -33,8 +33,8 @@ from dialogue import detect_language
 from inference.parallel.context import ParallelContext
 from inference.parallel.fsdp import check_t5_fsdp
 from inference.parallel.host import configure_cpu_threads
-from inference.parallel.layout import ParallelConfigError
-from inference.parallel.selftest import run_selftest
+from inference.parallel.layout import ParallelConfigError, check_parallel_sizes
+from inference.parallel.selftest import run_selftest, selftest_config
 from inference.render.intake import Limits
 from inference.render.settings import GenerationSettings, SettingsError
 from inference.render.worker import Runtime, RuntimeOptions, StartupError, setup_logging
@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ckpt_dir", type=Path, default=None, help="upstream's name: the Wan folder (its parent is the root)"
     )
     p.add_argument("--ulysses_size", type=int, default=None, help="Ulysses degree (default: all ranks)")
-    p.add_argument("--ring_size", type=int, default=1, help="ring attention degree (only 1 is supported)")
+    p.add_argument("--ring_size", type=int, default=1, help="ring attention degree: key/value blocks circulate "
+                   "over this many Ulysses groups (ranks = ulysses x ring; default 1)")  # fmt: skip
+    p.add_argument("--cfg_parallel", action="store_true", help="run the 2-3 guidance branches of each step on "
+                   "separate rank groups (ranks = groups x ulysses x ring)")  # fmt: skip
     p.add_argument("--dit_fsdp", nargs="?", const="full", default="off", choices=("off", "full", "keep"),
                    help="FSDP2 for the DiT: off (replicated), full (reshard after forward), keep")  # fmt: skip
     p.add_argument("--t5_fsdp", action="store_true", help="refused: T5 runs on rank 0 only")
@@ -124,9 +127,6 @@ def check_flags(args: argparse.Namespace) -> None:
     if args.num_persistent_param_in_dit is not None:
         raise StartupError("--num_persistent_param_in_dit", "per-layer weight streaming is not implemented; "
                            "use --dit_fsdp full (each GPU holds 1/P of the DiT)")  # fmt: skip
-    if args.ring_size != 1:
-        raise StartupError("--ring_size", "ring attention is not implemented; use --ulysses_size equal to the "
-                           "number of ranks (40 heads: 1, 2, 4, 5 or 8 ranks) and --ring_size 1")  # fmt: skip
 
 
 def job_defaults(args: argparse.Namespace) -> dict[str, Any]:
@@ -180,8 +180,8 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
 
     info = ServiceInfo(
         world_size=ctx.world_size,
-        ulysses_size=ctx.world_size,
-        ring_size=1,
+        ulysses_size=ctx.parallel_layout.ulysses,
+        ring_size=ctx.parallel_layout.ring,
         dit_fsdp=args.dit_fsdp != "off",
         t5_fsdp=False,
         model=args.preset,
@@ -198,7 +198,7 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
         # Imported only with the UI: gradio takes seconds to import and --no_ui services never need it.
         from service.ui import build_ui, mount_ui
 
-        info_dict = {"model": args.preset, "world_size": ctx.world_size, "ulysses_size": ctx.world_size,
+        info_dict = {"model": args.preset, "world_size": ctx.world_size, "ulysses_size": ctx.parallel_layout.ulysses,
                      "engine": "tiny random weights (demo)" if args.preset == "tiny" else "MultiTalk 14B",
                      "default_preset": info.default_preset}  # fmt: skip
         blocks = build_ui(
@@ -267,13 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     configure_cpu_threads()  # torchrun leaves OMP_NUM_THREADS=1: rank 0's CPU work would get one thread
     torch.set_grad_enabled(False)
     if args.selftest:
-        return _selftest(torch.bfloat16 if args.selftest_dtype == "bf16" else torch.float32)
+        return _selftest(torch.bfloat16 if args.selftest_dtype == "bf16" else torch.float32, args)
     try:
         check_flags(args)
         defaults = job_defaults(args)
         weights = args.weights or (args.ckpt_dir.parent if args.ckpt_dir else None)
         runtime = Runtime.start(RuntimeOptions(preset=args.preset, weights=weights,
                                                ulysses_size=args.ulysses_size, ring_size=args.ring_size,
+                                               cfg_parallel=args.cfg_parallel,
                                                dit_fsdp=args.dit_fsdp, t5_cpu=args.t5_cpu,
                                                device=args.device))  # fmt: skip
     except ValueError as exc:  # a start-up error the user can fix: say it, no traceback
@@ -292,8 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _selftest(dtype: torch.dtype) -> int:
-    ctx = ParallelContext.from_env(data_timeout=120, control_timeout=300)
+def _selftest(dtype: torch.dtype, args: argparse.Namespace) -> int:
+    world = int(os.environ.get("WORLD_SIZE", "1") or "1")
+    try:
+        layout = check_parallel_sizes(world, args.ulysses_size, args.ring_size, selftest_config().num_heads,
+                                      args.cfg_parallel)  # fmt: skip
+    except ParallelConfigError as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {_flag_message(exc)}", file=sys.stderr)
+        return 2
+    ctx = ParallelContext.from_env(data_timeout=120, control_timeout=300, layout=layout)
     try:
         ok, _, line = run_selftest(ctx, dtype)
     finally:

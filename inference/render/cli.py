@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("streaming", "clip"), default=None)
     p.add_argument("--sample_steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ulysses_size", type=int, default=None, help="default: the world size")
+    p.add_argument("--ulysses_size", type=int, default=None, help="default: ranks / (ring x groups)")
+    p.add_argument("--ring_size", type=int, default=1, help="ring attention degree (ranks = ulysses x ring)")
+    p.add_argument("--cfg_parallel", action="store_true", help="guidance branches on separate rank groups")
     p.add_argument("--dit_fsdp", choices=("off", "full", "keep"), default="off")
     p.add_argument("--t5_cpu", action="store_true")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when torch "
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                 preset=args.preset,
                 weights=args.weights,
                 ulysses_size=args.ulysses_size,
+                ring_size=args.ring_size,
+                cfg_parallel=args.cfg_parallel,
                 dit_fsdp=args.dit_fsdp,
                 t5_cpu=args.t5_cpu,
                 device=args.device,

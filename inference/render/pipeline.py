@@ -40,6 +40,7 @@ from common.files import atomic_write, atomic_write_text
 from inference.checkpoint.lora import AdapterBank
 from inference.checkpoint.weights import WeightPaths
 from inference.model.sp import NoParallel, SequenceParallelism
+from inference.parallel.cfg import GuidanceParallel, one_by_one
 from inference.render.sampler import (
     BRANCH_COND,
     BRANCH_DROP_AUDIO,
@@ -231,6 +232,7 @@ def denoise_clip(
     batched: bool = False,
     stats: PassStats | None = None,
     adapters: AdapterBank | None = None,
+    guidance: GuidanceParallel | None = None,
 ) -> torch.Tensor:
     """Denoise one clip; runs on every rank with identical ``tensors``. Returns the latent [16, T, h, w].
 
@@ -239,7 +241,8 @@ def denoise_clip(
     batched: run the guidance branches of a step as one forward (``branch_model_fns``); equal to one
     forward per branch up to float rounding. stats: filled with the clip's passes (computed / skipped by
     TeaCache when ``settings.teacache``) and forwards. adapters: switchable LoRAs, turned on or off for
-    this clip by ``settings.lora`` (every rank does the same).
+    this clip by ``settings.lora`` (every rank does the same). guidance: with ``--cfg_parallel``, this
+    rank's guidance group evaluates its share of each step's branches and one all-gather brings the rest.
     """
     sp = sp or NoParallel()
     stats = stats if stats is not None else PassStats()
@@ -259,9 +262,19 @@ def denoise_clip(
         progress=progress,
         clip_index=clip_index,
         step_boundary=step_boundary,
-        batch_fn=batch_fn if batched else None,
+        batch_fn=_guidance_split(guidance, model_fn, batch_fn if batched else None),
         stats=stats,
     )
+
+
+def _guidance_split(
+    guidance: GuidanceParallel | None, model_fn: ModelFn, batch_fn: BatchFn | None
+) -> BatchFn | None:
+    """The sampler's ``batch_fn``: unchanged on one guidance group, else each group's share of the branches
+    (one forward per branch, or batched) followed by the all-gather."""
+    if guidance is None:
+        return batch_fn
+    return guidance.wrap(batch_fn if batch_fn is not None else one_by_one(model_fn))
 
 
 def _to_uint8_frames(video: torch.Tensor) -> np.ndarray:

@@ -80,6 +80,7 @@ class RuntimeOptions:
     weights: Path | None = None
     ulysses_size: int | None = None
     ring_size: int = 1
+    cfg_parallel: bool = False  # guidance branches of a step on separate rank groups
     dit_fsdp: str = "off"
     t5_cpu: bool = False
     device: str | None = None
@@ -148,6 +149,7 @@ class DialogueWorker:
         self.speed = speed or ModelSpeed()  # switchable LoRAs, batched-guidance mode
         self.ctx = ctx
         self.sp = ctx.sequence_parallel()
+        self.guidance = ctx.guidance_parallel()  # None unless --cfg_parallel
         self.renderer = renderer
         self.sink = sink
         self.engine: Engine | None = None
@@ -180,6 +182,7 @@ class DialogueWorker:
                     settings,
                     clip_index=clip_index,
                     sp=self.sp,
+                    guidance=self.guidance,
                     step_boundary=job.step_boundary,  # cancel flag + optional latent checksum
                     progress=progress,
                     batched=bool(msg.settings.get("batched", False)),
@@ -314,8 +317,9 @@ class Runtime:
     def start(cls, options: RuntimeOptions) -> Runtime:
         mode = check_fsdp_mode(options.dit_fsdp)
         world = int(os.environ.get("WORLD_SIZE", "1") or "1")
-        ulysses = options.ulysses_size if options.ulysses_size is not None else world
-        check_parallel_sizes(world, ulysses, options.ring_size, _num_heads(options.preset))
+        layout = check_parallel_sizes(
+            world, options.ulysses_size, options.ring_size, _num_heads(options.preset), options.cfg_parallel
+        )
         if mode != "off" and world == 1:
             logger.info("--dit_fsdp %s on one process: nothing to shard, the model is loaded whole", mode)
         device = resolve_device(options.preset, options.device, HostGpus.probe())
@@ -326,6 +330,7 @@ class Runtime:
             device=device,
             data_timeout=options.data_timeout_s,
             control_timeout=options.control_timeout_s,
+            layout=layout,
         )
         if ctx.distributed:
             ctx.barrier()  # rank 0 may have been writing the tiny weights
@@ -333,7 +338,7 @@ class Runtime:
         t0 = time.monotonic()
         adapters = read_adapters(options.speed, resolve_config(paths.wan_dir))  # checked before loading
         model = load_dit(paths.wan_dir, ctx, mode=mode, loras=merged_loras(options.speed, adapters))
-        check_heads(model.config.num_heads, ctx.world_size)
+        check_heads(model.config.num_heads, layout.ulysses)
         logger.info("DiT loaded in %.1fs; %s", time.monotonic() - t0, report_memory(model, ctx.device))
         speed = finish_model(model, options.speed, adapters, ctx.device)
         renderer = None
