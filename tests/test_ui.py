@@ -10,6 +10,7 @@ outputs, done) through the store's own API.
 from __future__ import annotations
 
 import io
+import json
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -661,6 +662,22 @@ def test_mount_on_rest_app(store: JobStore) -> None:
         config = client.get("/config").json()
         assert config["title"] == "Dialogue video" and ".dv-progress" in config["css"]
         assert client.get("/api/jobs").json()["total"] == 0  # the REST routes still answer
+        # The footer's "Use via API" leads to the REST API's own docs (not gradio's endpoints), which answer.
+        footer = [c for c in config["components"] if "Use via API" in str(c.get("props", {}).get("value"))]
+        assert (
+            config["footer_links"] == []
+            and len(footer) == 1
+            and 'href="/docs"' in footer[0]["props"]["value"]
+        )
+        assert client.get("/docs").status_code == 200
+        # The outputs are served to the page, the browser secret beside them is not.
+        secret = store.outputs_dir / ".ui_browser_secret"
+        refused = client.get(f"/gradio_api/file={secret}")
+        assert (
+            secret.is_file() and refused.status_code in (403, 404) and secret.read_text() not in refused.text
+        )
+        example = next((store.outputs_dir / "ui-examples").glob("*.png"), None) or _drawn_example(demo)
+        assert client.get(f"/gradio_api/file={example}").status_code == 200
     assert str(store.outputs_dir) in demo.allowed_paths
 
     app2 = create_app(store, ServiceInfo())
@@ -669,3 +686,399 @@ def test_mount_on_rest_app(store: JobStore) -> None:
     with TestClient(app2) as client:
         assert client.get("/config").status_code == 401
         assert client.get("/api/jobs").status_code == 200  # the API has its own (token) auth
+
+
+# ---------------------------------------------------------------------------------------------- uploads
+
+
+def test_a_non_image_upload_gets_our_sentence(
+    store: JobStore, tmp_path: Path, portraits: tuple[str, str]
+) -> None:
+    import gradio as gr
+    from gradio.data_classes import ImageData
+
+    from service.ui.uploads import checked_image
+
+    wav = tmp_path / "voice.png"  # a WAV renamed .png
+    _tone(wav, 0.5)
+    ui = _handlers(store)
+    kept, msg = ui.image_check(str(wav), "left_image")
+    assert kept is None and msg.startswith("⚠️ **Portrait of person 1 (left)**: 'voice.png' is not a picture")
+    assert "WAV audio" in msg and "PNG, JPEG or WebP" in msg and "Traceback" not in msg
+    small = _portrait(tmp_path / "small.png", (1, 2, 3), (100, 100))
+    kept, msg = ui.image_check(small, "single_image")
+    assert kept is None and msg.startswith("⚠️ **Picture of the person**") and "256" in msg
+    assert ui.image_check(portraits[0], "right_image") == (portraits[0], "")
+    assert ui.image_check(None, "left_image") == (None, "")
+    # The page's image upload hands such a file on (our check answers); the stock component raises.
+    payload = ImageData(path=str(wav), orig_name="voice.png")
+    assert checked_image(type="filepath", image_mode=None).preprocess(payload) == str(wav)
+    with pytest.raises(Exception):  # noqa: B017 - whatever Pillow raises: the framework's own error
+        gr.Image(type="filepath", image_mode=None).preprocess(payload)
+    # Submitting it names the field too (never "Error").
+    job_id, msg = ui.generate(_values(ui, (str(wav), portraits[1])))
+    assert job_id is None and msg.startswith("⚠️ **Portrait of person 1 (left)**") and store.count() == 0
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+
+def test_a_preset_keeps_what_the_user_set_and_says_so(ui: UiHandlers) -> None:
+    current = dict(zip(ADVANCED_FIELDS, ui.preset_values("fast"), strict=True))
+    current.update(seed=-1, steps=20)
+    new, note = ui.preset_change("quality", "seconds", current, ["seed", "steps"])
+    assert "seed" not in new and "steps" not in new  # kept
+    assert new["text_guidance"] == 5.0 and new["max_length"] == 40.0  # filled from the preset
+    assert "kept the ones you set: steps (20), seed (-1)" in note and note.startswith("Quality preset")
+    new, note = ui.preset_change("balanced", "frames", current, [])
+    assert new["steps"] == 30 and new["seed"] == 42 and new["max_length"] == 1000
+    assert note == "Balanced preset: every advanced value follows it."
+
+
+def test_presets_sit_under_the_service_defaults(store: JobStore, portraits: tuple[str, str]) -> None:
+    # A service started with --sample_steps 10: the form shows 10, and a job that keeps it renders 10.
+    ui = _handlers(store, limits=Limits(job_defaults={"steps": 10}))
+    sent: list[dict[str, Any]] = []
+    limits = Limits(job_defaults={"steps": 10})
+    ui._submit = lambda form, files: sent.append(form) or submit_form(store, form, files, limits=limits)
+    values = _values(ui, portraits)
+    assert values["steps"] == 10
+    job_id, msg = ui.generate(values)
+    assert job_id is not None, msg
+    assert sent[-1]["settings"] == {} and store.get(job_id).settings["steps"] == 10
+    # The preset's own value differs from the service default: it is sent as the user's choice.
+    job_id, _ = ui.generate({**values, "steps": 16})
+    assert sent[-1]["settings"] == {"steps": 16} and store.get(job_id).settings["steps"] == 16
+
+
+# ---------------------------------------------------------------------------------------------- submit once
+
+
+def test_the_same_form_twice_from_one_page_is_one_job(
+    ui: UiHandlers, store: JobStore, portraits: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = _values(ui, portraits)
+    first, _ = ui.generate(values, session="page-a")
+    again, msg = ui.generate(values, session="page-a")  # a double click
+    assert again == first and "Already submitted" in msg and store.count() == 1
+    other, _ = ui.generate(values, session="page-b")  # another browser: its own job
+    changed, _ = ui.generate({**values, "steps": 20}, session="page-a")  # a different form: a new job
+    assert len({first, other, changed}) == 3 and store.count() == 3
+    # Negative controls: no page key, or a second click after the window, make new jobs.
+    ui.generate(values)
+    ui.generate(values)
+    assert store.count() == 5
+    monkeypatch.setattr("service.ui.handlers.DEDUPE_WINDOW_S", 0.0)
+    later, _ = ui.generate(values, session="page-a")
+    assert later not in (first, other, changed) and store.count() == 6
+
+
+# ---------------------------------------------------------------------------------------------- settings that come back
+
+
+def test_load_settings_brings_back_every_field(
+    ui: UiHandlers, store: JobStore, portraits: tuple[str, str]
+) -> None:
+    values = _values(
+        ui, portraits, layout="backdrop", backdrop="plain", aspect="4:3", voice2="bf_emma", prompt="In a library.",
+        steps=20, seed=1234, max_length=30.0, color_correction=0.5, apg=True, negative_prompt="blurry",
+        text_guidance=2.5, speech="script",
+    )  # fmt: skip
+    job_id, msg = ui.generate(values)
+    assert job_id is not None, msg
+    loaded, differ, text = ui.load_settings(job_id)
+    for key, value in values.items():
+        if key in ("left_image", "right_image"):
+            assert Path(loaded[key]).read_bytes() == Path(value).read_bytes(), key
+        else:
+            assert loaded[key] == value, (key, loaded[key], value)
+    assert (
+        loaded["source"] == "portraits" and loaded["scene_image"] is None and loaded["single_image"] is None
+    )
+    assert set(differ) == {"steps", "seed", "max_length", "color_correction", "apg", "negative_prompt",
+                           "text_guidance"}  # fmt: skip
+    assert job_id[:8] in text and "seed 1234" in text
+    # Loaded values submit the same job again (same settings and inputs).
+    again, _ = ui.generate(loaded)
+    a, b = store.get(job_id), store.get(again)
+    assert (
+        a.settings == b.settings
+        and a.spec["scene"] == b.spec["scene"]
+        and a.spec["script"] == b.spec["script"]
+    )
+    # A random seed comes back as the seed the video used.
+    rnd, _ = ui.generate({**values, "seed": -1})
+    drawn = store.get(rnd).settings["seed"]
+    assert drawn >= 0 and ui.load_settings(rnd)[0]["seed"] == drawn
+    # Inputs that are gone are named; the rest still loads.
+    store.input_path(job_id, store.get(job_id).spec["images"]["right"]).unlink()
+    loaded, _, text = ui.load_settings(job_id)
+    assert loaded["right_image"] is None and loaded["script"] == values["script"]
+    assert "No longer on disk: Portrait of person 2 (right)" in text
+    assert ui.load_settings("")[0] is None and "no job with id" in ui.load_settings("0" * 32)[2]
+
+
+def test_load_settings_of_scene_and_audio_jobs(
+    ui: UiHandlers, store: JobStore, tmp_path: Path, recordings: tuple[str, str]
+) -> None:
+    scene = _portrait(tmp_path / "scene.png", (40, 50, 60), (800, 400))
+    boxes = "[[40, 20, 380, 400], [40, 420, 380, 780]]"
+    values = _values(ui, ("", ""), source="scene", scene_image=scene, boxes=boxes, speech="audio",
+                     audio1=recordings[0], audio2=recordings[1], audio_mode="para")  # fmt: skip
+    job_id, msg = ui.generate(values)
+    assert job_id is not None, msg
+    loaded, _, _ = ui.load_settings(job_id)
+    assert loaded["source"] == "scene" and json.loads(loaded["boxes"]) == json.loads(boxes)
+    assert loaded["speech"] == "audio" and loaded["audio_mode"] == "para"
+    for key in ("scene_image", "audio1", "audio2"):
+        assert Path(loaded[key]).read_bytes() == Path(values[key]).read_bytes(), key
+
+
+def test_rerun_with_a_new_seed(ui: UiHandlers, store: JobStore, portraits: tuple[str, str]) -> None:
+    first, _ = ui.generate(_values(ui, portraits, seed=7, steps=20))
+    _finish(store, first, {"video.mp4": b"x"})
+    again, msg = ui.rerun(first, new_seed=True)
+    a, b = store.get(first), store.get(again)
+    assert "new seed" in msg and b.settings["seed"] != 7 and b.spec["settings_overrides"]["seed"] == -1
+    assert {k: v for k, v in a.settings.items() if k != "seed"} == {
+        k: v for k, v in b.settings.items() if k != "seed"
+    }
+    assert b.spec["script"] == a.spec["script"] and b.spec["images"] == a.spec["images"]
+    same, msg = ui.rerun(first)  # negative control: a plain re-run keeps the seed
+    assert store.get(same).settings["seed"] == 7 and "same seed (7)" in msg
+
+
+# ---------------------------------------------------------------------------------------------- one person
+
+
+def test_one_person_job_from_the_page(
+    ui: UiHandlers, store: JobStore, portraits: tuple[str, str], recordings
+) -> None:
+    one = {**_values(ui, portraits), "source": "single", "single_image": portraits[0],
+           "script": "(s1) Hello, I am the only one here.\n(s1) And I keep talking."}  # fmt: skip
+    job_id, msg = ui.generate(one)
+    assert job_id is not None, msg
+    spec = store.get(job_id).spec
+    assert spec["people"] == 1 and spec["layout"] == "single" and spec["voices"] == ["af_heart"]
+    loaded, _, _ = ui.load_settings(job_id)
+    assert loaded["source"] == "single" and loaded["voice2"] is None and loaded["left_image"] is None
+    assert Path(loaded["single_image"]).read_bytes() == Path(portraits[0]).read_bytes()
+    img, text = ui.overlay(
+        "single", None, None, None, "", "", "", "", 480, ["Ann", "Speaker 2"], portraits[0]
+    )
+    assert img is not None and "One person, Ann, fills the frame" in text
+    # One recording for one person; the second recording's box is not asked for.
+    audio = {**one, "speech": "audio", "audio1": recordings[0], "audio2": None}
+    job_id, msg = ui.generate(audio)
+    assert job_id is not None, msg
+    assert store.get(job_id).spec["audio"] == {"person1": "audio1.wav"}
+    assert (
+        ui.audio_preview(recordings[0], None, "add", "single")[2]
+        == "One person speaks 1.0 s → about 1.0 s of video."
+    )
+    # A two-person script on a one-person video names the script line.
+    job_id, msg = ui.generate({**one, "script": "(s1) Hi.\n(s2) Hello."})
+    assert job_id is None and msg.startswith("⚠️ **Script**") and "line 2" in msg
+    job_id, msg = ui.generate({**one, "single_image": None})
+    assert job_id is None and msg.startswith("⚠️ **Picture of the person**: required")
+
+
+# ---------------------------------------------------------------------------------------------- examples
+
+
+def test_every_form_example_fills_the_form_and_submits(store: JobStore) -> None:
+    from service.ui import FORM_EXAMPLES
+
+    ui = _handlers(
+        store, limits=Limits(installed_voices=frozenset({"af_heart", "am_adam", "zf_xiaobei", "zm_yunjian"}))
+    )
+    for i, example in enumerate(FORM_EXAMPLES):
+        values, touched, text = ui.example(i)
+        assert touched == [] and example.label in text
+        assert values["script"] and values["prompt"] and values["preset"] in ("fast", "balanced", "quality")
+        assert values["voice1"] in {"af_heart", "am_adam", "zf_xiaobei", "zm_yunjian"}
+        job_id, msg = ui.generate(values)
+        assert job_id is not None, (example.label, msg)
+        spec = store.get(job_id).spec
+        assert spec["people"] == (1 if example.source == "single" else 2) and spec["prompt"] == example.prompt
+    # The pictures are drawn once, beside the outputs.
+    drawn = sorted(p.name for p in (store.outputs_dir / "ui-examples").iterdir())
+    assert drawn and all(name.endswith(".png") for name in drawn)
+
+
+# ---------------------------------------------------------------------------------------------- job lists
+
+
+def test_queue_gallery_and_delete(ui: UiHandlers, store: JobStore, portraits: tuple[str, str]) -> None:
+    done, _ = ui.generate(_values(ui, portraits))
+    running, _ = ui.generate(_values(ui, portraits, steps=20))
+    waiting, _ = ui.generate(_values(ui, portraits, steps=21))
+    _finish(store, done, {"video.mp4": b"x", "reference.png": _png_bytes()})
+    store.claim_next("test")
+    store.update_progress(running, 30, "decoding clip 1 of 2")
+    queue = ui.queue_html()
+    assert queue.index(running) < queue.index(waiting) and done not in queue
+    assert "<b>running</b>" in queue and "Decoding: decoding clip 1 of 2" in queue and "<b>#1</b>" in queue
+    assert (
+        f'data-action="cancel" data-job="{running}"' in queue
+        and f'data-action="cancel" data-job="{waiting}"' in queue
+    )
+    assert "1 job waiting, 1 running" in ui.header()
+    gallery = ui.gallery_html()
+    assert f'data-job="{done}"' in gallery and running not in gallery
+    assert f"dialogue-{done[:8]}.mp4" in gallery and 'data-file="' in gallery and "thumbnail.jpg" in gallery
+    with Image.open(store.job_dir(done) / "downloads" / "thumbnail.jpg") as thumb:
+        assert thumb.width <= 320 and thumb.height <= 180
+    sig = ui.panels_signature()
+    assert ui.panels_signature() == sig  # nothing changed
+    store.update_progress(running, 31, "decoding clip 1 of 2")
+    assert ui.panels_signature() != sig
+    # Delete: finished jobs only, with their folder.
+    assert "cancel it first" in ui.delete(running) and store.exists(running)
+    assert "Deleted job" in ui.delete(done) and not store.exists(done) and not store.job_dir(done).exists()
+    assert "Finished videos appear here" in ui.gallery_html()
+
+
+def test_downloads_of_an_uploaded_audio_job_have_no_empty_subtitles(
+    ui: UiHandlers, store: JobStore, portraits: tuple[str, str], recordings: tuple[str, str]
+) -> None:
+    job_id, _ = ui.generate(
+        _values(ui, portraits, speech="audio", audio1=recordings[0], audio2=recordings[1])
+    )
+    _finish(store, job_id, {"video.mp4": b"x", "subtitles.srt": b"", "subtitles.vtt": b"WEBVTT\n\n",
+                            "timeline.json": b"{}"})  # fmt: skip
+    d = ui.poll(job_id).downloads
+    assert d.srt is None and d.vtt is None and Path(d.video).name == f"dialogue-{job_id[:8]}.mp4"
+    with zipfile.ZipFile(d.zip) as zf:
+        assert zf.namelist() == ["timeline.json"]
+
+
+def test_voice_preview_speaks_a_line_of_the_script(store: JobStore) -> None:
+    calls: list[tuple[str, str | None]] = []
+
+    def tts(voice: str, text: str | None) -> tuple[int, np.ndarray]:
+        calls.append((voice, text))
+        return 24000, np.full(2400, 0.1, np.float32)
+
+    ui = _handlers(store, tts_preview=tts)
+    script = "Ann: Hello there, I am Ann.\nBen: And I am Ben, the one on the right."
+    audio, msg = ui.preview_voice("am_adam", script, 1, True)
+    assert calls[-1] == ("am_adam", "And I am Ben, the one on the right.") and audio is not None
+    assert 'saying "And I am Ben' in msg
+    ui.preview_voice("am_adam", script, 1, False)  # the voice's own sample when asked for
+    assert calls[-1] == ("am_adam", None)
+    _, msg = ui.preview_voice("af_heart", "Ann: Only Ann speaks.", 1, True)
+    assert calls[-1] == ("af_heart", None) and "no line of person 2" in msg
+
+
+def test_labels_and_plurals() -> None:
+    from service.ui.formatting import field_label, plural, stage_of
+
+    assert field_label("settings.max_frames") == field_label("max_frames") == "Maximum length"
+    assert (
+        field_label("settings.text_guidance") == "Text guidance"
+        and field_label("audio_mode") == "How the recordings play"
+    )
+    assert [plural(1, "second"), plural(2, "second"), plural(1.5, "clip"), plural(1, "process", "processes")] == [
+        "1 second", "2 seconds", "1.5 clips", "1 process"]  # fmt: skip
+    assert stage_of("clip 3 of 5, step 2 of 16") == "denoising" and stage_of("waiting in queue") is None
+
+
+def _drawn_example(demo: Any) -> Path:
+    values, _, _ = demo.dialogue_handlers.example(0)
+    return Path(values["left_image"])
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 360), (10, 120, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def test_the_renderers_stage_texts_have_names_in_order() -> None:
+    from types import SimpleNamespace
+
+    from inference.render.pipeline import clip_progress, clip_stage
+    from service.ui.formatting import stage_of
+
+    prep = SimpleNamespace(num_clips=3)
+    texts, percents = [], []
+    for index in range(3):
+        clip = SimpleNamespace(index=index)
+        for pct, text in (clip_stage(prep, clip, "conditioning"), *(clip_progress(prep, clip, s, 4) for s in (1, 4)),
+                          clip_stage(prep, clip, "decoding")):  # fmt: skip
+            texts.append(text)
+            percents.append(pct)
+    assert texts[:4] == ["conditioning clip 1 of 3", "clip 1 of 3, step 1 of 4", "clip 1 of 3, step 4 of 4",
+                         "decoding clip 1 of 3"]  # fmt: skip
+    assert [stage_of(t) for t in texts[:4]] == ["conditioning", "denoising", "denoising", "decoding"]
+    assert percents == sorted(percents) and percents[0] >= 10 and percents[-1] <= 95  # never goes back
+
+
+class _StageSink:
+    """Records what the worker reports (a test double of the service's StoreSink)."""
+
+    def __init__(self) -> None:
+        self.stages: list[str] = []
+
+    def progress(self, job_id: str, percent: float, stage: str) -> None:
+        self.stages.append(stage)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return False
+
+    def timing(self, job_id: str, name: str, seconds: float) -> None:
+        pass
+
+    def state(self, job_id: str, state: str) -> None:
+        pass
+
+    def done(self, job_id: str, outputs: list[str]) -> None:
+        pass
+
+    def failed(self, job_id: str, reason: str, *, cancelled: bool = False, interrupted: bool = False) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_a_real_render_reports_every_stage_by_name(tiny_weights: Path, portrait_pngs, tmp_path: Path) -> None:
+    """The tiny weights through the one clip driver: the status panel can name every stage it reports."""
+    import torch
+
+    from inference.checkpoint.loader import load_model
+    from inference.checkpoint.weights import WeightPaths
+    from inference.parallel.context import ParallelContext
+    from inference.render.intake import Limits as JobLimits
+    from inference.render.intake import build_job
+    from inference.render.pipeline import RenderConfig, Renderer
+    from inference.render.settings import GenerationSettings
+    from inference.render.spec import JobInput
+    from inference.render.worker import RenderJob, Runtime, RuntimeOptions
+    from service.ui.formatting import STAGES, stage_of
+
+    paths = WeightPaths.under(tiny_weights)
+    renderer = Renderer(paths, RenderConfig(render_divisor=8))
+    model = load_model(paths.wan_dir, device="cpu", dtype=torch.float32)
+    runtime = Runtime(RuntimeOptions(preset="tiny", weights=tiny_weights), ParallelContext.single("cpu"), model,
+                      paths, renderer)  # fmt: skip
+    left, right = (Path(p).read_bytes() for p in portrait_pngs)
+    job = build_job(
+        JobInput(left_image=left, right_image=right, script="(s1) Hi there.\n(s2) Hello."), JobLimits()
+    )
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name, data in job.files.items():
+        (inputs / name).write_bytes(data)
+    sink = _StageSink()
+    settings = GenerationSettings.from_dict({"steps": 2, "seed": 3})
+    runtime.render(RenderJob("stages", job.spec, settings, inputs, tmp_path / "out"), sink)
+    named = [stage_of(s) for s in sink.stages if s != "done"]
+    assert None not in named, sink.stages
+    seen = list(dict.fromkeys(named))  # first appearance of each, in order
+    assert seen == list(STAGES), sink.stages
+    decodes = [s for s in sink.stages if s.startswith("decoding clip")]
+    conditions = [s for s in sink.stages if s.startswith("conditioning clip")]
+    assert len(decodes) == len(conditions) >= 1 and decodes[-1].endswith(f"of {len(decodes)}"), sink.stages

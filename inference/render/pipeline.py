@@ -599,6 +599,14 @@ def clip_progress(prep: Prepared, clip: ClipSpec, step: int, total: int) -> tupl
     return pct, f"clip {clip.index + 1} of {prep.num_clips}, step {step} of {total}"
 
 
+def clip_stage(prep: Prepared, clip: ClipSpec, stage: str) -> tuple[float, str]:
+    """Percent and stage text around ``clip``'s denoising: ``"conditioning"`` before it (CLIP and VAE
+    encode of its conditioning), ``"decoding"`` after it (VAE decode and colour match)."""
+    done = (clip.index + (1.0 if stage == "decoding" else 0.0)) / prep.num_clips
+    pct = _PREPARE_END + (_RENDER_END - _PREPARE_END) * done
+    return pct, f"{stage} clip {clip.index + 1} of {prep.num_clips}"
+
+
 def expected_frames(audio_seconds: float, settings: GenerationSettings) -> int:
     """Frames a render of ``audio_seconds`` of speech produces (the audio length, capped)."""
     return min(math.floor(audio_seconds * FPS), settings.output_frame_cap)

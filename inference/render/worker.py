@@ -38,6 +38,7 @@ from inference.render.pipeline import (
     RenderConfig,
     Renderer,
     clip_progress,
+    clip_stage,
     denoise_clip,
 )
 from inference.render.sampler import Cancelled, ClipSpec, PassStats, passes_for
@@ -233,6 +234,8 @@ class DialogueWorker:
             self._state(job, "rendering")
         prep = job.prepared
         clip = prep.plan.clips[job.clip_index]
+        if self.sink:
+            self.sink.progress(job.job_id, *clip_stage(prep, clip, "conditioning"))
         t0 = time.monotonic()
         tensors = self.renderer.clip_inputs(prep, clip)  # CLIP + VAE encode of the clip's conditioning
         job.add_time("conditioning_time", time.monotonic() - t0)
@@ -258,6 +261,8 @@ class DialogueWorker:
         if result is None:
             self.reject(job, f"cancelled during clip {clip.index + 1} of {prep.num_clips}")
             return None
+        if self.sink:
+            self.sink.progress(job.job_id, *clip_stage(prep, clip, "decoding"))
         t0 = time.monotonic()
         self.renderer.accept_clip(prep, clip, result["latent"])
         job.add_time("decode_time", time.monotonic() - t0)
