@@ -42,6 +42,8 @@ from inference.render.intake import Limits, Submission, build_job
 from inference.render.pipeline import FRAMES_FILE, OUTPUT_VIDEO
 from inference.render.settings import GenerationSettings
 from inference.render.spec import JobInputError, ReadFile, parse_job_json
+from inference.render.speed import add_speed_flags, speed_options
+from inference.render.upstream_cli import add_upstream_flags, normalize, runtime_overrides, setting_overrides
 from inference.render.worker import RenderFailed, RenderJob, Runtime, RuntimeOptions, setup_logging
 from tts.tiny import DEFAULT_TINY_VOICES
 
@@ -54,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--weights", type=Path, default=None, help="weights root (default weights/ or weights/tiny)"
     )
-    p.add_argument("--input", type=Path, required=True, help="job JSON")
-    p.add_argument("--out", type=Path, required=True, help="output mp4 (side files go beside it)")
+    p.add_argument("--input", type=Path, default=None, help="job JSON (upstream: --input_json)")
+    p.add_argument("--out", type=Path, default=None, help="output mp4, side files beside it (--save_file)")
     p.add_argument("--quality", choices=("fast", "balanced", "quality"), default=None, help="settings preset")
     p.add_argument("--settings", default=None, help="JSON object of setting overrides")
     p.add_argument("--mode", choices=("streaming", "clip"), default=None)
@@ -64,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ulysses_size", type=int, default=None, help="default: ranks / (ring x groups)")
     p.add_argument("--ring_size", type=int, default=1, help="ring attention degree (ranks = ulysses x ring)")
     p.add_argument("--cfg_parallel", action="store_true", help="guidance branches on separate rank groups")
-    p.add_argument("--dit_fsdp", choices=("off", "full", "keep"), default="off")
+    p.add_argument("--dit_fsdp", nargs="?", const="full", choices=("off", "full", "keep"), default="off",
+                   help="FSDP2 for the DiT (upstream's bare --dit_fsdp = full)")  # fmt: skip
     p.add_argument("--t5_cpu", action="store_true")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when torch "
                    "finds a GPU; the 14B preset refuses a CPU fallback unless --device cpu)")  # fmt: skip
@@ -75,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH.npy",
         help="also save the rendered frames before encoding (uint8 [T, H, W, 3], numpy .npy)",
     )
+    add_speed_flags(p)
+    add_upstream_flags(p)
     return p
 
 
@@ -138,18 +143,27 @@ def load_job(args: argparse.Namespace) -> Submission:
         if not isinstance(extra, dict):
             raise JobInputError("--settings", "expected a JSON object")
         overrides = {**(overrides if isinstance(overrides, dict) else {}), **extra}
-    flags = {"mode": args.mode, "steps": args.sample_steps, "seed": args.seed}
+    flags = {"mode": args.mode, "steps": args.sample_steps, "seed": args.seed, **setting_overrides(args)}
     if any(v is not None for v in flags.values()):
         base = overrides if isinstance(overrides, dict) else {}
         overrides = {**base, **{k: v for k, v in flags.items() if v is not None}}
-    req = dataclasses.replace(req, preset=args.quality or req.preset or "quality", settings=overrides)
+    lora = speed_options(args).lora_state
+    # With a merged LoRA every job runs distilled: upstream's README commands then mean the fast preset.
+    default = "fast" if lora.mode == "merged" else "quality"
+    req = dataclasses.replace(req, preset=args.quality or req.preset or default, settings=overrides)
     limits = Limits(max_upload_bytes=MAX_FILE_BYTES, installed_voices=installed_voices(args),
-                    job_defaults={"steps": 4} if args.preset == "tiny" else None)  # fmt: skip
+                    job_defaults={"steps": 4} if args.preset == "tiny" else None, lora=lora)  # fmt: skip
     return build_job(req, limits)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        args = normalize(args)  # upstream's --ckpt_dir, --input_json, --save_file, ...
+        speed, extra = speed_options(args), runtime_overrides(args, RuntimeOptions)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     configure_cpu_threads()  # torchrun leaves OMP_NUM_THREADS=1: rank 0's CPU work would get one thread
     submission = None
     if int(os.environ.get("RANK", "0") or "0") == 0:
@@ -173,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 t5_cpu=args.t5_cpu,
                 device=args.device,
                 save_frames=args.save_frames is not None,
+                speed=speed,
+                **extra,
             )
         )
         setup_logging(runtime.ctx.rank)
