@@ -171,6 +171,8 @@ def _error_response(
 def _validation_field(loc: tuple[Any, ...] | list[Any]) -> str | None:
     parts = [str(p) for p in loc]
     if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        if parts == ["body"]:  # the body as a whole (e.g. JSON that does not parse)
+            return "body"
         parts = parts[1:]
     return ".".join(parts) or None
 
@@ -191,7 +193,8 @@ def error_response_for(exc: BaseException, request: Request | None = None) -> JS
     if isinstance(exc, ClientDisconnect):
         return _error_response(400, "body", "the client disconnected before the request body was complete")
     if isinstance(exc, StarletteHTTPException):
-        return _error_response(exc.status_code, None, str(exc.detail), getattr(exc, "headers", None))
+        field_name = "body" if exc.status_code == 400 else None  # FastAPI's "error parsing the body"
+        return _error_response(exc.status_code, field_name, str(exc.detail), getattr(exc, "headers", None))
     error_id = uuid.uuid4().hex[:12]
     where = f"{request.method} {request.url.path}" if request is not None else "request"
     logger.error("internal error %s while serving %s", error_id, where, exc_info=exc)

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from common.bounded import loads as bounded_json
 from common.errors import InputError
 from inference.render.intake import Limits, audio_extension, build_job
 from inference.render.settings import DEFAULT_PROMPT
@@ -104,11 +104,9 @@ def parse_json_field(field: str, text: str | None, expected: type | tuple[type, 
     if text is None or not text.strip():
         return None
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RequestError(
-            field, f"not valid JSON ({exc.msg} at position {exc.pos}); expected {what}"
-        ) from None
+        value = bounded_json(text, field)  # depth and number bounds: no RecursionError/OverflowError later
+    except InputError as exc:
+        raise RequestError(field, f"{exc.message}; expected {what}") from None
     if not isinstance(value, expected):
         raise RequestError(field, f"expected {what}, got JSON {type(value).__name__}")
     return value

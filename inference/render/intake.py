@@ -410,6 +410,9 @@ def check_text(field: str, value: Any, max_chars: int, *, required: bool) -> str
         raise JobInputError(field, f"{len(value)} characters is too long; the limit is {max_chars}")
     if "\x00" in value:
         raise JobInputError(field, "contains a NUL character")
+    control = next((ch for ch in value if ord(ch) < 32 and ch not in "\t\n\r" or ord(ch) == 127), None)
+    if control is not None:
+        raise JobInputError(field, f"contains the control character {control!r}; plain text only")
     return value
 
 

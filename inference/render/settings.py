@@ -90,13 +90,16 @@ def _as_int(name: str, value: Any, lo: int, hi: int) -> int:
             raise _invalid(name, f"expected an integer, got {value!r}", f"{lo}..{hi}")
         value = int(value)
     if not lo <= value <= hi:
-        raise _invalid(name, f"{value} is out of range", f"{lo}..{hi}")
+        shown = value if abs(value) < 10**18 else f"a {value.bit_length()}-bit integer"
+        raise _invalid(name, f"{shown} is out of range", f"{lo}..{hi}")
     return value
 
 
 def _as_float(name: str, value: Any, lo: float, hi: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _invalid(name, f"expected a number, got {type(value).__name__} {value!r}", f"{lo}..{hi}")
+    if isinstance(value, int) and not lo <= value <= hi:  # compared as ints: a huge one never meets float()
+        raise _invalid(name, f"a {value.bit_length()}-bit integer is out of range", f"{lo}..{hi}")
     value = float(value)
     if not math.isfinite(value) or not lo <= value <= hi:
         raise _invalid(name, f"{value} is out of range", f"{lo}..{hi}")

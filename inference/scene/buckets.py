@@ -94,23 +94,31 @@ def nearest_bucket(height: int, width: int, size: int = 480) -> tuple[int, int]:
     return table[key]
 
 
+MAX_ASPECT_RATIO = 16.0  # an aspect beyond 16:1 (or 1:16) is refused, not snapped to the last bucket
+
+
 def parse_aspect(aspect: str) -> float:
-    """``"W:H"`` (e.g. ``"16:9"``) or a bucket key ``"0.50"`` (h / w) -> ratio h / w."""
+    """``"W:H"`` (e.g. ``"16:9"``) or a bucket key ``"0.50"`` (h / w) -> ratio h / w, within
+    ``1 / MAX_ASPECT_RATIO .. MAX_ASPECT_RATIO``."""
     text = aspect.strip()
     try:
+        if len(text) > 40:
+            raise ValueError
         if ":" in text:
             w_text, h_text = text.split(":", 1)
             w, h = float(w_text), float(h_text)
             if w <= 0 or h <= 0 or not (math.isfinite(w) and math.isfinite(h)):
                 raise ValueError
-            return h / w
-        ratio = float(text)
-        if ratio <= 0 or not math.isfinite(ratio):
+            ratio = h / w
+        else:
+            ratio = float(text)
+        if not 1 / MAX_ASPECT_RATIO <= ratio <= MAX_ASPECT_RATIO:
             raise ValueError
         return ratio
-    except ValueError:
+    except (ValueError, ZeroDivisionError, OverflowError):
         raise ValueError(
-            f"aspect must be 'W:H' like '16:9' or a bucket key (height/width) like '0.50', got {aspect!r}"
+            f"aspect must be 'W:H' like '16:9' or a bucket key (height/width) like '0.50', between "
+            f"1:{MAX_ASPECT_RATIO:g} and {MAX_ASPECT_RATIO:g}:1; got {aspect[:40]!r}"
         ) from None
 
 

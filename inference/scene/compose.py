@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps, UnidentifiedImageError
 
+from common.bounded import bounded_float
+from common.bounded import loads as bounded_json
 from common.errors import InputError
 from common.files import atomic_write
 from inference.scene.buckets import (
@@ -60,6 +62,7 @@ Box = tuple[int, int, int, int]  # [y0, x0, y1, x1], half-open, pixels
 MIN_SHORT_SIDE = 256
 MAX_PIXELS = 40_000_000
 MAX_ASPECT = 4.0  # long side / short side; the bucket tables end at 1:4 and 4:1
+MAX_BOX_COORD = 1_000_000  # |box coordinate| in pixels; far beyond any accepted image side
 # Pillow format name -> name shown to users.
 ALLOWED_FORMATS: dict[str, str] = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP"}
 LAYOUTS = ("side_by_side", "backdrop")
@@ -627,9 +630,9 @@ def parse_boxes(boxes: Any) -> tuple[tuple[float, float, float, float], tuple[fl
     )
     if isinstance(boxes, (str, bytes)):
         try:
-            boxes = json.loads(boxes)
-        except json.JSONDecodeError as exc:
-            raise SceneError("boxes", f"not valid JSON ({exc.msg}); {allowed}") from None
+            boxes = bounded_json(boxes, "boxes")
+        except InputError as exc:
+            raise SceneError("boxes", f"{exc.message}; {allowed}") from None
     if isinstance(boxes, Mapping):
         if set(boxes) != {"person1", "person2"}:
             raise SceneError(
@@ -642,12 +645,16 @@ def parse_boxes(boxes: Any) -> tuple[tuple[float, float, float, float], tuple[fl
     for k, box in enumerate(boxes):
         if not isinstance(box, Sequence) or isinstance(box, str) or len(box) != 4:
             raise SceneError("boxes", f"box of person {k + 1} must be 4 numbers, got {box!r}; {allowed}")
+        if any(isinstance(v, bool) or not isinstance(v, int | float | str) for v in box):
+            raise SceneError("boxes", f"box of person {k + 1} must be 4 numbers, got {str(box)[:120]}")
         try:
-            vals = tuple(float(v) for v in box)
-        except (TypeError, ValueError):
-            raise SceneError("boxes", f"box of person {k + 1} must be 4 numbers, got {box!r}") from None
-        if any(isinstance(v, bool) for v in box) or not all(math.isfinite(v) for v in vals):
-            raise SceneError("boxes", f"box of person {k + 1} must be 4 finite numbers, got {box!r}")
+            # Bounded before float(): a 400-digit integer would overflow, a 1e400 is not finite.
+            vals = tuple(bounded_float(v, "boxes", -MAX_BOX_COORD, MAX_BOX_COORD) for v in box)
+        except InputError:
+            raise SceneError(
+                "boxes",
+                f"box of person {k + 1} must be 4 numbers, finite and within +-{MAX_BOX_COORD}; got {str(box)[:120]}",
+            ) from None
         out.append(vals)
     return out[0], out[1]  # type: ignore[return-value]
 
