@@ -35,8 +35,9 @@ from inference.parallel.fsdp import check_t5_fsdp
 from inference.parallel.host import configure_cpu_threads
 from inference.parallel.layout import ParallelConfigError, check_parallel_sizes
 from inference.parallel.selftest import run_selftest, selftest_config
-from inference.render.intake import Limits
+from inference.render.intake import Limits, default_preset
 from inference.render.settings import GenerationSettings, SettingsError
+from inference.render.speed import add_speed_flags, speed_options, teacache_defaults
 from inference.render.worker import Runtime, RuntimeOptions, StartupError, setup_logging
 from service.api import ServiceInfo, create_app
 from service.jobs import JobStore
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selftest_dtype", choices=("fp32", "bf16"), default="fp32",
                    help="dtype of the self-test model (bf16: tolerance from bf16's epsilon)")  # fmt: skip
     p.add_argument("--no_ui", action="store_true", help="REST API only")
+    add_speed_flags(p)  # --lora_dir/--lora_scale/--lora_mode, --use_teacache, --batched_guidance, --compile
     return p
 
 
@@ -140,11 +142,13 @@ def job_defaults(args: argparse.Namespace) -> dict[str, Any]:
             values[key] = getattr(args, flag)
     if args.size is not None:
         values["resolution"] = SIZES[args.size]
+    values.update(teacache_defaults(args))
     if values:
         try:
             GenerationSettings.from_dict(values)  # validate now: a bad flag must stop the start-up
         except SettingsError as exc:
             # Name the flag the user typed (--sample_steps), not the setting behind it (steps).
+            flags["teacache_thresh"] = "teacache_thresh"
             if exc.field not in flags or getattr(args, flags[exc.field]) is None:
                 raise
             raise StartupError(f"--{flags[exc.field]}", exc.message) from None
@@ -166,7 +170,10 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
     learn_from_history(store, monitor)  # estimates in the UI come from this service's own past jobs
     installed = frozenset(runtime.paths.voices())  # the tiny demo has 4 voices, the real folder 54
     limits = Limits(
-        max_upload_bytes=int(args.max_upload_mb * 2**20), installed_voices=installed, job_defaults=defaults
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        installed_voices=installed,
+        job_defaults=defaults,
+        lora=runtime.speed.lora,
     )
     renderer = runtime.renderer
 
@@ -190,7 +197,14 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
         weights=weights_report(runtime.paths.root, args.preset),
         engine_status=monitor.status,
         heartbeat_timeout_s=max(120.0, 4 * args.heartbeat_s),
-        extra={"dit_fsdp_mode": args.dit_fsdp, "job_defaults": defaults, "device": str(ctx.device)},
+        extra={
+            "dit_fsdp_mode": args.dit_fsdp,
+            "job_defaults": defaults,
+            "device": str(ctx.device),
+            **runtime.speed.info(),
+        },
+        lora=runtime.speed.lora,
+        default_preset=default_preset(runtime.speed.lora),
     )
     app = create_app(store, info, auth_token=args.api_token, limits=limits, tts_preview=previews, users=users,
                      share_jobs=args.share_jobs)  # fmt: skip
@@ -274,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         weights = args.weights or (args.ckpt_dir.parent if args.ckpt_dir else None)
         runtime = Runtime.start(RuntimeOptions(preset=args.preset, weights=weights,
                                                ulysses_size=args.ulysses_size, ring_size=args.ring_size,
-                                               cfg_parallel=args.cfg_parallel,
+                                               cfg_parallel=args.cfg_parallel, speed=speed_options(args),
                                                dit_fsdp=args.dit_fsdp, t5_cpu=args.t5_cpu,
                                                device=args.device))  # fmt: skip
     except ValueError as exc:  # a start-up error the user can fix: say it, no traceback

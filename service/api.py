@@ -40,7 +40,7 @@ from starlette.requests import ClientDisconnect
 from common.bounded import loads as bounded_json
 from dialogue.script import parse_script
 from inference.render.intake import Limits, check_text, check_voice
-from inference.render.settings import PRESETS
+from inference.render.settings import LoraState, preset_catalog
 from service.errors import (
     AuthError,
     NoSuchEndpoint,
@@ -144,6 +144,7 @@ class ServiceInfo:
     engine_status: Callable[[], EngineStatus] | None = None
     heartbeat_timeout_s: float = 120.0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    lora: LoraState = LoraState()  # the service's LoRAs: which presets it offers and what they resolve to
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -641,9 +642,8 @@ def create_router(
             "fsdp": {"dit": service_info.dit_fsdp, "t5": service_info.t5_fsdp},
             "model": service_info.model,
             "default_preset": service_info.default_preset,
-            "presets": {
-                name: {"description": p.description, **p.settings.to_dict()} for name, p in PRESETS.items()
-            },
+            # Per preset: offered here, whether it runs with the LoRA, and its settings on this service.
+            "presets": preset_catalog(service_info.lora),
             "resolution": service_info.resolution,
             "versions": _plain(service_info.versions),
             "weights": _plain(service_info.weights),

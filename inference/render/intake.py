@@ -29,7 +29,7 @@ import soundfile
 from PIL import Image
 
 from common.errors import InputError
-from inference.render.settings import PRESETS, LoraState
+from inference.render.settings import PRESETS, LoraState, offered_presets
 from inference.render.spec import (
     AUDIO_MODES,
     PERSONS,
@@ -416,6 +416,13 @@ def check_text(field: str, value: Any, max_chars: int, *, required: bool) -> str
     return value
 
 
+def default_preset(lora: LoraState = LoraState()) -> str:
+    """The preset of a job that names none: ``DEFAULT_PRESET`` where offered, else the first one offered
+    (a service with a merged LoRA offers only its distilled preset)."""
+    offered = offered_presets(lora)
+    return DEFAULT_PRESET if DEFAULT_PRESET in offered else next(iter(offered))
+
+
 def resolve_settings(
     preset: Any, overrides: Any, defaults: Mapping[str, Any] | None = None, lora: LoraState = LoraState()
 ) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -423,7 +430,7 @@ def resolve_settings(
 
     Layers: the preset, then the service's start-up ``defaults`` (``--sample_steps`` ...), then the
     job's own ``overrides``. The stored settings are therefore exactly what the job renders with."""
-    name = DEFAULT_PRESET if preset is None or preset == "" else preset
+    name = default_preset(lora) if preset is None or preset == "" else preset
     if not isinstance(name, str) or name not in PRESETS:
         raise JobInputError("preset", f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
     if overrides is None:
