@@ -80,10 +80,10 @@ def test_fsdp_options_are_checked() -> None:
     with pytest.raises(ParallelConfigError, match="unknown mode 'half'") as err:
         check_fsdp_mode("half")
     assert err.value.field == "dit_fsdp"
-    with pytest.raises(ParallelConfigError, match="T5") as err:
-        check_t5_fsdp(True)
+    with pytest.raises(ParallelConfigError, match="t5_cpu") as err:
+        check_t5_fsdp(True, t5_cpu=True)  # sharded over the GPUs and kept on the CPU: not both
     assert err.value.field == "t5_fsdp"
-    check_t5_fsdp(False)
+    check_t5_fsdp(True)
     # One process: nothing to shard, the model is returned unchanged.
     model = tiny_dit()
     before = {k: v.clone() for k, v in model.state_dict().items()}

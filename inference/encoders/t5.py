@@ -130,6 +130,29 @@ def clean_prompt(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
 
 
+def t5_tokenizer_dir(checkpoint: Path, tokenizer_dir: str | Path | None = None) -> Path:
+    """The umT5 tokenizer folder: ``tokenizer_dir``, or ``google/umt5-xxl/`` beside the checkpoint."""
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else checkpoint.parent / T5_TOKENIZER_DIR
+    if not tok_dir.is_dir():
+        raise EncoderError("t5_tokenizer", f"tokenizer folder not found: {tok_dir}")
+    return tok_dir
+
+
+def load_t5_tokenizer(tok_dir: Path, vocab_size: int) -> Any:
+    """The umT5 tokenizer in ``tok_dir`` (local files only), checked against the model's vocabulary."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise EncoderError("t5_tokenizer", f"cannot load the tokenizer in {tok_dir}: {exc}") from exc
+    if len(tokenizer) > vocab_size:
+        raise EncoderError(
+            "t5_tokenizer", f"tokenizer has {len(tokenizer)} tokens, the model only {vocab_size}"
+        )
+    return tokenizer
+
+
 class T5Encoder(_ModelHolder):
     """umT5-XXL text encoder (``UMT5EncoderModel``) with Wan's tokenisation and per-prompt cut."""
 
@@ -153,25 +176,16 @@ class T5Encoder(_ModelHolder):
     ) -> T5Encoder:
         """Load from a Wan folder (``models_t5_umt5-xxl-enc-bf16.pth`` + ``google/umt5-xxl/``) or from the
         ``.pth`` itself; the tokenizer defaults to ``google/umt5-xxl/`` beside the checkpoint."""
-        from transformers import AutoTokenizer, UMT5EncoderModel
+        from transformers import UMT5EncoderModel
 
         ckpt = _checkpoint_file(path, T5_CHECKPOINT)
-        tok_dir = Path(tokenizer_dir) if tokenizer_dir is not None else ckpt.parent / T5_TOKENIZER_DIR
-        if not tok_dir.is_dir():
-            raise EncoderError("t5_tokenizer", f"tokenizer folder not found: {tok_dir}")
+        tok_dir = t5_tokenizer_dir(ckpt, tokenizer_dir)
         sd = load_wan_state_dict(ckpt, "t5_checkpoint")
         config = t5_config_from_wan(sd)
         model = _build_loaded(
             lambda: UMT5EncoderModel(config), t5_wan_to_hf(sd), "t5_checkpoint", device, dtype
         )
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise EncoderError("t5_tokenizer", f"cannot load the tokenizer in {tok_dir}: {exc}") from exc
-        if len(tokenizer) > config.vocab_size:
-            raise EncoderError(
-                "t5_tokenizer", f"tokenizer has {len(tokenizer)} tokens, the model only {config.vocab_size}"
-            )
+        tokenizer = load_t5_tokenizer(tok_dir, config.vocab_size)
         logger.info(
             "T5 loaded from %s: %d layers, d_model %d, %s on %s",
             ckpt,

@@ -19,6 +19,10 @@ Control plane (design B.1):
   and re-raised as ``EngineFatalError`` so the process exits non-zero and torchrun restarts every
   rank (crash-only; a half-issued collective cannot be resynchronised). The entry point should be
   decorated with ``torch.distributed.elastic.multiprocessing.errors.record``.
+- A collective step inside ``prepare``: with ``--t5_fsdp`` the text encoder is sharded over every
+  rank, so rank 0 encodes a prompt with ``run_step(Message(ENCODE_TEXT, ...))``: the waiting ranks take
+  the message, every rank runs ``Worker.step`` (the sharded forward) and goes back to waiting. A
+  failure there is fatal like one inside a job.
 - SIGINT/SIGTERM on any rank set a flag, which the ranks share after every heartbeat (a tiny
   all-reduce on the control group) and at every step boundary; rank 0 then broadcasts
   ``SHUTDOWN`` and ``serve`` returns on every rank (the caller then calls
@@ -62,6 +66,7 @@ JobSource = queue.Queue | Callable[[float], Any]
 
 class Op(enum.Enum):
     DENOISE = "denoise"  # run one clip's sampling loop on every rank
+    ENCODE_TEXT = "encode_text"  # every rank joins the sharded T5 (--t5_fsdp); rank 0 keeps the result
     NOOP = "noop"  # idle heartbeat; doubles as a liveness probe
     SHUTDOWN = "shutdown"
 
@@ -133,6 +138,11 @@ class Worker(Protocol):
 
     def reject(self, job: Any, reason: str) -> None:
         """Rank 0: the job was refused (pre-flight), failed to prepare/finish, or was cancelled."""
+        ...
+
+    def step(self, msg: Message) -> Any:
+        """Every rank: a collective step rank 0 starts from inside ``prepare`` (``Engine.run_step``), e.g.
+        ENCODE_TEXT through a T5 sharded over the ranks. The return value is used on rank 0 only."""
         ...
 
 
@@ -335,6 +345,9 @@ class Engine:
                 if msg.op is Op.SHUTDOWN:
                     logger.info("rank %d: shutdown after %d job(s)", ctx.rank, self.jobs_run)
                     return
+                if msg.op is Op.ENCODE_TEXT:  # rank 0 sends these from inside prepare (run_step)
+                    self._step(msg)
+                    continue
                 if msg.op is not Op.DENOISE:
                     raise EngineFatalError(f"rank {ctx.rank}: unknown op {msg.op!r}")
                 refusal = self._agree(msg)
@@ -379,6 +392,8 @@ class Engine:
         try:
             msg, tensors = self.worker.prepare(job)
             _check_prepared(msg, tensors)
+        except EngineFatalError:
+            raise  # a collective step inside prepare failed: peers may be stuck in it
         except Exception as exc:
             logger.warning("job rejected while preparing: %s", exc, exc_info=not isinstance(exc, ValueError))
             self._safe_reject(job, f"{type(exc).__name__}: {exc}")
@@ -390,6 +405,27 @@ class Engine:
                 return None
             self._running_job_id = msg.job_id
         return msg, tensors
+
+    def run_step(self, msg: Message) -> Any:
+        """Rank 0, from inside ``Worker.prepare``: broadcast ``msg`` (an ENCODE_TEXT) and run
+        ``Worker.step(msg)`` on every rank; returns rank 0's result. The other ranks are waiting for the
+        next message, take this one, run the step and wait again. Any failure is fatal (crash-only), as
+        in a job's collective region: check inputs before calling."""
+        if not self.ctx.is_rank0:
+            raise RuntimeError("run_step is called by rank 0; the other ranks take the step in serve()")
+        if msg.op is not Op.ENCODE_TEXT:
+            raise ValueError(f"run_step sends ENCODE_TEXT messages, got {msg.op}")
+        return self._step(self._broadcast_message(msg))
+
+    def _step(self, msg: Message) -> Any:
+        try:
+            with self._guard(f"{msg.op.value} step", self._stall_limit()), torch.no_grad():
+                return self.worker.step(msg)
+        except BaseException as exc:
+            logger.critical("rank %d: fatal error in the %s step (crash-only exit)", self.ctx.rank,
+                            msg.op.value, exc_info=True)  # fmt: skip
+            why = f"{msg.op.value} failed: {type(exc).__name__}: {exc}"
+            raise EngineFatalError(f"rank {self.ctx.rank}: {why}") from exc
 
     def _broadcast_message(self, msg: Message | None) -> Message:
         if not self.ctx.distributed:

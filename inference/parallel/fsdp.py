@@ -14,15 +14,21 @@ fills them from the official safetensors layout: every rank reads its own rows o
 (``safe_open(...).get_slice``, memory-mapped), casts them to the storage dtype and copies them
 into place, one tensor at a time. No rank reads the full fp32 model, and nothing is scattered
 over the network.
+
+``--t5_fsdp``: ``load_t5`` shards the umT5 encoder the same way (each of its blocks, then the root with
+the 256k-token embedding) from Wan's memory-mapped ``.pth``, so no rank holds all of T5 (11.4 GB bf16).
+Every rank must then run every T5 forward: rank 0 holds a ``CollectiveTextEncoder`` whose ``encode``
+is one ENCODE_TEXT step of the engine (``Engine.run_step``), and every rank's worker runs the local
+sharded encoder for it.
 """
 
 from __future__ import annotations
 
 import logging
 import resource
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn as nn
@@ -32,8 +38,17 @@ from torch.distributed.tensor import DTensor, Shard
 
 from inference.checkpoint.loader import check_keys, open_checkpoint, resolve_config
 from inference.checkpoint.lora import merge_sources
+from inference.encoders.common import T5_CHECKPOINT, EncoderError, _checkpoint_file, load_wan_state_dict
+from inference.encoders.t5 import (
+    T5Encoder,
+    load_t5_tokenizer,
+    t5_config_from_wan,
+    t5_tokenizer_dir,
+    t5_wan_to_hf,
+)
 from inference.model.dit import build_model
 from inference.parallel.context import ParallelContext
+from inference.parallel.engine import Message, Op
 from inference.parallel.layout import ParallelConfigError
 
 logger = logging.getLogger(__name__)
@@ -58,13 +73,13 @@ def check_fsdp_mode(mode: str) -> FsdpMode:
     return mode  # type: ignore[return-value]
 
 
-def check_t5_fsdp(flag: bool) -> None:
-    """``--t5_fsdp`` is refused: the T5 encoder runs on rank 0 only and is never sharded."""
-    if flag:
+def check_t5_fsdp(flag: bool, t5_cpu: bool = False) -> None:
+    """``--t5_fsdp`` shards T5 over every rank's GPU; ``--t5_cpu`` keeps it whole on rank 0's CPU: not both."""
+    if flag and t5_cpu:
         raise ParallelConfigError(
             "t5_fsdp",
-            "sharding T5 is not supported: the text encoder runs on rank 0 only (its context is "
-            "broadcast to the other ranks); drop --t5_fsdp, or offload T5 to the CPU to save GPU memory",
+            "cannot be combined with --t5_cpu: --t5_fsdp splits T5 over every rank's GPU, --t5_cpu keeps the "
+            "whole T5 on rank 0's CPU; choose one",
         )
 
 
@@ -99,25 +114,34 @@ def apply_fsdp(
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         raise ParallelConfigError("dit_fsdp", f"{type(model).__name__} has no transformer blocks to shard")
-    policy = MixedPrecisionPolicy(
-        param_dtype=param_dtype or _default_param_dtype(mesh),
-        reduce_dtype=torch.float32,
-        cast_forward_inputs=False,
-    )
-    reshard = mode == "full"
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    _shard_units(model, blocks, mesh, param_dtype or _default_param_dtype(mesh), reshard=mode == "full")
     logger.info("FSDP2 %s over %d ranks: %d blocks + root", mode, mesh.size(), len(blocks))
     return model
 
 
+def _shard_units(
+    model: nn.Module, blocks: nn.ModuleList, mesh: DeviceMesh, param_dtype: torch.dtype, reshard: bool
+) -> None:
+    """``fully_shard`` each block, then the root (whatever is left: embeddings, norms, head)."""
+    policy = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+    )
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+
+
 def _cast_meta_params(model: nn.Module, dtype: torch.dtype) -> None:
-    """Set the storage dtype of floating parameters before sharding (free on the meta device)."""
+    """Set the storage dtype of floating parameters before sharding (free on the meta device); a parameter
+    shared by two modules (T5's token embedding) stays one parameter."""
+    cast: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for name, p in module._parameters.items():
-            if p is not None and p.is_floating_point() and p.dtype != dtype:
-                module._parameters[name] = nn.Parameter(p.to(dtype), requires_grad=False)
+            if p is None or not p.is_floating_point() or p.dtype == dtype:
+                continue
+            if id(p) not in cast:
+                cast[id(p)] = nn.Parameter(p.to(dtype), requires_grad=False)
+            module._parameters[name] = cast[id(p)]
 
 
 def _shard_rows(param: DTensor) -> slice:
@@ -196,6 +220,88 @@ def load_dit(
     logger.info("rank %d: read %.1f MiB of weights (fsdp %s)", ctx.rank, nread / 2**20, mode)
     logger.info("rank %d: %s", ctx.rank, report_memory(model, ctx.device))
     return model.eval().requires_grad_(False)
+
+
+class _MemoryTensor:
+    """A ``TensorSource`` over a tensor already in (memory-mapped) host memory."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.shape = tuple(tensor.shape)
+
+    def load(
+        self, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", rows: slice | None = None
+    ) -> torch.Tensor:
+        t = self.tensor if rows is None else self.tensor[rows]
+        return t.to(device=device, dtype=dtype or t.dtype)
+
+
+@torch.no_grad()
+def load_t5(path: str | Path, ctx: ParallelContext, dtype: torch.dtype | None = None) -> T5Encoder:
+    """umT5 sharded with FSDP2 over every rank of ``ctx`` (``--t5_fsdp``), from a Wan folder or the ``.pth``.
+
+    Meta-device build -> cast to ``dtype`` -> shard each block, then the root -> allocate the local shards ->
+    each rank copies its own rows from the memory-mapped checkpoint. Every rank must then call ``encode``
+    with the same texts (the engine's ENCODE_TEXT step). On one process the encoder is loaded whole.
+
+    Returns:
+        A ``T5Encoder`` whose model is sharded (its forward all-gathers one block at a time).
+    """
+    from transformers import UMT5EncoderModel  # heavy; loaded only when T5 is sharded
+
+    dtype = dtype or (torch.bfloat16 if ctx.device.type == "cuda" else torch.float32)
+    if not ctx.distributed or ctx.mesh is None or ctx.mesh.size() == 1:
+        logger.info("--t5_fsdp on one process: nothing to shard, T5 is loaded whole")
+        return T5Encoder.from_wan(path, device=ctx.device, dtype=dtype)
+    ckpt = _checkpoint_file(path, T5_CHECKPOINT)
+    tok_dir = t5_tokenizer_dir(ckpt)
+    sd = load_wan_state_dict(ckpt, "t5_checkpoint")
+    config = t5_config_from_wan(sd)
+    sources = {k: _MemoryTensor(t) for k, t in t5_wan_to_hf(sd).items()}
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    model.requires_grad_(False)
+    _cast_meta_params(model, dtype)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = sorted(k for k in expected if k not in sources or sources[k].shape != expected[k])
+    if wrong or len(expected) != len(sources):
+        raise EncoderError(
+            "t5_checkpoint",
+            f"weights do not fit the model: {wrong[:3] or sorted(set(sources) - set(expected))[:3]}",
+        )
+    _shard_units(model, model.encoder.block, ctx.mesh, dtype, reshard=True)
+    model.to_empty(device=ctx.device)
+    nread = fill_from_sources(model, sources, ctx.device)
+    logger.info(
+        "rank %d: T5 sharded over %d ranks (%d layers, d_model %d, %s): read %.1f MiB",
+        ctx.rank,
+        ctx.world_size,
+        config.num_layers,
+        config.d_model,
+        dtype,
+        nread / 2**20,
+    )
+    return T5Encoder(model.eval(), load_t5_tokenizer(tok_dir, config.vocab_size))
+
+
+class CollectiveTextEncoder:
+    """Rank 0's handle on a T5 sharded over every rank: ``encode`` is one ENCODE_TEXT step of the engine,
+    which every rank joins with its local shard (``Worker.step``). ``run_step`` is ``Engine.run_step``,
+    bound once the engine exists."""
+
+    def __init__(self, run_step: Callable[[Message], Any] | None = None) -> None:
+        self.run_step = run_step
+
+    def encode(self, texts: list[str]) -> list[torch.Tensor]:
+        """texts: N prompts -> N tensors [L_i, d_model] from the sharded encoder (checked before anything is
+        broadcast: a bad input must not reach the collective step)."""
+        if isinstance(texts, str) or not isinstance(texts, list | tuple) or not texts:
+            raise EncoderError("texts", "expected a non-empty list of strings")
+        if not all(isinstance(t, str) for t in texts):
+            raise EncoderError("texts", "every prompt must be a string")
+        if self.run_step is None:
+            raise RuntimeError("the sharded text encoder is used before the engine is running")
+        return self.run_step(Message(Op.ENCODE_TEXT, settings={"texts": tuple(texts)}))
 
 
 def param_bytes(model: nn.Module) -> tuple[int, int]:
