@@ -28,8 +28,8 @@ from inference.checkpoint.weights import WeightPaths
 from inference.render.settings import GenerationSettings
 from inference.render.spec import JobSpec
 from inference.render.worker import RenderJob
-from service.api import EngineStatus, WorkerStatus
 from service.jobs import INPUTS_DIRNAME, Job, JobState, JobStore
+from service.schemas import EngineStatus, WorkerStatus
 
 logger = logging.getLogger(__name__)
 
