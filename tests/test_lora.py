@@ -325,3 +325,80 @@ def test_fsdp2_ranks_merge_their_row_slices(base, tmp_path):
         assert (res["off"] - want_off).abs().max().item() <= 1e-5
         assert torch.equal(res["off_again"], res["off"])
         assert (res["on"] - res["off"]).abs().max().item() > 1e-3
+
+
+# ------------------------------------------------------------------------------------ the generate CLI
+
+
+def upstream_job(folder: Path) -> Path:
+    """An upstream-format job (cond_image + tts_audio) with a two-person scene image."""
+    import json
+
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", (896, 448), (200, 200, 150))
+    draw = ImageDraw.Draw(image)
+    for x in (150, 600):
+        draw.ellipse((x, 80, x + 150, 230), fill=(240, 200, 170))
+        draw.rectangle((x - 20, 230, x + 170, 448), fill=(40, 70, 120))
+    image.save(folder / "scene.png")
+    job = {"prompt": "Two people talk.", "cond_image": "scene.png",
+           "tts_audio": {"text": "(s1) Hello there. (s2) Hi, how are you?", "human1_voice": "af_heart",
+                         "human2_voice": "am_adam"}}  # fmt: skip
+    (folder / "job.json").write_text(json.dumps(job))
+    return folder / "job.json"
+
+
+def tiny_distill_lora(path: Path) -> Path:
+    """A lightx2v-like file (upstream layout) for the tiny DiT."""
+    tensors = {}
+    for i in range(2):
+        for j, module in enumerate(("self_attn.q", "self_attn.k", "ffn.0", "cross_attn.o")):
+            down, up = _pair(f"blocks.{i}.{module}.weight", seed=500 + 10 * i + j)
+            tensors[f"diffusion_model.blocks.{i}.{module}.lora_down.weight"] = down
+            tensors[f"diffusion_model.blocks.{i}.{module}.lora_up.weight"] = up
+    tensors["diffusion_model.blocks.0.norm3.diff"] = _rand(*SHAPES["blocks.0.norm3.weight"], seed=600)
+    save_file(tensors, str(path))
+    return path
+
+
+def upstream_command(tiny_weights: Path, job: Path, save_file_name: Path, *extra: str) -> list[str]:
+    """Upstream README's command line (paths pointed at the tiny weights), plus ``--preset tiny``."""
+    return ["--preset", "tiny", "--ckpt_dir", str(tiny_weights / "Wan2.1-I2V-14B-480P"),
+            "--wav2vec_dir", str(tiny_weights / "chinese-wav2vec2-base"), "--input_json", str(job),
+            "--save_file", str(save_file_name), "--mode", "clip", *extra]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_upstream_lora_command_renders_the_fast_preset_with_8_passes_per_clip(tiny_weights, tmp_path):
+    import json
+
+    from tests.test_generate import explain, run_cli
+
+    job = upstream_job(tmp_path / "job")
+    lora = tiny_distill_lora(tmp_path / "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors")
+    flags = ["--lora_dir", str(lora), "--lora_scale", "1.0", "--sample_steps", "4", "--sample_text_guide_scale",
+             "1", "--sample_audio_guide_scale", "2", "--sample_shift", "2"]  # fmt: skip
+    proc = run_cli(upstream_command(tiny_weights, job, tmp_path / "out" / "fast", *flags))
+    assert proc.returncode == 0, explain(proc)
+    assert (tmp_path / "out" / "fast.mp4").is_file()
+    record = json.loads((tmp_path / "out" / "fast.render.json").read_text())
+    s = record["settings"]
+    assert (s["lora"], s["steps"], s["text_guidance"], s["audio_guidance"], s["shift"]) == (
+        True,
+        4,
+        1.0,
+        2.0,
+        2.0,
+    )
+    assert record["passes"]["per_clip"] == [
+        {"clip": 0, "passes": 8, "computed": 8, "skipped": 0, "model_calls": 4}  # 4 steps x 2, batched
+    ]
+    # A LoRA that does not fit the model is refused by name, exit 2, before the DiT loads.
+    bad = tmp_path / "bad.safetensors"
+    save_file({"diffusion_model.blocks.9.self_attn.q.lora_down.weight": torch.zeros(2, 64),
+               "diffusion_model.blocks.9.self_attn.q.lora_up.weight": torch.zeros(64, 2)}, str(bad))  # fmt: skip
+    proc = run_cli(upstream_command(tiny_weights, job, tmp_path / "out" / "bad", "--lora_dir", str(bad)))
+    assert proc.returncode == 2 and "blocks.9.self_attn.q" in proc.stderr, explain(proc)
+    assert "DiT loaded" not in proc.stderr
