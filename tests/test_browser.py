@@ -219,8 +219,10 @@ def test_ui_flow(ui_service: tuple[str, JobStore, Path]) -> None:
     )
     assert result["framework_errors"] == [] and result["cleared_message"] == ""
     assert "kept the ones you set" in result["preset_note"] and "seed (1234)" in result["preset_note"]
-    # A double click made one job, and it is the one the page shows.
-    assert store.count() == before + 1
+    # A double click made one job, and it is the one the page shows ("New seed" made a second one, which
+    # its Delete removed again).
+    assert store.count() == before + 1 and not store.exists(result["seed_job"])
+    assert result["after_delete"] == f"Deleted job {result['seed_job'][:8]} and its files."
     job = store.get(result["job_id"])
     assert job.state == JobState.DONE and "Already submitted" not in result["submit_message"]
     assert job.spec["script"] == result["sent"]["script"] and job.spec["voices"] == ["af_heart", "bf_emma"]

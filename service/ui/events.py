@@ -116,12 +116,11 @@ def wire(p: Page, h: UiHandlers, default_preset: str, adv: dict[str, Any], demo:
         p.names,
         p.single,
     ]
-    for comp in (p.left, p.right, p.scene, p.single, p.layout, p.backdrop, p.aspect, p.resolution, p.names,
-                 p.source):  # fmt: skip
-        comp.change(h.overlay, scene_inputs, [p.overlay_img, p.overlay_msg], trigger_mode="always_last",
-                    show_progress="minimal")  # fmt: skip
-    p.boxes.submit(h.overlay, scene_inputs, [p.overlay_img, p.overlay_msg])
-    p.boxes.blur(h.overlay, scene_inputs, [p.overlay_img, p.overlay_msg])
+    # One listener for every trigger: a form filled at once (an example, loaded settings) composes once.
+    scene_triggers = [c.change for c in (p.left, p.right, p.scene, p.single, p.layout, p.backdrop, p.aspect,
+                                         p.resolution, p.names, p.source)]  # fmt: skip
+    gr.on([*scene_triggers, p.boxes.submit, p.boxes.blur], h.overlay, scene_inputs, [p.overlay_img, p.overlay_msg],
+          trigger_mode="always_last", show_progress="minimal")  # fmt: skip
     p.layout.change(lambda v: gr.Dropdown(visible=v == "backdrop"), p.layout, p.backdrop, **QUIET)
     p.tab_portraits.select(lambda: SOURCE_PORTRAITS, None, p.source, **QUEUED_QUIET)
     p.tab_scene.select(lambda: SOURCE_SCENE, None, p.source, **QUEUED_QUIET)
@@ -191,14 +190,13 @@ def wire(p: Page, h: UiHandlers, default_preset: str, adv: dict[str, Any], demo:
     def on_estimate(*vals: Any) -> str:
         return h.estimate(dict(zip(estimate_keys, vals, strict=True)))
 
-    for comp in (p.preset, p.steps, p.text_guidance, p.audio_guidance, p.resolution, p.max_length, p.script,
-                 p.length_unit, p.speech):  # fmt: skip
-        comp.change(on_estimate, estimate_inputs, p.estimate_md, trigger_mode="always_last", **QUIET)
+    estimate_triggers = [c.change for c in (p.preset, p.steps, p.text_guidance, p.audio_guidance, p.resolution,
+                                            p.max_length, p.script, p.length_unit, p.speech)]  # fmt: skip
+    gr.on(estimate_triggers, on_estimate, estimate_inputs, p.estimate_md, trigger_mode="always_last", **QUIET)
     audio_inputs = [p.audio1, p.audio2, p.audio_mode, p.source]
-    for comp in audio_inputs:  # the estimate after the preview, which measures each recording once
-        comp.change(h.audio_preview, audio_inputs, [p.audio1_msg, p.audio2_msg, p.audio_summary],
-                    trigger_mode="always_last", show_progress="minimal",
-                    ).then(on_estimate, estimate_inputs, p.estimate_md, **QUIET)  # fmt: skip
+    # The estimate after the preview, which measures each recording once.
+    gr.on([c.change for c in audio_inputs], h.audio_preview, audio_inputs, [p.audio1_msg, p.audio2_msg, p.audio_summary],
+          trigger_mode="always_last", show_progress="minimal").then(on_estimate, estimate_inputs, p.estimate_md, **QUIET)  # fmt: skip
 
     # ---- messages that stop being true when the user changes the form
     user_edits = [

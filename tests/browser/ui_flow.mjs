@@ -6,8 +6,8 @@
 // 3. fill every field, double-click Generate (one job), wait for the video and the named downloads;
 // 4. an example fills the whole form with other values; "Load settings" on the job's history row brings
 //    every field back (the values are printed for the test to compare);
-// 5. the gallery shows the job with a thumbnail; a 390-px phone shows one column with Generate at hand
-//    (screenshots).
+// 5. the gallery shows the job with a thumbnail; its "New seed" makes a second job, whose "Delete" removes it;
+// 6. a 390-px phone shows one column with Generate at hand (screenshots).
 // Prints one JSON line; exits non-zero on failure (a screenshot of the failure is saved).
 import { join } from "node:path";
 import { openBrowser, parseArgs, run } from "./lib.mjs";
@@ -151,13 +151,17 @@ run(async () => {
     await page.locator("#example-0").click();
     await page.waitForFunction(() => document.querySelector("#script-box textarea").value.includes("Hi Ben"), null, { timeout: step });
     const example = await page.evaluate(readForm);
+    mark("example");
     await page.locator("#jobs-tabs").getByRole("tab", { name: "History" }).click();
     const row = page.locator(`#history tr[data-job="${jobId}"]`);
     await row.waitFor({ timeout: step });
+    mark("history_row");
     await row.locator('[data-action="load"]').click();
-    await page.waitForFunction((s) => document.querySelector("#script-box textarea").value === s, FORM.script, { timeout: step });
-    await page.waitForFunction(() => (document.querySelector("#seed input")?.value || "") === "1234", null, { timeout: step });
-    await page.waitForTimeout(500);  // the images arrive with the same update; give the DOM a beat
+    // Wait until every field shows what was sent (the follow-up events settle); the test compares after.
+    await page.waitForFunction(([src, want]) => {
+      const now = (0, eval)(`(${src})`)();
+      return Object.keys(want).every((k) => (k === "left" || k === "right" ? Boolean(now[k]) : now[k] === want[k]));
+    }, [readForm.toString(), sent], { timeout: step, polling: 250 }).catch(() => {});
     const loaded = await page.evaluate(readForm);
     const formMessage = (await page.locator("#form-message").innerText()).trim();
     mark("loaded");
@@ -172,6 +176,22 @@ run(async () => {
     }, jobId, { timeout: step });
     const galleryLink = decodeURIComponent((await card.locator("a[download]").getAttribute("href")) || "");
     await shot("desktop-full.png", true);
+
+    // -- "New seed" on the gallery card renders the same inputs again; "Delete" removes that new job
+    await card.locator('[data-action="seed"]').click();
+    await page.waitForFunction((id) => {
+      const v = document.querySelector("#job-id textarea, #job-id input")?.value || "";
+      return /^[0-9a-f]{32}$/.test(v) && v !== id;
+    }, jobId, { timeout: step });
+    const seedJob = await page.locator("#job-id textarea, #job-id input").first().inputValue();
+    const seedCard = page.locator(`#gallery .dv-card[data-job="${seedJob}"]`);
+    await seedCard.waitFor({ timeout: step });
+    await seedCard.locator('[data-action="delete"]').click();
+    await seedCard.waitFor({ state: "detached", timeout: step });
+    const deleted = page.locator("#submit-message").getByText("Deleted job");
+    await deleted.waitFor({ timeout: step });
+    const afterDelete = (await deleted.innerText()).trim();
+    mark("seed_and_delete");
 
     // -- a 390-px phone: one column, Generate at hand on the first screen
     const phone = await context.newPage();
@@ -194,6 +214,7 @@ run(async () => {
       ok: true, job_id: jobId, desktop, bad_message: badMessage, framework_errors: frameworkErrors,
       cleared_message: clearedMessage, preset_note: presetNote, sent, example, loaded, form_message: formMessage,
       downloads, status: statusText, submit_message: submitMessage, gallery_link: galleryLink, phone: phoneInfo,
+      seed_job: seedJob, after_delete: afterDelete,
       ...marks, total_ms: Date.now() - t0,
     }));  // prettier-ignore
   } catch (err) {

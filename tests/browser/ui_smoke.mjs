@@ -16,8 +16,6 @@ const CONTROLS = [
   "#generate-btn",
   "#job-status",
   "#queue",
-  "#gallery-tab",
-  "#history-tab",
   "#example-0",
 ];
 
@@ -35,6 +33,9 @@ run(async () => {
     if (title !== "Dialogue video") throw new Error(`title is ${JSON.stringify(title)}`);
     for (const sel of CONTROLS) {
       if ((await page.locator(sel).count()) < 1) throw new Error(`control ${sel} is missing`);
+    }
+    for (const name of ["Queue", "Gallery", "History", "Two portraits", "One scene + boxes", "One person", "Upload audio"]) {
+      if ((await page.getByRole("tab", { name }).count()) < 1) throw new Error(`tab ${name} is missing`);
     }
     await page.locator("#script-box textarea").fill("Ann: Hello there!\nBen: Hi Ann.");
     await page.locator("#parse-preview").getByText("2 turns").waitFor({ timeout });
