@@ -200,3 +200,22 @@ def test_decisions_identical_on_two_gloo_ranks(model):
             assert decisions == results[0][batched][0] == cache.decisions
             assert rank_stats["skipped"] == stats.skipped > 0 and rank_stats["passes"] == stats.passes
             assert (latent - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+def test_teacache_job_reports_computed_and_skipped_passes(tiny_weights, tmp_path):
+    """Upstream's --use_teacache on a tiny 3-pass job: the render record counts computed and skipped passes."""
+    import json
+
+    from tests.test_generate import explain, run_cli
+    from tests.test_lora import upstream_command, upstream_job
+
+    job = upstream_job(tmp_path / "job")
+    flags = ["--sample_steps", "8", "--use_teacache", "--teacache_thresh", "1.0"]
+    proc = run_cli(upstream_command(tiny_weights, job, tmp_path / "out" / "tea", *flags))
+    assert proc.returncode == 0, explain(proc)
+    record = json.loads((tmp_path / "out" / "tea.render.json").read_text())
+    assert record["settings"]["teacache"] is True and record["settings"]["lora"] is False
+    passes = record["passes"]
+    assert passes["passes"] == 8 * 3 and passes["computed"] + passes["skipped"] == 24
+    assert passes["skipped"] > 0 and passes["computed"] >= 5 * 3  # the first 5 steps always run
