@@ -23,6 +23,7 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,9 @@ from common.errors import InputError
 from inference.checkpoint.lora import LoraAdapter, deltas_by_key, merge_into
 from inference.model.config import DiTConfig
 from inference.model.dit import MultiTalkDiT, build_model
+
+if TYPE_CHECKING:  # quant imports this module
+    from inference.checkpoint.quant import QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +231,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     loras: Sequence[LoraAdapter] = (),
+    quant: QuantSpec | None = None,
 ) -> MultiTalkDiT:
     """Build the DiT on the meta device and stream the folder's weights into it.
 
@@ -236,6 +241,8 @@ def load_model(
         dtype, device: target storage; default bf16 on CUDA, fp32 on CPU.
         loras: adapters (``inference.checkpoint.lora.read_loras``) merged into each weight as it
             streams in: ``W + s dW`` in fp32, one tensor at a time, then cast to ``dtype``.
+        quant: ``--quant`` (``inference.checkpoint.quant.resolve_quant``): int8/fp8 linears, read from
+            upstream's quantised file or quantised as they stream in; ``dtype`` is then the compute dtype.
 
     Returns:
         The model in eval mode with ``requires_grad`` off.
@@ -244,6 +251,10 @@ def load_model(
     default_dev, default_dtype = default_device_dtype()
     device = torch.device(device) if device is not None else default_dev
     dtype = dtype or (default_dtype if device.type == default_dev.type else torch.float32)
+    if quant is not None:
+        from inference.checkpoint.quant import load_quantized_dit  # quant imports this module
+
+        return load_quantized_dit(folder, quant, device, cfg, dtype, loras)
     refs = open_checkpoint(folder)
     model = build_model(cfg, "meta").to(dtype)
     targets = model.state_dict(keep_vars=True)

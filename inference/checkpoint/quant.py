@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from safetensors.torch import save
 from common.errors import InputError
 from common.files import atomic_write_bytes, atomic_write_text
 from inference.checkpoint.loader import check_keys, open_checkpoint, resolve_config
+from inference.checkpoint.lora import LoraAdapter, merge_sources
 from inference.model.config import DiTConfig
 from inference.model.dit import MultiTalkDiT, build_model
 
@@ -147,14 +148,53 @@ def resolve_quant(
     return QuantSpec(kind, folder / weights_name, folder / map_name)
 
 
-def check_quant_layout(spec: QuantSpec | None, dit_fsdp: str, world_size: int) -> None:
-    """Refuse ``--quant`` with FSDP over several ranks: FSDP2 cannot shard quanto's quantised layers."""
-    if spec is not None and dit_fsdp != "off" and world_size > 1:
+def is_quantized_file(path: str | Path) -> bool:
+    """True for a safetensors file of quanto-quantised weights (it holds ``*.weight._data`` tensors), such as
+    upstream's ``quant_model_int8_FusionX.safetensors`` that upstream passes as ``--lora_dir``."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return any(k.endswith(".weight._data") for k in f.keys())  # noqa: SIM118 (safe_open is not a dict)
+
+
+def split_quantized_lora(
+    kind: str | None, lora_files: Sequence[str | Path]
+) -> tuple[Path | None, list[Path]]:
+    """Upstream's ``--quant int8 --lora_dir quant_models/quant_model_int8_FusionX.safetensors``: with
+    ``--quant``, a quantised model among the ``--lora_dir`` files is the DiT to load (its LoRA is already
+    merged in), not an adapter. Returns (that file or None, the real LoRA files)."""
+    paths = [Path(p) for p in lora_files]
+    if kind is None:
+        return None, paths
+    quantised = [p for p in paths if is_quantized_file(p)]
+    if len(quantised) > 1:
+        raise QuantError("lora_dir", f"more than one quantised model given: {[str(p) for p in quantised]}")
+    if quantised and len(paths) > 1:
+        raise QuantError("lora_dir", f"{quantised[0]} is a quantised model with its LoRA merged in; "
+                         "it cannot be combined with further LoRA files")  # fmt: skip
+    return (quantised[0], []) if quantised else (None, paths)
+
+
+def check_quant_layout(
+    spec: QuantSpec | None, dit_fsdp: str, world_size: int, switchable_loras: bool = False
+) -> None:
+    """Refuse what ``--quant`` cannot combine with: FSDP over several ranks (FSDP2 cannot shard quanto's
+    quantised layers), and LoRAs switched per job (they keep and swap the float weights)."""
+    if spec is None:
+        return
+    if dit_fsdp != "off" and world_size > 1:
         raise QuantError(
             "quant",
             f"--quant {spec.kind} cannot be combined with --dit_fsdp {dit_fsdp}: FSDP2 shards plain tensors only "
             "and fails on optimum-quanto's QLinear layers; use --dit_fsdp off (every rank holds the whole "
             f"{spec.kind} DiT, about half of bf16) or drop --quant",
+        )
+    if switchable_loras:
+        raise QuantError(
+            "lora_mode",
+            f"--lora_mode switchable keeps the float weights to swap LoRAs per job, which --quant {spec.kind} "
+            "replaces; use --lora_mode merged (the LoRA is merged, then quantised) or drop --quant",
         )
 
 
@@ -306,6 +346,7 @@ def load_quantized_dit(
     device: torch.device | str,
     config: DiTConfig | None = None,
     dtype: torch.dtype | None = None,
+    loras: Sequence[LoraAdapter] = (),
 ) -> MultiTalkDiT:
     """The DiT with quantised linears, whole on ``device`` (Ulysses-ready, not FSDP-sharded).
 
@@ -316,6 +357,8 @@ def load_quantized_dit(
         config: overrides ``folder/config.json``.
         dtype: compute dtype of activations, scales and the unquantised tensors (default bf16 on CUDA,
             fp32 on CPU).
+        loras: adapters merged into the checkpoint's weights before they are quantised (a quantised file's
+            weights are fixed: refused there).
 
     Raises:
         QuantError / CheckpointError: a file that does not match the model (missing keys, shapes, kinds).
@@ -329,6 +372,8 @@ def load_quantized_dit(
     if spec.weights_file is None:
         refs = open_checkpoint(folder)
         check_keys({k: tuple(v.shape) for k, v in probe.state_dict().items()}, refs)
+        if loras:
+            refs = merge_sources(refs, loras)  # type: ignore[assignment]  # W + s dW in fp32, then quantised
         model = _build_meta(cfg, q, linears, dtype)
 
         def from_checkpoint() -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
@@ -344,6 +389,9 @@ def load_quantized_dit(
         _materialise(model, q, linears, from_checkpoint(), device, dtype)
         return _finish(model, spec, folder, device)
 
+    if loras:
+        raise QuantError("lora_dir", f"{spec.weights_file} is already quantised; a LoRA can only be merged before "
+                         "quantising: drop --quant_dir to quantise the checkpoint at load")  # fmt: skip
     qmap = _read_map(spec)
     unknown = sorted(set(qmap) - linears - FP32_LINEARS)
     if unknown:
@@ -468,11 +516,13 @@ __all__ = [
     "QuantError",
     "QuantSpec",
     "check_quant_layout",
+    "is_quantized_file",
     "load_quantized_dit",
     "planned_weight_bytes",
     "quantisable_linears",
     "quantise_weight",
     "resolve_quant",
+    "split_quantized_lora",
     "weight_bytes",
     "write_quantized",
 ]

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit_fsdp", nargs="?", const="full", choices=("off", "full", "keep"), default="off",
                    help="FSDP2 for the DiT (upstream's bare --dit_fsdp = full)")  # fmt: skip
     p.add_argument("--t5_cpu", action="store_true")
+    p.add_argument("--vae_tiling", choices=("auto", "on", "off"), default="auto",
+                   help="VAE in spatial tiles: auto = when whole frames would not fit the GPU's free memory")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when torch "
                    "finds a GPU; the 14B preset refuses a CPU fallback unless --device cpu)")  # fmt: skip
     p.add_argument(
@@ -187,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 t5_cpu=args.t5_cpu,
                 device=args.device,
                 save_frames=args.save_frames is not None,
+                vae_tiling=args.vae_tiling,
                 speed=speed,
                 **extra,
             )

@@ -147,6 +147,7 @@ class RenderConfig:
     tts_gap_s: float = 0.25
     max_audio_seconds: float = 600.0
     save_frames: bool = False
+    vae_tiling: str = "auto"  # VAE spatial tiles: auto (when whole frames would not fit the GPU) | on | off
 
 
 def branch_model_fns(
@@ -339,7 +340,9 @@ class Renderer:
         self.t5 = T5Encoder.from_wan(paths.wan_dir, device=t5_device, dtype=t5_dtype)
         clip_dtype = torch.float32 if dev.type == "cpu" else torch.float16
         self.clip = ClipImageEncoder.from_wan(paths.wan_dir, device=dev, dtype=clip_dtype)
-        self.vae = WanVae.from_wan(paths.wan_dir, device=dev, dtype=torch.float32)
+        self.vae = WanVae.from_wan(
+            paths.wan_dir, device=dev, dtype=torch.float32, tiling_mode=config.vae_tiling
+        )
         self.audio_encoder = AudioEncoder(paths.wav2vec_dir, device="cpu")
         self._tts = None
         self._null_cache: dict[str, torch.Tensor] = {}

@@ -18,14 +18,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from common.errors import InputError
-from inference.checkpoint.loader import resolve_config
+from inference.checkpoint.loader import load_model, resolve_config
 from inference.checkpoint.weights import WeightPaths, make_tiny
 from inference.model.config import DiTConfig
 from inference.parallel.context import ParallelContext
@@ -45,6 +45,9 @@ from inference.render.sampler import Cancelled, ClipSpec, PassStats, passes_for
 from inference.render.settings import GenerationSettings, check_lora_setting
 from inference.render.spec import JobSpec
 from inference.render.speed import ModelSpeed, SpeedOptions, finish_model, merged_loras, read_adapters
+
+if TYPE_CHECKING:  # optimum-quanto is imported only with --quant
+    from inference.checkpoint.quant import QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +92,9 @@ class RuntimeOptions:
     control_timeout_s: float = 1800.0
     make_tiny: bool = True
     save_frames: bool = False  # rank 0 also writes the uint8 frames before encoding (frames.npy)
+    quant: str | None = None  # --quant int8|fp8: quantised DiT linears (optimum-quanto)
+    quant_dir: Path | None = None  # upstream's quant_models/ folder (or file); None: quantise at load
+    vae_tiling: str = "auto"  # --vae_tiling auto|on|off
     speed: SpeedOptions = SpeedOptions()  # LoRAs, batched guidance, --compile, attention kernel
 
     @property
@@ -322,6 +328,7 @@ class Runtime:
     def start(cls, options: RuntimeOptions) -> Runtime:
         mode = check_fsdp_mode(options.dit_fsdp)
         world = int(os.environ.get("WORLD_SIZE", "1") or "1")
+        quant, lora_files = _quant_spec(options, mode, world)
         layout = check_parallel_sizes(
             world, options.ulysses_size, options.ring_size, _num_heads(options.preset), options.cfg_parallel
         )
@@ -341,8 +348,14 @@ class Runtime:
             ctx.barrier()  # rank 0 may have been writing the tiny weights
         paths.check(options.preset)
         t0 = time.monotonic()
-        adapters = read_adapters(options.speed, resolve_config(paths.wan_dir))  # checked before loading
-        model = load_dit(paths.wan_dir, ctx, mode=mode, loras=merged_loras(options.speed, adapters))
+        adapter_options = replace(options.speed, lora_dir=tuple(lora_files))
+        adapters = read_adapters(adapter_options, resolve_config(paths.wan_dir))  # checked before loading
+        if quant is not None:  # whole on every rank (Ulysses); FSDP was refused above
+            model = load_model(
+                paths.wan_dir, device=ctx.device, loras=merged_loras(options.speed, adapters), quant=quant
+            )
+        else:
+            model = load_dit(paths.wan_dir, ctx, mode=mode, loras=merged_loras(options.speed, adapters))
         check_heads(model.config.num_heads, layout.ulysses)
         logger.info("DiT loaded in %.1fs; %s", time.monotonic() - t0, report_memory(model, ctx.device))
         speed = finish_model(model, options.speed, adapters, ctx.device)
@@ -354,6 +367,7 @@ class Runtime:
                 t5_cpu=options.t5_cpu,
                 render_divisor=divisor,
                 save_frames=options.save_frames,
+                vae_tiling=options.vae_tiling,
             )
             renderer = Renderer(paths, config)
         return cls(options, ctx, model, paths, renderer, speed)
@@ -453,6 +467,21 @@ class _CollectingSink:
         self.finished = True
         if self.forward is not None:
             self.forward.failed(job_id, reason, cancelled=cancelled, interrupted=interrupted)
+
+
+def _quant_spec(options: RuntimeOptions, mode: str, world: int) -> tuple[QuantSpec | None, tuple[Path, ...]]:
+    """``--quant`` / ``--quant_dir`` checked against the layout, and the ``--lora_dir`` files left to read as
+    adapters: upstream passes its quantised FusionX model as ``--lora_dir``; with ``--quant`` it is the DiT."""
+    if options.quant is None and options.quant_dir is None:
+        return None, options.speed.lora_dir
+    # optimum-quanto takes seconds to import (it loads its transformers/diffusers integrations); only --quant uses it
+    from inference.checkpoint.quant import check_quant_layout, resolve_quant, split_quantized_lora
+
+    quant_file, lora_files = split_quantized_lora(options.quant, options.speed.lora_dir)
+    quant = resolve_quant(options.quant, options.quant_dir, quant_file)
+    switchable = bool(lora_files) and options.speed.lora_mode == "switchable"
+    check_quant_layout(quant, mode, world, switchable_loras=switchable)
+    return quant, tuple(lora_files)
 
 
 def _num_heads(preset: str) -> int:
