@@ -402,3 +402,56 @@ def test_upstream_lora_command_renders_the_fast_preset_with_8_passes_per_clip(ti
     proc = run_cli(upstream_command(tiny_weights, job, tmp_path / "out" / "bad", "--lora_dir", str(bad)))
     assert proc.returncode == 2 and "blocks.9.self_attn.q" in proc.stderr, explain(proc)
     assert "DiT loaded" not in proc.stderr
+
+
+def test_one_model_serves_lora_and_plain_jobs_per_clip(base, tmp_path):
+    """Switchable adapters inside denoise_clip: a job with settings.lora equals the merged model's clip,
+    the next job without it equals the plain model's, on the same loaded weights."""
+    from inference.render.pipeline import denoise_clip
+    from inference.render.settings import GenerationSettings
+    from tests.test_batched_guidance import clip_tensors
+
+    folder, _ = base
+    adapters = read_loras([upstream_layout(tmp_path)[0]], [1.0], SHAPES)
+    merged = load_model(folder, device="cpu", dtype=torch.float32, loras=adapters)
+    plain = load_model(folder, device="cpu", dtype=torch.float32)
+    shared = load_model(folder, device="cpu", dtype=torch.float32)
+    bank = AdapterBank(shared, adapters)
+    tensors = clip_tensors(seed=8)
+    fast = GenerationSettings(steps=3, text_guidance=1.0, audio_guidance=2.0, shift=2.0, lora=True, seed=4)
+    quality = GenerationSettings(steps=3, seed=4)
+    with torch.no_grad():
+        got_fast = denoise_clip(shared, tensors, fast, clip_index=0, adapters=bank, batched=True)
+        got_quality = denoise_clip(shared, tensors, quality, clip_index=0, adapters=bank, batched=True)
+        want_fast = denoise_clip(merged, tensors, fast, clip_index=0, batched=True)
+        want_quality = denoise_clip(plain, tensors, quality, clip_index=0, batched=True)
+        wrong = denoise_clip(plain, tensors, fast, clip_index=0, batched=True)  # negative control
+    # W x + s B(A x) against (W + s B A) x: float rounding only, relative to the latent's size.
+    assert (got_fast - want_fast).abs().max().item() <= 1e-6 * want_fast.abs().max().item()
+    assert torch.equal(got_quality, want_quality)
+    assert (wrong - want_fast).abs().max().item() > 1e-3
+
+
+def test_api_info_says_which_presets_need_the_lora(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from inference.render.settings import LoraState
+    from service.api import ServiceInfo, create_app
+    from service.jobs import JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite", tmp_path / "outputs")
+    try:
+        for lora, fast_uses, quality_offered in (
+            (LoraState(), False, True),
+            (LoraState.of("switchable", ["Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32"]), True, True),
+            (LoraState.of("merged", ["Wan2.1_I2V_14B_FusionX_LoRA"]), True, False),
+        ):
+            info = TestClient(create_app(store, ServiceInfo(lora=lora))).get("/api/info").json()
+            presets = info["presets"]
+            assert presets["fast"]["offered"] and presets["fast"]["uses_lora"] is fast_uses
+            assert presets["quality"]["offered"] is quality_offered and not presets["quality"]["uses_lora"]
+            if fast_uses:
+                assert presets["fast"]["steps"] == lora.steps and presets["fast"]["text_guidance"] == 1.0
+        assert presets["fast"]["steps"] == 8  # FusionX
+    finally:
+        store.close()
