@@ -1,15 +1,20 @@
 """Fault drills: a stopped rank is detected within a bounded time (idle and mid-job) and its peer
-exits so the group restarts; the watchdog itself fires once per missed deadline and never early."""
+exits so the group restarts; the watchdog itself fires once per missed deadline and never early; a
+damaged spilled clip is found by its checksum and rendered again, never muxed."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import queue
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,7 +22,14 @@ import torch.distributed as dist
 from inference.parallel.context import ParallelContext
 from inference.parallel.engine import Engine, JobContext, Message, Op, TensorSpec
 from inference.parallel.watchdog import EXIT_HUNG, Watchdog
+from inference.render.pipeline import FRAMES_FILE, FRAMES_SPILL_DIR
+from tests import test_resume
 from tests.dist_harness import post, start_spmd
+from tests.test_resume import _interrupt, _job, _StopInClip
+
+# The tiny runtime and an accepted job, shared with the resume tests.
+runtime = test_resume.runtime
+accepted = test_resume.accepted
 
 
 class StepWorker:
@@ -126,3 +138,85 @@ def test_watchdog_fires_once_per_missed_deadline_and_beats_postpone_it() -> None
     assert len(fired) == 1 and fired[0].startswith("rank 3: job 'x' made no progress for 0.3 s")
     assert f"code {EXIT_HUNG}" in fired[0]
     dog.disarm()
+
+
+# ---------------------------------------------------------------------------------------------- spilled clips
+# The tiny weights through the real clip driver (fixtures from tests/test_resume.py); a damaged clip file
+# is never muxed: it is found by its checksum and rendered again from its seed.
+
+
+class _DamageBeforeMux(_StopInClip):
+    """Completes the job, but truncates its last clip on disk when the muxing starts (once)."""
+
+    def __init__(self, spill: Path) -> None:
+        super().__init__(steps=1, clip=10_000)
+        self.spill, self.done_outputs, self.damaged = spill, None, False
+
+    def progress(self, job_id: str, percent: float, stage: str) -> None:
+        if stage == "encoding the video" and not self.damaged:
+            path = sorted(self.spill.glob("clip_*.npy"))[-1]
+            path.write_bytes(path.read_bytes()[:-4096])
+            self.name = path.name
+            self.damaged = True
+
+    def done(self, job_id: str, outputs: list[str]) -> None:
+        self.done_outputs = outputs
+
+
+@pytest.mark.slow
+def test_damaged_spill_is_rendered_again_at_resume_and_at_the_mux(runtime, accepted, tmp_path, caplog):
+    whole = tmp_path / "whole"
+    runtime.render(_job(accepted, whole))
+    reference = np.load(whole / FRAMES_FILE)
+
+    # Resume: clip 0 overwritten with 0xFF after its header (a white clip if it were trusted).
+    job = tmp_path / "job"
+    _interrupt(runtime, _job(accepted, job))
+    clip0 = job / FRAMES_SPILL_DIR / "clip_0000.npy"
+    data = bytearray(clip0.read_bytes())
+    data[128:] = b"\xff" * (len(data) - 128)
+    clip0.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        prep = runtime.renderer.prepare(accepted[0], _job(accepted, job).settings, accepted[1], job)
+    assert prep.start_clip == 0 and "clip_0000.npy" in caplog.text and "checksum" in caplog.text
+    runtime.render(_job(accepted, job))
+    assert np.array_equal(np.load(job / FRAMES_FILE), reference)  # rendered again from its seed
+
+    # Mux: the last clip truncated just before the mux; it is not muxed but rendered again.
+    caplog.clear()
+    again = tmp_path / "again"
+    sink = _DamageBeforeMux(again / FRAMES_SPILL_DIR)
+    with caplog.at_level(logging.WARNING):
+        runtime.render(_job(accepted, again), sink)
+    assert sink.damaged and sink.name in caplog.text and sink.done_outputs
+    repaired = np.load(again / FRAMES_FILE)
+    assert repaired.shape == reference.shape
+    first = sum(c.kept_frames for c in prep.plan.clips[:-1])  # frames of the clips before the last
+    # The clips before it are kept as they were; the last one restarts from 8-bit motion frames.
+    assert np.abs(repaired.astype(int) - reference.astype(int)).mean() < 2.0
+    assert np.array_equal(repaired[:first], reference[:first])
+
+
+def test_spill_checksums_find_the_first_damaged_clip(tmp_path) -> None:
+    # Negative control at unit level: untouched clips pass, each kind of damage is named.
+    from inference.render.pipeline import SPILL_STATE, _first_damaged, _HashingWriter, _record_checksum
+
+    spill = tmp_path / FRAMES_SPILL_DIR
+    spill.mkdir()
+    (spill / SPILL_STATE).write_text('{"settings": {}}')
+    files = []
+    for i in range(3):
+        path = spill / f"clip_{i:04d}.npy"
+        digest = hashlib.sha256()
+        with path.open("wb") as f:
+            np.save(_HashingWriter(f, digest), np.full((2, 4, 4, 3), i, np.uint8))
+        _record_checksum(tmp_path, path.name, digest.hexdigest())
+        files.append(path)
+    assert _first_damaged(tmp_path, files) is None
+    files[2].unlink()
+    assert _first_damaged(tmp_path, files) == (2, "is missing")
+    data = bytearray(files[1].read_bytes())
+    data[-1] ^= 1
+    files[1].write_bytes(bytes(data))
+    index, why = _first_damaged(tmp_path, files)
+    assert index == 1 and "checksum" in why

@@ -21,6 +21,7 @@ whole frame and the model does not read them).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -511,13 +512,38 @@ class Renderer:
         spill.mkdir(exist_ok=True)
         path = spill / f"clip_{clip.index:04d}.npy"
         frames = _to_uint8_frames(clip_new_frames(video, clip))
-        atomic_write(path, lambda f: np.save(f, frames))  # a crash never leaves half a clip
+        digest = hashlib.sha256()
+        # A crash never leaves half a clip (atomic), and the record keeps the bytes' checksum.
+        atomic_write(path, lambda f: np.save(_HashingWriter(f, digest), frames))
+        _record_checksum(prep.out_dir, path.name, digest.hexdigest())
         prep.frame_files.append(path)
         if not clip.is_last:
             prep.motion = next_motion_frames(video, prep.settings.motion_frames).contiguous()
 
+    def rewind(self, prep: Prepared, clip_index: int) -> None:
+        """Forget clip ``clip_index`` and every later one (files too): the next clip rendered is that one,
+        with the motion frames of the clip before it (or the reference image for the first)."""
+        for path in prep.frame_files[clip_index:]:
+            path.unlink(missing_ok=True)
+        prep.frame_files = prep.frame_files[:clip_index]
+        prep.motion = (
+            _motion_from(prep.frame_files[-1], prep.settings.motion_frames, prep.reference.device)
+            if prep.frame_files
+            else None
+        )
+
     def write_outputs(self, prep: Prepared) -> list[str]:
-        """Mux the mp4 (atomically) with the mixed speech and subtitles; returns the output names."""
+        """Mux the mp4 (atomically) with the mixed speech and subtitles; returns the output names.
+
+        Every spilled clip is checked against its recorded checksum first: a damaged or missing one is
+        never muxed. It and the later clips are removed and ``SpillDamagedError`` names it (the clip
+        driver renders them again from their seeds)."""
+        damaged = _first_damaged(prep.out_dir, prep.frame_files)
+        if damaged is not None:
+            index, why = damaged
+            bad = prep.frame_files[index]
+            self.rewind(prep, index)
+            raise SpillDamagedError(index, f"{bad.name} {why}; it and the clips after it are rendered again")
         timeline = prep.timeline
         clips = [np.load(p, mmap_mode="r") for p in prep.frame_files]
         num_frames = sum(c.shape[0] for c in clips)
@@ -552,6 +578,66 @@ class Renderer:
 
 
 SPILL_STATE = "state.json"
+_HASH_CHUNK = 1 << 20
+
+
+class SpillDamagedError(RuntimeError):
+    """A spilled clip is missing or changed on disk; ``clip_index`` is where rendering must resume."""
+
+    def __init__(self, clip_index: int, message: str) -> None:
+        super().__init__(message)
+        self.clip_index = clip_index
+
+
+class _HashingWriter:
+    """A write-only file wrapper that feeds everything written to ``digest``."""
+
+    def __init__(self, f: Any, digest: Any) -> None:
+        self._f, self._digest = f, digest
+
+    def write(self, data: Any) -> int:
+        self._digest.update(data)
+        return self._f.write(data)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _record_checksum(out_dir: Path, name: str, digest: str) -> None:
+    """Add one clip's checksum to the spill record (``.frames/state.json``, rewritten atomically)."""
+    state = _read_spill_state(out_dir) or {}
+    state.setdefault("checksums", {})[name] = digest
+    atomic_write_text(out_dir / FRAMES_SPILL_DIR / SPILL_STATE, json.dumps(state))
+
+
+def _first_damaged(out_dir: Path, files: list[Path]) -> tuple[int, str] | None:
+    """``(index, why)`` of the first clip file that is missing, unrecorded or not what was written."""
+    sums = (_read_spill_state(out_dir) or {}).get("checksums") or {}
+    for index, path in enumerate(files):
+        expected = sums.get(path.name) if isinstance(sums, dict) else None
+        if not path.is_file():
+            why = "is missing"
+        elif not isinstance(expected, str):
+            why = "has no recorded checksum"
+        elif _sha256_file(path) != expected:
+            why = "changed on disk after it was rendered (checksum mismatch)"
+        else:
+            continue
+        logger.warning("spilled clip %s %s", path, why)
+        return index, why
+    return None
+
+
+def _motion_from(path: Path, motion_frames: int, device: torch.device) -> torch.Tensor:
+    """The next clip's motion frames from a saved clip: ``[3, motion_frames, H, W]`` in [-1, 1]."""
+    last = np.load(path, mmap_mode="r")
+    motion = torch.from_numpy(np.array(last[-motion_frames:], dtype=np.float32))
+    return (motion.permute(3, 0, 1, 2) / 127.5 - 1.0).to(device).contiguous()
 
 
 def _read_spill_state(out_dir: Path) -> dict[str, Any] | None:
@@ -576,20 +662,26 @@ def _resume_or_reset(prep: Prepared) -> None:
         "clips": len(prep.plan.clips),
     }
     done: list[Path] = []
-    if _read_spill_state(prep.out_dir) == state:
+    saved = _read_spill_state(prep.out_dir)
+    if saved is not None and {k: saved.get(k) for k in state} == state:
         for clip in prep.plan.clips[:-1]:  # the last clip is cheap to redo and ends the job
             path = spill / f"clip_{clip.index:04d}.npy"
             if not path.is_file():
                 break
             done.append(path)
+        damaged = _first_damaged(prep.out_dir, done)
+        if damaged is not None:  # re-rendered from its seed, like every clip after it
+            logger.warning("resume: %s %s; rendering again from clip %d", done[damaged[0]].name, damaged[1],
+                           damaged[0] + 1)  # fmt: skip
+            for path in done[damaged[0] :]:
+                path.unlink(missing_ok=True)
+            done = done[: damaged[0]]
     if not done:
         shutil.rmtree(spill, ignore_errors=True)
         spill.mkdir(parents=True)
         atomic_write_text(spill / SPILL_STATE, json.dumps(state))
         return
-    last = np.load(done[-1], mmap_mode="r")
-    motion = torch.from_numpy(np.array(last[-prep.settings.motion_frames :], dtype=np.float32))
-    prep.motion = (motion.permute(3, 0, 1, 2) / 127.5 - 1.0).to(prep.reference.device).contiguous()
+    prep.motion = _motion_from(done[-1], prep.settings.motion_frames, prep.reference.device)
     prep.frame_files = done
     prep.start_clip = len(done)
     logger.info("resuming after %d finished clip(s) of %d", len(done), len(prep.plan.clips))

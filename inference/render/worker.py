@@ -37,6 +37,7 @@ from inference.render.pipeline import (
     Prepared,
     RenderConfig,
     Renderer,
+    SpillDamagedError,
     clip_progress,
     clip_stage,
     denoise_clip,
@@ -51,6 +52,7 @@ if TYPE_CHECKING:  # optimum-quanto is imported only with --quant
 
 logger = logging.getLogger(__name__)
 
+MAX_SPILL_REPAIRS = 2  # a job whose spilled clips keep getting damaged fails instead of looping
 DEFAULT_WEIGHTS = {"multitalk-14b": Path("weights"), "tiny": Path("weights/tiny")}
 
 
@@ -136,6 +138,7 @@ class RenderJob:
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     clip_started: float = 0.0
+    spill_repairs: int = 0  # times a damaged spilled clip was rendered again (MAX_SPILL_REPAIRS)
 
     def add_time(self, name: str, seconds: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + seconds
@@ -281,7 +284,18 @@ class DialogueWorker:
         if self.sink:
             self.sink.progress(job.job_id, 95.0, "encoding the video")
         t0 = time.monotonic()
-        outputs = self.renderer.write_outputs(prep)
+        try:
+            outputs = self.renderer.write_outputs(prep)
+        except SpillDamagedError as exc:
+            # A spilled clip changed or vanished on disk: render it (and the later ones) again from
+            # their seeds instead of muxing it; a disk that keeps damaging them fails the job.
+            job.spill_repairs += 1
+            if job.spill_repairs > MAX_SPILL_REPAIRS:
+                raise
+            logger.warning("job %s: %s", job.job_id, exc)
+            self._state(job, "rendering")
+            job.clip_index = exc.clip_index
+            return job
         job.add_time("mux_time", time.monotonic() - t0)
         job.timings["total_time"] = time.monotonic() - job.started
         for name in ("conditioning_time", "video_time", "decode_time", "mux_time", "total_time"):
