@@ -8,14 +8,19 @@ Two levels, each with a negative control (the running output merged without its 
   frame-local audio cross-attention on chunks that start mid-frame, with one and two persons.
 
 2 ranks: ring 2. 4 ranks: Ulysses 2 x ring 2 and ring 4 (the last ring chunk at S = 18 holds padding).
-Also single-process checks of the layout rules and the LSE kernel.
+Also single-process checks of the layout rules and the LSE kernel, and the generate CLI under torchrun
+at ``--ring_size 2`` against one process on the rendered frames (within one 8-bit level; the frame
+comparison's own negative control is ``test_generate``'s other-seed render).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,7 +29,9 @@ from inference.model.sp import NoParallel
 from inference.parallel.context import ParallelContext
 from inference.parallel.layout import ParallelConfigError, ParallelLayout, resolve_layout
 from inference.parallel.ring import UnifiedSequenceParallel, merge_partial
+from inference.render.video_io import probe_media
 from tests.dist_harness import run_spmd
+from tests.test_generate import max_level_diff, render
 from tests.test_parallel_model import dit_inputs, tiny_dit
 
 logger = logging.getLogger(__name__)
@@ -199,3 +206,32 @@ def test_layout_rank_order_keeps_ulysses_inside_a_node() -> None:
     cfg = ParallelLayout(ulysses=2, ring=1, cfg=3)
     assert cfg.sp_groups() == [[0, 1], [2, 3], [4, 5]] and cfg.cfg_groups() == [[0, 2, 4], [1, 3, 5]]
     assert [cfg.coords(r) for r in (0, 3, 5)] == [(0, 0, 0), (1, 0, 1), (2, 0, 1)]
+
+
+# ---- torchrun: the generate CLI at --ring_size 2 ----------------------------------------------------
+
+SHORT_SCRIPT = "(s1) Hello there.\n(s2) Hi, how are you?"
+
+
+@pytest.fixture(scope="module")
+def short_job(tmp_path_factory: pytest.TempPathFactory, tiny_weights: Path, portrait_pngs) -> Path:
+    """``weights`` (link to the session's tiny weights) and ``jobs/job.json``: a two-line script, one clip."""
+    root = tmp_path_factory.mktemp("ring_render")
+    (root / "weights").symlink_to(tiny_weights, target_is_directory=True)
+    jobs = root / "jobs"
+    jobs.mkdir()
+    job = {"left_image": str(portrait_pngs[0]), "right_image": str(portrait_pngs[1]), "script": SHORT_SCRIPT,
+           "voices": ["af_heart", "am_adam"], "prompt": "Two friends talking."}  # fmt: skip
+    (jobs / "job.json").write_text(json.dumps(job))
+    return jobs / "job.json"
+
+
+@pytest.mark.slow  # two renders with encoders, TTS and ffmpeg: about a minute on 2 cores
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_torchrun_ring_renders_the_same_frames(short_job: Path) -> None:
+    one = render(short_job, short_job.parent.parent / "one")
+    ring = render(short_job, short_job.parent.parent / "ring", "--ring_size", "2", ranks=2)
+    a, b = np.load(one.frames), np.load(ring.frames)
+    assert max_level_diff(a, b) <= 1
+    assert probe_media(ring.out).frames == a.shape[0]
