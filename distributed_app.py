@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "separate rank groups (ranks = groups x ulysses x ring)")  # fmt: skip
     p.add_argument("--dit_fsdp", nargs="?", const="full", default="off", choices=("off", "full", "keep"),
                    help="FSDP2 for the DiT: off (replicated), full (reshard after forward), keep")  # fmt: skip
-    p.add_argument("--t5_fsdp", action="store_true", help="refused: T5 runs on rank 0 only")
+    p.add_argument("--t5_fsdp", action="store_true", help="shard T5 with FSDP2 over every rank (text encoding "
+                   "becomes a step every rank joins)")  # fmt: skip
     p.add_argument("--t5_cpu", action="store_true", help="keep T5 on the CPU")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when torch "
                    "finds a GPU; the 14B preset refuses a CPU fallback unless --device cpu)")  # fmt: skip
@@ -84,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(dit_model_{int8,fp8}.safetensors + map), or the quantised .safetensors file")  # fmt: skip
     p.add_argument("--vae_tiling", choices=("auto", "on", "off"), default="auto", help="VAE encode/decode "
                    "in spatial tiles: auto = when whole frames would not fit the GPU's free memory")  # fmt: skip
-    p.add_argument("--offload_model", type=_bool, default=None, help="refused when true: not implemented")
-    p.add_argument("--num_persistent_param_in_dit", type=int, default=None, help="refused: not implemented")
+    p.add_argument("--offload_model", type=_bool, default=None, help="T5, CLIP and the VAE in CPU memory, on the "
+                   "GPU only for their stage (default: true on one GPU, false on several, as upstream)")  # fmt: skip
+    p.add_argument("--num_persistent_param_in_dit", type=int, default=None, help="keep at most N DiT parameters "
+                   "on the GPU and stream the other blocks from CPU memory per forward (0 = least memory)")  # fmt: skip
     p.add_argument("--frame_num", type=int, default=None, help="frames per clip (4n+1, default 81)")
     p.add_argument("--motion_frame", type=int, default=None, help="overlap frames between clips (default 25)")
     p.add_argument("--mode", choices=("streaming", "clip"), default=None, help="long video or one clip")
@@ -124,17 +127,11 @@ def _bool(text: str) -> bool:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse what cannot be honoured, with the reason and the supported options."""
-    check_t5_fsdp(args.t5_fsdp)
-    if args.offload_model:
-        raise StartupError("--offload_model", "moving models to the CPU between uses is not implemented; "
-                           "use --dit_fsdp full to cut the DiT's memory per GPU, and --t5_cpu for T5")  # fmt: skip
+    check_t5_fsdp(args.t5_fsdp, args.t5_cpu)
     if args.auth is not None:
         name, _, password = args.auth.partition(":")
         if not name or not password:
             raise StartupError("--auth", "expected user:password (a user name, a colon, a password)")
-    if args.num_persistent_param_in_dit is not None:
-        raise StartupError("--num_persistent_param_in_dit", "per-layer weight streaming is not implemented; "
-                           "use --dit_fsdp full (each GPU holds 1/P of the DiT)")  # fmt: skip
 
 
 def job_defaults(args: argparse.Namespace) -> dict[str, Any]:
@@ -196,7 +193,7 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any]) -> 
         ulysses_size=ctx.parallel_layout.ulysses,
         ring_size=ctx.parallel_layout.ring,
         dit_fsdp=args.dit_fsdp != "off",
-        t5_fsdp=False,
+        t5_fsdp=args.t5_fsdp,
         model=args.preset,
         resolution=defaults.get("resolution", 480),
         versions=_versions(),
@@ -297,7 +294,11 @@ def main(argv: list[str] | None = None) -> int:
                                                cfg_parallel=args.cfg_parallel, speed=speed_options(args),
                                                dit_fsdp=args.dit_fsdp, t5_cpu=args.t5_cpu,
                                                device=args.device, quant=args.quant, quant_dir=args.quant_dir,
-                                               vae_tiling=args.vae_tiling))  # fmt: skip
+                                               vae_tiling=args.vae_tiling, t5_fsdp=args.t5_fsdp,
+                                               offload_model=args.offload_model,
+                                               num_persistent_param_in_dit=args.num_persistent_param_in_dit,
+                                               plan_resolution=defaults.get("resolution", 480),
+                                               plan_frames=defaults.get("frame_num", 81)))  # fmt: skip
     except ValueError as exc:  # a start-up error the user can fix: say it, no traceback
         if rank == 0:
             print(f"error: {_flag_message(exc)}", file=sys.stderr)

@@ -186,6 +186,7 @@ def load_dit(
     config: object | None = None,
     dtype: torch.dtype | None = None,
     loras: Sequence[object] = (),
+    device: torch.device | None = None,
 ) -> nn.Module:
     """Build the MultiTalk DiT for this rank from an official-layout weights folder.
 
@@ -201,11 +202,17 @@ def load_dit(
         dtype: storage dtype; default bf16 on CUDA, fp32 on CPU.
         loras: LoRA adapters (``inference.checkpoint.lora``) merged while the weights stream in; each
             rank merges only the rows it holds.
+        device: where the weights are put; default ``ctx.device``. Block streaming
+            (``inference.parallel.offload``) loads into CPU memory (mode "off" only) and moves what stays
+            resident itself; ``dtype`` still defaults to the compute device's.
 
     Returns:
         The model in eval mode with gradients off.
     """
     mode = check_fsdp_mode(mode)
+    target = ctx.device if device is None else torch.device(device)
+    if target != ctx.device and mode != "off":
+        raise ParallelConfigError("dit_fsdp", "FSDP2 shards live on the compute device; load to it")
     cfg = resolve_config(folder, config)  # type: ignore[arg-type]
     dtype = dtype or (torch.bfloat16 if ctx.device.type == "cuda" else torch.float32)
     refs = open_checkpoint(folder)
@@ -213,12 +220,12 @@ def load_dit(
     _cast_meta_params(model, dtype)
     check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, refs)
     apply_fsdp(model, ctx.mesh, mode, param_dtype=dtype)
-    model.to_empty(device=ctx.device)
+    model.to_empty(device=target)
     if loras:
         refs = merge_sources(refs, loras)  # type: ignore[arg-type]
-    nread = fill_from_sources(model, refs, ctx.device)
-    logger.info("rank %d: read %.1f MiB of weights (fsdp %s)", ctx.rank, nread / 2**20, mode)
-    logger.info("rank %d: %s", ctx.rank, report_memory(model, ctx.device))
+    nread = fill_from_sources(model, refs, target)
+    logger.info("rank %d: read %.1f MiB of weights (fsdp %s) into %s", ctx.rank, nread / 2**20, mode, target)
+    logger.info("rank %d: %s", ctx.rank, report_memory(model, target))
     return model.eval().requires_grad_(False)
 
 

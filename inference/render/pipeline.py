@@ -42,6 +42,7 @@ from inference.checkpoint.lora import AdapterBank
 from inference.checkpoint.weights import WeightPaths
 from inference.model.sp import NoParallel, SequenceParallelism
 from inference.parallel.cfg import GuidanceParallel, one_by_one
+from inference.parallel.offload import EncoderHome
 from inference.render.sampler import (
     BRANCH_COND,
     BRANCH_DROP_AUDIO,
@@ -149,6 +150,7 @@ class RenderConfig:
     max_audio_seconds: float = 600.0
     save_frames: bool = False
     vae_tiling: str = "auto"  # VAE spatial tiles: auto (when whole frames would not fit the GPU) | on | off
+    offload_model: bool = False  # T5, CLIP and the VAE in CPU memory, on the device only for their stage
 
 
 def branch_model_fns(
@@ -327,7 +329,12 @@ def t5_placement(device: torch.device, t5_cpu: bool) -> tuple[torch.device, torc
 class Renderer:
     """Rank 0's components: Kokoro, wav2vec2, T5, CLIP and the VAE, loaded from ``paths``."""
 
-    def __init__(self, paths: WeightPaths, config: RenderConfig = RenderConfig()) -> None:
+    def __init__(
+        self, paths: WeightPaths, config: RenderConfig = RenderConfig(), text_encoder: Any = None
+    ) -> None:
+        """``text_encoder``: T5 from elsewhere (``--t5_fsdp``: the handle on the T5 sharded over every rank);
+        loaded here when None. With ``config.offload_model`` the encoders are loaded into CPU memory (in
+        the dtype they compute in) and visit the device only for their stage (``EncoderHome``)."""
         # Imported here on purpose: transformers + diffusers take seconds to import, and only rank 0's
         # Renderer needs them (ranks > 0, the web process and the CLI's job checks never do).
         from inference.encoders import ClipImageEncoder, T5Encoder, WanVae
@@ -336,14 +343,22 @@ class Renderer:
         self.paths = paths
         self.config = config
         dev = config.device
+        home = torch.device("cpu") if config.offload_model else dev  # where the weights are loaded
+        self.home = EncoderHome(dev, config.offload_model)
         t0 = time.monotonic()
-        t5_device, t5_dtype = t5_placement(dev, config.t5_cpu)
-        self.t5 = T5Encoder.from_wan(paths.wan_dir, device=t5_device, dtype=t5_dtype)
+        if text_encoder is None:
+            t5_device, t5_dtype = t5_placement(dev, config.t5_cpu)
+            t5_device = torch.device("cpu") if config.offload_model else t5_device
+            text_encoder = T5Encoder.from_wan(paths.wan_dir, device=t5_device, dtype=t5_dtype)
+            if not config.t5_cpu:
+                self.home.add(text_encoder)
+        self.t5 = text_encoder
         clip_dtype = torch.float32 if dev.type == "cpu" else torch.float16
-        self.clip = ClipImageEncoder.from_wan(paths.wan_dir, device=dev, dtype=clip_dtype)
-        self.vae = WanVae.from_wan(
-            paths.wan_dir, device=dev, dtype=torch.float32, tiling_mode=config.vae_tiling
+        self.clip = self.home.add(ClipImageEncoder.from_wan(paths.wan_dir, device=home, dtype=clip_dtype))
+        self.vae = self.home.add(
+            WanVae.from_wan(paths.wan_dir, device=home, dtype=torch.float32, tiling_mode=config.vae_tiling)
         )
+        # wav2vec2 runs on the CPU, as upstream runs it (eager attention over a long track would not fit a GPU).
         self.audio_encoder = AudioEncoder(paths.wav2vec_dir, device="cpu")
         self._tts = None
         self._null_cache: dict[str, torch.Tensor] = {}
@@ -385,9 +400,10 @@ class Renderer:
 
     def _encode_text(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.config.device
-        context = self.t5.encode([prompt])[0][None].to(dev, torch.float32)
-        if negative not in self._null_cache:  # the negative prompt is the same for most jobs
-            self._null_cache = {negative: self.t5.encode([negative])[0][None].to(dev, torch.float32)}
+        with self.home.stage(self.t5):
+            context = self.t5.encode([prompt])[0][None].to(dev, torch.float32)
+            if negative not in self._null_cache:  # the negative prompt is the same for most jobs
+                self._null_cache = {negative: self.t5.encode([negative])[0][None].to(dev, torch.float32)}
         return context, self._null_cache[negative]
 
     def prepare(
@@ -479,20 +495,24 @@ class Renderer:
         settings = prep.settings
         dev = self.config.device
         if clip.is_first:
-            y = self.vae.build_y(prep.reference, settings.frame_num)
+            with self.home.stage(self.vae):
+                y = self.vae.build_y(prep.reference, settings.frame_num)
             clip_image = prep.reference
             motion_latent = None
         else:
             assert prep.motion is not None, "clips must be accepted in order"
-            y = self.vae.build_y(None, settings.frame_num, motion_frames=prep.motion)
+            with self.home.stage(self.vae):
+                y = self.vae.build_y(None, settings.frame_num, motion_frames=prep.motion)
             clip_image = prep.motion[:, -1]
             motion_latent = y[4:, : motion_latent_frames(settings.motion_frames)].contiguous()
         idx = prep.plan.audio_indices(clip)  # [frame_num, 5]
         audio = prep.audio_emb[:, idx][None]  # [1, people, frame_num, 5, layers, width]
+        with self.home.stage(self.clip):
+            clip_fea = self.clip.encode(clip_image).to(dev, torch.float32)
         tensors = {
             "context": prep.context,
             "context_null": prep.context_null,
-            "clip_fea": self.clip.encode(clip_image).to(dev, torch.float32),
+            "clip_fea": clip_fea,
             "y": y[None].to(dev, torch.float32),
             "audio": audio.to(dev, torch.float32).contiguous(),
             "ref_target_masks": prep.masks,
@@ -505,7 +525,8 @@ class Renderer:
     def accept_clip(self, prep: Prepared, clip: ClipSpec, latent: torch.Tensor) -> None:
         """Decode a denoised clip, colour-correct it toward the reference, keep its new frames and the
         motion frames for the next clip."""
-        video = self.vae.decode(latent.to(self.config.device))  # [3, frame_num, H, W]
+        with self.home.stage(self.vae):
+            video = self.vae.decode(latent.to(self.config.device))  # [3, frame_num, H, W]
         if prep.settings.color_correction > 0:
             video = color_match(video, prep.reference, prep.settings.color_correction)
         spill = prep.out_dir / FRAMES_SPILL_DIR

@@ -27,12 +27,21 @@ import torch
 from common.errors import InputError
 from inference.checkpoint.loader import load_model, resolve_config
 from inference.checkpoint.weights import WeightPaths, make_tiny
+from inference.memory.startup import startup_check
 from inference.model.config import DiTConfig
 from inference.parallel.context import ParallelContext
 from inference.parallel.engine import Engine, JobContext, Liveness, Message, Op, TensorSpec
-from inference.parallel.fsdp import check_fsdp_mode, load_dit, report_memory
+from inference.parallel.fsdp import (
+    CollectiveTextEncoder,
+    check_fsdp_mode,
+    check_t5_fsdp,
+    load_dit,
+    load_t5,
+    report_memory,
+)
 from inference.parallel.host import HostGpus, device_free_bytes, resolve_device
 from inference.parallel.layout import check_heads, check_parallel_sizes
+from inference.parallel.offload import check_streaming, stream_blocks
 from inference.render.pipeline import (
     Prepared,
     RenderConfig,
@@ -97,6 +106,11 @@ class RuntimeOptions:
     quant: str | None = None  # --quant int8|fp8: quantised DiT linears (optimum-quanto)
     quant_dir: Path | None = None  # upstream's quant_models/ folder (or file); None: quantise at load
     vae_tiling: str = "auto"  # --vae_tiling auto|on|off
+    t5_fsdp: bool = False  # T5 sharded over every rank; text encoding is a collective step
+    offload_model: bool | None = None  # encoders in CPU memory between stages; None: upstream's default
+    num_persistent_param_in_dit: int | None = None  # DiT parameters kept on the GPU; the rest streamed
+    plan_resolution: int = 480  # the clip the start-up memory plan checks (the service's default size)
+    plan_frames: int = 81
     speed: SpeedOptions = SpeedOptions()  # LoRAs, batched guidance, --compile, attention kernel
 
     @property
@@ -154,8 +168,10 @@ class DialogueWorker:
         renderer: Renderer | None,
         sink: JobSink | None,
         speed: ModelSpeed | None = None,
+        text_encoder: Any = None,
     ) -> None:
         self.model = model
+        self.text_encoder = text_encoder  # this rank's shard of T5 (--t5_fsdp), for ENCODE_TEXT steps
         self.speed = speed or ModelSpeed()  # switchable LoRAs, batched-guidance mode
         self.ctx = ctx
         self.sp = ctx.sequence_parallel()
@@ -176,6 +192,12 @@ class DialogueWorker:
             if free < need:
                 return f"only {free / 2**30:.1f} GiB free on {self.ctx.device}, need {need / 2**30:.1f} GiB"
         return None
+
+    def step(self, msg: Message) -> list[torch.Tensor]:
+        """ENCODE_TEXT: every rank runs its shard of T5 on the same texts (rank 0 keeps the result)."""
+        if msg.op is not Op.ENCODE_TEXT or self.text_encoder is None:
+            raise RuntimeError(f"rank {self.ctx.rank}: no sharded text encoder for a {msg.op.value} step")
+        return self.text_encoder.encode(list(msg.settings["texts"]))
 
     def run(
         self, msg: Message, tensors: dict[str, torch.Tensor], job: JobContext
@@ -329,8 +351,10 @@ class Runtime:
     """One process of the service or CLI: context, model, and (rank 0) the encoders."""
 
     def __init__(self, options: RuntimeOptions, ctx: ParallelContext, model: torch.nn.Module, paths: WeightPaths,
-                 renderer: Renderer | None, speed: ModelSpeed | None = None) -> None:  # fmt: skip
+                 renderer: Renderer | None, speed: ModelSpeed | None = None,
+                 text_encoder: Any = None) -> None:  # fmt: skip
         self.options = options
+        self.text_encoder = text_encoder  # T5 sharded over every rank (--t5_fsdp), or None
         self.speed = speed or ModelSpeed()
         self.ctx = ctx
         self.model = model
@@ -348,7 +372,13 @@ class Runtime:
         )
         if mode != "off" and world == 1:
             logger.info("--dit_fsdp %s on one process: nothing to shard, the model is loaded whole", mode)
+        check_streaming(options.num_persistent_param_in_dit, mode, world)
+        check_t5_fsdp(options.t5_fsdp, options.t5_cpu)
         device = resolve_device(options.preset, options.device, HostGpus.probe())
+        on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        # Upstream's default: encoders offloaded with one GPU, resident with several.
+        offload = options.offload_model if options.offload_model is not None else (world == 1 and on_gpu)
+        _check_memory(options, world, device, offload, mode)  # before any weight is loaded
         paths = WeightPaths.under(options.weights_root)
         if options.preset == "tiny" and options.make_tiny and int(os.environ.get("RANK", "0")) == 0:
             make_tiny(paths.root)  # idempotent; other ranks wait for it at the rendezvous below
@@ -369,10 +399,17 @@ class Runtime:
                 paths.wan_dir, device=ctx.device, loras=merged_loras(options.speed, adapters), quant=quant
             )
         else:
-            model = load_dit(paths.wan_dir, ctx, mode=mode, loras=merged_loras(options.speed, adapters))
+            streaming = options.num_persistent_param_in_dit is not None
+            model = load_dit(paths.wan_dir, ctx, mode=mode, loras=merged_loras(options.speed, adapters),
+                             device=torch.device("cpu") if streaming else None)  # fmt: skip
         check_heads(model.config.num_heads, layout.ulysses)
         logger.info("DiT loaded in %.1fs; %s", time.monotonic() - t0, report_memory(model, ctx.device))
         speed = finish_model(model, options.speed, adapters, ctx.device)
+        if options.num_persistent_param_in_dit is not None:
+            stream_blocks(model, ctx.device, options.num_persistent_param_in_dit)
+        text_encoder = None
+        if options.t5_fsdp and ctx.distributed:  # every rank holds its shard of T5
+            text_encoder = load_t5(paths.wan_dir, ctx)
         renderer = None
         if ctx.is_rank0:
             divisor = 8 if options.preset == "tiny" else 1
@@ -382,18 +419,21 @@ class Runtime:
                 render_divisor=divisor,
                 save_frames=options.save_frames,
                 vae_tiling=options.vae_tiling,
+                offload_model=offload,
             )
-            renderer = Renderer(paths, config)
-        return cls(options, ctx, model, paths, renderer, speed)
+            renderer = Renderer(paths, config, CollectiveTextEncoder() if text_encoder is not None else None)
+        return cls(options, ctx, model, paths, renderer, speed, text_encoder)
 
     def make_engine(self, sink: JobSink | None, source: Callable[[float], Any] | None, *, heartbeat_s: float = 60.0,
                     check_consistency: bool = False, liveness: Liveness | None = None) -> Engine:  # fmt: skip
-        worker = DialogueWorker(self.model, self.ctx, self.renderer, sink, self.speed)
+        worker = DialogueWorker(self.model, self.ctx, self.renderer, sink, self.speed, self.text_encoder)
         engine = Engine(
             worker, self.ctx, source, heartbeat_s=heartbeat_s, check_consistency=check_consistency,
             liveness=liveness,
         )  # fmt: skip
         worker.engine = engine
+        if self.renderer is not None and isinstance(self.renderer.t5, CollectiveTextEncoder):
+            self.renderer.t5.run_step = engine.run_step  # rank 0's prompts go through this engine
         self.engine = engine
         return engine
 
@@ -496,6 +536,25 @@ def _quant_spec(options: RuntimeOptions, mode: str, world: int) -> tuple[QuantSp
     switchable = bool(lora_files) and options.speed.lora_mode == "switchable"
     check_quant_layout(quant, mode, world, switchable_loras=switchable)
     return quant, tuple(lora_files)
+
+
+def _check_memory(options: RuntimeOptions, world: int, device: str | None, offload: bool, mode: str) -> None:
+    """Refuse a layout the memory plan says cannot fit the GPUs found (nothing is checked on a CPU)."""
+    startup_check(
+        preset=options.preset,
+        world_size=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0") or "0"),
+        device=device,
+        resolution=options.plan_resolution,
+        frames=options.plan_frames,
+        dit_fsdp=mode,
+        t5_fsdp=options.t5_fsdp,
+        t5_cpu=options.t5_cpu,
+        offload_model=offload,
+        num_persistent_param_in_dit=options.num_persistent_param_in_dit,
+        vae_tiling=options.vae_tiling,
+        quant=options.quant,
+    )
 
 
 def _num_heads(preset: str) -> int:
