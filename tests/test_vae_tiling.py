@@ -27,11 +27,11 @@ from inference.encoders.tiny import tiny_vae_config, write_tiny_vae
 from inference.encoders.vae import (
     VaeTiling,
     WanVae,
-    _PeakBytes,
     tile_spans,
     vae_decode_bytes,
     vae_encode_bytes,
 )
+from inference.memory.track import LiveTensors
 
 logger = logging.getLogger(__name__)
 
@@ -178,10 +178,10 @@ def test_modes_and_auto(folder, video, monkeypatch) -> None:
 def test_planned_bytes_equal_measured(folder, video, tiling) -> None:
     vae = WanVae.from_wan(folder)
     latent = vae.encode(video, tiling=None)
-    with _PeakBytes() as measured:
+    with LiveTensors() as measured:
         vae.decode(latent, tiling=tiling)
     assert vae_decode_bytes(FRAMES, HEIGHT, WIDTH, tiling, config=tiny_vae_config()) == measured.peak
-    with _PeakBytes() as measured:
+    with LiveTensors() as measured:
         vae.encode(video, tiling=tiling)
     assert vae_encode_bytes(FRAMES, HEIGHT, WIDTH, tiling, config=tiny_vae_config()) == measured.peak
 

@@ -19,15 +19,12 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from inference.encoders.common import (
     VAE_CHECKPOINT,
@@ -45,6 +42,7 @@ from inference.encoders.common import (
     _require,
     load_wan_state_dict,
 )
+from inference.memory.track import LiveTensors
 
 logger = logging.getLogger(__name__)
 
@@ -283,37 +281,6 @@ def _ramp(spans: list[tuple[int, int]], i: int, scale: int, device: torch.device
     return w
 
 
-class _PeakBytes(TorchDispatchMode):
-    """Peak bytes of the storages ops create while active (each counted once until it is collected); storages
-    that existed before (weights, the given input) are not counted, also when an op views them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._sizes: dict[int, int] = {}
-
-    def _free(self, key: int) -> None:
-        self.live -= self._sizes.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        given = {
-            t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
-        }
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage._cdata
-                if key not in self._sizes and key not in given:  # a view or in-place result adds nothing
-                    self._sizes[key] = storage.nbytes()
-                    self.live += storage.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, key)
-        return out
-
-
 def _config_items(config: Mapping[str, Any]) -> tuple:
     keys = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample")
     return tuple((k, tuple(config[k]) if isinstance(config[k], list | tuple) else config[k]) for k in keys)
@@ -339,11 +306,11 @@ def _dry_run(op: str, frames: int, height: int, width: int, tiling: VaeTiling | 
     with torch.no_grad():
         if op == "decode":
             given = torch.empty(VAE_Z_DIM, (frames - 1) // 4 + 1, height // 8, width // 8, device="meta")
-            with _PeakBytes() as peak:
+            with LiveTensors(devices=("meta",)) as peak:
                 vae.decode(given, tiling=tiling)
         else:
             given = torch.empty(3, frames, height, width, device="meta")
-            with _PeakBytes() as peak:
+            with LiveTensors(devices=("meta",)) as peak:
                 vae.encode(given, tiling=tiling)
     return peak.peak
 
