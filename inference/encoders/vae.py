@@ -294,7 +294,8 @@ def _meta_vae(items: tuple, dtype: torch.dtype) -> WanVae:
     with torch.device("meta"):
         model = AutoencoderKLWan(**kwargs, attn_scales=[], latents_mean=list(VAE_LATENT_MEAN),
                                  latents_std=list(VAE_LATENT_STD))  # fmt: skip
-    return WanVae(model.to(dtype).eval())
+    # AutoencoderKLWan is built in float32; diffusers warns about any .to(dtype), so cast only when needed.
+    return WanVae((model if dtype == torch.float32 else model.to(dtype)).eval())
 
 
 @functools.lru_cache(maxsize=256)
