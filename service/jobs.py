@@ -46,6 +46,7 @@ from typing import Any
 
 from common.files import atomic_write_bytes
 from inference.render.spec import JobSpec
+from service.group_claims import GROUP_COLUMNS, GroupClaims, group_fields
 from service.job_model import (
     _TRANSITIONS,
     ACTIVE_STATES,
@@ -135,7 +136,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 _SCHEMA_VERSION = 1
 
 
-class JobStore:
+class JobStore(GroupClaims):
     """SQLite-backed job store; safe to share between threads and to open from several processes.
 
     Args:
@@ -186,7 +187,24 @@ class JobStore:
         self._conns_lock = threading.Lock()
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
-        self._init_schema()
+        self._refuse_lost_store()
+        try:
+            self._init_schema()
+        except sqlite3.Error as exc:  # corrupt file, full disk, read-only folder: one line, no traceback
+            self.close()
+            raise JobStoreError(_store_problem(self.db_path, exc)) from None
+
+    def _refuse_lost_store(self) -> None:
+        """A missing store beside job folders is not an empty service: starting would forget those jobs
+        and the retention clean-up would delete their folders as orphans."""
+        if self.db_path.exists():
+            return
+        folders = [p for p in self.outputs_dir.iterdir() if JOB_ID_RE.fullmatch(p.name) and p.is_dir()]
+        if folders:
+            raise JobStoreError(
+                f"{self.db_path} is missing but {self.outputs_dir} holds {len(folders)} job folder(s): restore "
+                "the job database from a backup, or move those folders away to start with an empty store"
+            )
 
     # ------------------------------------------------------------------ connection handling
 
@@ -242,6 +260,9 @@ class JobStore:
             columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
             if "owner" not in columns:  # stores made before job ownership
                 conn.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+            for name, kind in GROUP_COLUMNS:  # stores made before replica groups
+                if name not in columns:
+                    conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
@@ -577,6 +598,27 @@ class JobStore:
         that used all ``max_attempts`` is failed with a reason; one whose cancel was requested is
         cancelled. Returns the changed jobs.
         """
+        try:
+            return self._recover_interrupted()
+        except sqlite3.Error as exc:
+            raise JobStoreError(_store_problem(self.db_path, exc)) from None
+
+    def requeue_after_shutdown(self, job_id: str) -> None:
+        """A clean shutdown stopped this active job: back to the queue at its place, and the attempt it
+        was on is not counted (only crashes use up ``max_attempts``). It resumes after its last clip."""
+        now = self._clock()
+        with self._write() as conn:
+            row = self._locked_row(conn, job_id)
+            if JobState(row["state"]) not in ACTIVE_STATES:
+                return
+            conn.execute(
+                "UPDATE jobs SET state = 'queued', progress = 0, stage = ?, worker = NULL, started_at = NULL, "
+                "attempts = MAX(attempts - 1, 0), updated_at = ? WHERE id = ?",
+                (f"re-queued: the service shut down during {row['state']}", now, job_id),
+            )
+        logger.info("job %s re-queued by the shutdown (attempt not counted)", job_id)
+
+    def _recover_interrupted(self) -> list[Job]:
         now = self._clock()
         changed: list[str] = []
         with self._write() as conn:
@@ -687,6 +729,16 @@ class JobStore:
 _MAX_SQL_INT = 2**63 - 1
 
 
+def _store_problem(db_path: Path, exc: sqlite3.Error) -> str:
+    """One line for a store that cannot be opened or written at start-up."""
+    text = str(exc)
+    if "full" in text:
+        return f"{db_path}: the disk is full ({text}); free some space and start again"
+    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+        return f"{db_path} is not a readable job database ({text}); restore it from a backup or move it away"
+    return f"{db_path}: cannot open the job database ({text})"
+
+
 def _job_filter(state: str | None, visible_to: str | None) -> tuple[str, tuple[Any, ...]]:
     """`` WHERE ...`` and its parameters for a state and a credential (either may be None)."""
     clauses, params = [], []
@@ -721,4 +773,5 @@ def _row_to_job(row: sqlite3.Row, queue_position: int | None) -> Job:
         purged_at=row["purged_at"],
         queue_position=queue_position,
         owner=row["owner"],
+        **group_fields(row),
     )

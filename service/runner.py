@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ import soundfile as sf
 
 from common.errors import InputError
 from inference.checkpoint.weights import WeightPaths
+from inference.parallel.groups import ReplicaGroup
 from inference.render.settings import GenerationSettings
 from inference.render.spec import JobSpec
 from inference.render.worker import RenderJob
@@ -66,9 +68,13 @@ class EngineMonitor:
             if job_id is not None:
                 self._job, self._stage = job_id, stage
 
-    def idle(self) -> None:
+    def idle(self, job_id: str | None = None) -> None:
+        """Nothing running; with ``job_id``, only if that job is the one shown (a job the finisher ended in
+        the background leaves the next one, already running, in place)."""
         with self._lock:
             self._beat = self._clock()
+            if job_id is not None and self._job not in (None, job_id):
+                return
             self._pass_since = None
             self._job = self._stage = None
 
@@ -136,54 +142,137 @@ class EngineMonitor:
             return EngineStatus(self._alive, self._beat, workers, self._message, self._heartbeat_limit())
 
 
+STORE_ERRORS = (sqlite3.Error, OSError)  # a full disk, a locked or vanished database
+RETRY_S = 2.0  # the sink's writer retries a write the store refused this often
+
+
 class StoreSink:
-    """Where ``DialogueWorker`` reports (see ``inference.runtime.JobSink``)."""
+    """Where ``DialogueWorker`` reports (see ``inference.runtime.JobSink``).
+
+    The engine calls ``progress`` and ``cancel_requested`` inside the collective region, where an
+    exception would crash every rank. So progress never touches the store on the engine's thread: the
+    latest value per job goes to a writer thread, best-effort. A cancel check the store cannot answer
+    answers "no". The end of a job (``done``/``failed``) and ``timing`` are written at once; when the
+    store refuses (a full disk), the write is kept and retried by the writer thread until it lands, so
+    a job never stays "rendering" for good and the engine never dies of it.
+    """
 
     def __init__(self, store: JobStore, monitor: EngineMonitor) -> None:
         self.store = store
         self.monitor = monitor
+        self._lock = threading.Condition()
+        self._progress: dict[str, tuple[float, str]] = {}
+        self._unsettled: list[tuple[str, Callable[[], None]]] = []
+        self._writer = threading.Thread(target=self._write_loop, name="store-writer", daemon=True)
+        self._writer.start()
 
     def progress(self, job_id: str, percent: float, stage: str) -> None:
         self.monitor.beat(job_id, stage)
-        self.store.update_progress(job_id, min(max(percent, 0.0), 100.0), stage)
+        with self._lock:
+            self._progress[job_id] = (min(max(percent, 0.0), 100.0), stage)
+            self._lock.notify()
 
     def timing(self, job_id: str, name: str, seconds: float) -> None:
         # The worker reports each name once, with its total.
-        self.store.add_timing(job_id, name, seconds)
+        self._settle(f"timing {name} of job {job_id}", lambda: self.store.add_timing(job_id, name, seconds))
 
     def state(self, job_id: str, state: str) -> None:
-        if self.store.get(job_id).state != state:
-            self.store.set_state(job_id, state)
+        def write() -> None:
+            if self.store.get(job_id).state != state:
+                self.store.set_state(job_id, state)
+
+        self._settle(f"state {state} of job {job_id}", write)
 
     def cancel_requested(self, job_id: str) -> bool:
-        return self.store.is_cancel_requested(job_id)
+        try:
+            return self.store.is_cancel_requested(job_id)
+        except STORE_ERRORS as exc:
+            logger.warning("job %s: cannot read a cancel request (%s); carrying on", job_id, exc)
+            return False
 
     def done(self, job_id: str, outputs: list[str]) -> None:
-        self.store.set_outputs(job_id, outputs)
-        self.store.update_progress(job_id, 100.0, "done")
-        self.store.set_state(job_id, JobState.DONE)
-        self.monitor.idle()
-        learn_from(self.store, self.monitor, self.store.get(job_id))
-        logger.info("job %s done: %s", job_id, ", ".join(outputs))
+        self.monitor.idle(job_id)
+
+        def write() -> None:
+            with self._lock:
+                self._progress.pop(job_id, None)
+            self.store.set_outputs(job_id, outputs)
+            self.store.update_progress(job_id, 100.0, "done")
+            self.store.set_state(job_id, JobState.DONE)
+            learn_from(self.store, self.monitor, self.store.get(job_id))
+            logger.info("job %s done: %s", job_id, ", ".join(outputs))
+
+        self._settle(f"the end (done) of job {job_id}", write)
 
     def failed(self, job_id: str, reason: str, *, cancelled: bool = False, interrupted: bool = False) -> None:
-        self.monitor.idle()
-        job = self.store.get(job_id)
-        if job.is_terminal:
-            return
-        if interrupted and not cancelled:
-            # A shutdown (SIGTERM, systemd restart) is not the job's fault: leave it active so that
-            # recover_interrupted() re-queues it at the next start, where it resumes after its last clip.
-            logger.warning(
-                "job %s interrupted by the shutdown (%s); it runs again after the restart", job_id, reason
-            )
-            return
-        if cancelled or job.cancel_requested:
-            self.store.set_state(job_id, JobState.CANCELLED, error=reason)
-            logger.info("job %s cancelled: %s", job_id, reason)
-        else:
-            self.store.set_state(job_id, JobState.FAILED, error=reason)
-            logger.warning("job %s failed: %s", job_id, reason)
+        self.monitor.idle(job_id)
+
+        def write() -> None:
+            with self._lock:
+                self._progress.pop(job_id, None)
+            job = self.store.get(job_id)
+            if job.is_terminal:
+                return
+            if interrupted and not cancelled:
+                # A shutdown (SIGTERM, systemd restart) is not the job's fault: back to the queue, the
+                # attempt not counted; it resumes after its last finished clip at the next start.
+                self.store.requeue_after_shutdown(job_id)
+                logger.warning("job %s interrupted by the shutdown (%s); it runs again after the restart",
+                               job_id, reason)  # fmt: skip
+            elif cancelled or job.cancel_requested:
+                self.store.set_state(job_id, JobState.CANCELLED, error=reason)
+                logger.info("job %s cancelled: %s", job_id, reason)
+            else:
+                self.store.set_state(job_id, JobState.FAILED, error=reason)
+                logger.warning("job %s failed: %s", job_id, reason)
+
+        self._settle(f"the end of job {job_id}", write)
+
+    @property
+    def unsettled(self) -> int:
+        """Writes the store refused so far and the writer still retries."""
+        with self._lock:
+            return len(self._unsettled)
+
+    def _settle(self, what: str, write: Callable[[], None]) -> None:
+        """Write now; if the store refuses, keep it for the writer thread (in order) and carry on."""
+        with self._lock:
+            if self._unsettled:  # keep the order of a job's writes
+                self._unsettled.append((what, write))
+                return
+        try:
+            write()
+        except STORE_ERRORS as exc:
+            logger.error("could not record %s (%s); retrying every %.0f s", what, exc, RETRY_S)
+            with self._lock:
+                self._unsettled.append((what, write))
+                self._lock.notify()
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._progress and not self._unsettled:
+                    self._lock.wait()
+                progress, self._progress = self._progress, {}
+                pending = list(self._unsettled)
+            for job_id, (percent, stage) in progress.items():
+                try:
+                    self.store.update_progress(job_id, percent, stage)
+                except (*STORE_ERRORS, ValueError) as exc:  # best-effort: the next value replaces it
+                    logger.debug("job %s: progress not recorded (%s)", job_id, exc)
+            for what, write in pending:
+                try:
+                    write()
+                except STORE_ERRORS:
+                    break
+                except Exception:  # a write that can never succeed (job gone): drop it, say so
+                    logger.exception("giving up recording %s", what)
+                with self._lock:
+                    self._unsettled.remove((what, write))
+                    logger.info("recorded %s", what)
+            with self._lock:
+                if self._unsettled:
+                    self._lock.wait(RETRY_S)
 
 
 class StoreJobSource:
@@ -191,27 +280,55 @@ class StoreJobSource:
     A job renders with exactly the settings stored with it (start-up defaults were applied at submission).
     """
 
-    def __init__(self, store: JobStore, monitor: EngineMonitor, *, poll_s: float = 0.2) -> None:
+    def __init__(self, store: JobStore, monitor: EngineMonitor, *, poll_s: float = 0.2,
+                 group: ReplicaGroup | None = None, handoff: Callable[[RenderJob], RenderJob | None] | None = None,
+                 ) -> None:  # fmt: skip
+        """``group``: the replica group that claims (the job records it, its ranks and devices); ``handoff``
+        (``--prepare_on producer``): claim only jobs the producer prepared, and attach their prepared
+        conditioning (``inference.render.producer.HandoffLoader``)."""
         self.store = store
         self.monitor = monitor
         self.poll_s = poll_s
+        self.group = group
+        self.handoff = handoff
         self._last_cleanup = time.monotonic()
+        self._paused = False
 
     def __call__(self, timeout_s: float) -> RenderJob | None:
         deadline = time.monotonic() + timeout_s
         while True:
             self.monitor.beat()
             self._maybe_cleanup()
-            job = self.store.claim_next(worker="rank0")
+            try:
+                job = self._claim()
+                render_job = None if job is None else self._to_render_job(job)
+            except STORE_ERRORS as exc:
+                # A store that refuses writes (full disk) pauses the queue; the engine keeps beating
+                # and /api/health reports the store. Nothing is claimed until it accepts writes again.
+                if not self._paused:
+                    logger.error(
+                        "job store refuses writes (%s): the queue is paused until it accepts them", exc
+                    )
+                self._paused = True
+                time.sleep(min(self.poll_s * 5, max(0.0, deadline - time.monotonic())))
+                return None
+            if self._paused:
+                logger.info("job store accepts writes again: the queue runs")
+                self._paused = False
+            if render_job is not None:
+                return render_job
             if job is not None:
-                render_job = self._to_render_job(job)
-                if render_job is not None:
-                    return render_job
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
             time.sleep(min(self.poll_s, left))
+
+    def _claim(self) -> Job | None:
+        if self.group is None:
+            return self.store.claim_next(worker="rank0")
+        g = self.group
+        return self.store.claim_for_group(g.index, g.ranks, g.devices, prepared=self.handoff is not None)
 
     def _to_render_job(self, job: Job) -> RenderJob | None:
         """The stored job as the renderer takes it: its JobSpec and settings read back strictly, its
@@ -226,7 +343,8 @@ class StoreJobSource:
             logger.warning("job %s refused: %s", job.id, exc)
             return None
         self.monitor.beat(job.id, "preparing")
-        return RenderJob(job.id, spec, settings, inputs, self.store.job_dir(job.id))
+        render_job = RenderJob(job.id, spec, settings, inputs, self.store.job_dir(job.id))
+        return render_job if self.handoff is None else self.handoff(render_job)
 
     def _maybe_cleanup(self) -> None:
         if time.monotonic() - self._last_cleanup < CLEANUP_EVERY_S:
@@ -236,7 +354,7 @@ class StoreJobSource:
             removed = self.store.cleanup()
             if removed:
                 logger.info("retention: removed outputs of %d old job(s)", len(removed))
-        except OSError:
+        except STORE_ERRORS:
             logger.warning("retention clean-up failed", exc_info=True)
 
 

@@ -1,6 +1,8 @@
 """Fault drills: a stopped rank is detected within a bounded time (idle and mid-job) and its peer
 exits so the group restarts; the watchdog itself fires once per missed deadline and never early; a
-damaged spilled clip is found by its checksum and rendered again, never muxed."""
+damaged spilled clip is found by its checksum and rendered again, never muxed; a full disk never kills
+the engine nor wedges a job; start-up store problems say so in one line; clean shutdowns do not use up
+a job's attempts (SIGTERM twice mid-render, then done)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import logging
 import os
 import queue
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,6 +26,8 @@ from inference.parallel.context import ParallelContext
 from inference.parallel.engine import Engine, JobContext, Message, Op, TensorSpec
 from inference.parallel.watchdog import EXIT_HUNG, Watchdog
 from inference.render.pipeline import FRAMES_FILE, FRAMES_SPILL_DIR
+from service.jobs import JobState, JobStore, JobStoreError
+from service.runner import EngineMonitor, StoreJobSource, StoreSink
 from tests import test_resume
 from tests.dist_harness import post, start_spmd
 from tests.test_resume import _interrupt, _job, _StopInClip
@@ -220,3 +225,132 @@ def test_spill_checksums_find_the_first_damaged_clip(tmp_path) -> None:
     files[1].write_bytes(bytes(data))
     index, why = _first_damaged(tmp_path, files)
     assert index == 1 and "checksum" in why
+
+
+# ---------------------------------------------------------------------------------------------- the store
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 1 MiB tmpfs (skipped where this machine does not allow mounting one)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()[:120]}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for size in (65536, 4096, 512, 1):
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_disk_full_never_kills_the_engine_and_the_end_of_a_job_lands(small_disk: Path) -> None:
+    store = JobStore(small_disk / "jobs.db", small_disk / "out", min_free_bytes=0)
+    first = store.submit({"kind": "test"}, {}, {})
+    second = store.submit({"kind": "test"}, {}, {})
+    store.claim_next(worker="t")
+    store.set_state(first.id, JobState.RENDERING)
+    monitor = EngineMonitor(1, "cpu")
+    sink, source = StoreSink(store, monitor), StoreJobSource(store, monitor, poll_s=0.01)
+    filler = _fill(small_disk)
+    for _ in range(50):  # what the engine thread does inside the collective region: never raises
+        sink.progress(first.id, 50.0, "clip 1 of 1, step 3 of 8")
+        assert sink.cancel_requested(first.id) is False
+    sink.failed(first.id, "OSError: [Errno 28] No space left on device")  # never raises
+    claimed = source(0.05)  # a store that refuses writes pauses the queue instead of raising
+    assert claimed is None or claimed.job_id == second.id
+    filler.unlink()
+    deadline = time.monotonic() + 10
+    while sink.unsettled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job = store.get(first.id)
+    assert job.state == JobState.FAILED and "No space left" in job.error  # landed once space came back
+    if claimed is None:
+        source(0.5)  # the queue runs again: the next job is claimed (and, being a stub, refused)
+        assert store.get(second.id).state != JobState.QUEUED
+    store.close()
+
+
+def test_startup_store_problems_say_so_in_one_line(small_disk: Path, tmp_path: Path) -> None:
+    # Missing database beside job folders: refused, not silently empty (the clean-up would delete them).
+    out = tmp_path / "out"
+    store = JobStore(out / "jobs.db", out, min_free_bytes=0)
+    store.submit({"kind": "test"}, {}, {})
+    store.close()
+    (out / "jobs.db").unlink()
+    for extra in ("-wal", "-shm"):
+        (out / f"jobs.db{extra}").unlink(missing_ok=True)
+    with pytest.raises(JobStoreError, match=r"missing but .* holds 1 job folder") as info:
+        JobStore(out / "jobs.db", out)
+    assert "\n" not in str(info.value)
+    # Corrupt database.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "jobs.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(JobStoreError, match="not a readable job database"):
+        JobStore(bad / "jobs.db", bad)
+    # Full disk before the first start.
+    _fill(small_disk)
+    with pytest.raises(JobStoreError, match="disk is full|cannot open") as info:
+        JobStore(small_disk / "jobs.db", small_disk / "out")
+    assert "\n" not in str(info.value)
+
+
+def test_clean_shutdowns_do_not_use_up_attempts_but_crashes_do(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.db", tmp_path / "out", min_free_bytes=0, max_attempts=2)
+    sink = StoreSink(store, EngineMonitor(1, "cpu"))
+    job = store.submit({"kind": "test"}, {}, {})
+    for _ in range(3):  # SIGTERM three times mid-render: re-queued each time, never failed
+        store.claim_next(worker="t")
+        store.set_state(job.id, JobState.RENDERING)
+        sink.failed(job.id, "cancelled at step 3 (shutdown)", interrupted=True)
+        assert store.get(job.id).state == JobState.QUEUED and store.get(job.id).attempts == 0
+    store.claim_next(worker="t")
+    store.set_state(job.id, JobState.RENDERING)
+    store.set_state(job.id, JobState.ENCODING)
+    sink.done(job.id, [])
+    assert store.get(job.id).state == JobState.DONE and store.get(job.id).attempts == 1
+    # Negative control: crashes (the row left active) use up the attempts.
+    crash = store.submit({"kind": "test"}, {}, {})
+    for _ in range(2):
+        store.claim_next(worker="t")
+        store.recover_interrupted()
+    assert store.get(crash.id).state == JobState.FAILED and "interrupted twice" in store.get(crash.id).error
+    store.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_twice_mid_render_then_done_with_one_attempt(tiny_weights, portrait_pngs, tmp_path) -> None:
+    from tests.test_service_e2e import running_service, submit, wait_status
+
+    outputs, log = tmp_path / "outputs", tmp_path / "service.log"
+    task_id = None
+    for round_ in range(2):
+        with running_service(tiny_weights, outputs, log) as svc:
+            if task_id is None:
+                task_id = submit(svc, portrait_pngs, settings='{"steps": 20}')
+            body = wait_status(svc, task_id, {"rendering", "encoding", "done"}, poll_s=0.05)
+            assert body["status"] == "rendering", f"round {round_}: left rendering too soon: {body}"
+            svc.proc.send_signal(signal.SIGTERM)
+            assert svc.proc.wait(timeout=120) == 0, svc.log_tail()  # a clean exit
+    with running_service(tiny_weights, outputs, log) as svc:
+        body = wait_status(svc, task_id, {"done"})
+        assert body["attempts"] == 1, body  # the two shutdowns were not counted

@@ -69,13 +69,13 @@ def _rendering_job(store: JobStore) -> str:
     return job.id
 
 
-def test_a_shutdown_leaves_the_job_for_recovery_instead_of_ending_it(store: JobStore) -> None:
+def test_a_shutdown_requeues_the_job_without_counting_the_attempt(store: JobStore) -> None:
     sink = StoreSink(store, EngineMonitor(1, "cpu"))
     job_id = _rendering_job(store)
     sink.failed(job_id, "cancelled at step 3 (shutdown)", interrupted=True)
-    assert store.get(job_id).state == JobState.RENDERING  # not cancelled, not failed
-    assert [j.id for j in store.recover_interrupted()] == [job_id]  # the next start re-queues it
-    assert store.get(job_id).state == JobState.QUEUED
+    job = store.get(job_id)
+    assert job.state == JobState.QUEUED and job.attempts == 0  # not cancelled, not failed, not counted
+    assert store.recover_interrupted() == []  # nothing left for the next start to recover
 
 
 def test_a_user_cancel_during_a_shutdown_still_cancels(store: JobStore) -> None:
