@@ -198,11 +198,13 @@ def test_ui_flow(ui_service: tuple[str, JobStore, Path]) -> None:
     bad = tmp / "voice.png"  # a WAV file under an image name
     t = np.arange(16000) / 16000
     soundfile.write(bad, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000, format="WAV")
+    text = tmp / "notes.txt"
+    text.write_text("not a picture\n")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     before = store.count()
     result, took = _node(
         "ui_flow.mjs", "--url", url, "--left", str(left), "--right", str(right), "--bad", str(bad),
-        "--artifacts", str(ARTIFACTS), "--timeout", "150", timeout=240,
+        "--text", str(text), "--artifacts", str(ARTIFACTS), "--timeout", "150", timeout=240,
     )  # fmt: skip
     print(f"browser flow: {took:.1f} s wall, screenshots in {ARTIFACTS}")
     # Layout: Generate and the result area without scrolling on a desktop; one column on a phone with
@@ -217,7 +219,10 @@ def test_ui_flow(ui_service: tuple[str, JobStore, Path]) -> None:
         "not a picture but WAV audio" in result["bad_message"]
         and "PNG, JPEG or WebP" in result["bad_message"]
     )
+    assert result["type_message"].startswith("⚠️ Portrait of person 1 (left): 'notes.txt' is not a picture")
     assert result["framework_errors"] == [] and result["cleared_message"] == ""
+    assert result["required_message"].startswith("⚠️ Portrait of person 1 (left): required")
+    assert result["cleared_required"] == ""
     assert "kept the ones you set" in result["preset_note"] and "seed (1234)" in result["preset_note"]
     # A double click made one job, and it is the one the page shows ("New seed" made a second one, which
     # its Delete removed again).

@@ -720,6 +720,25 @@ def test_a_non_image_upload_gets_our_sentence(
     assert job_id is None and msg.startswith("⚠️ **Portrait of person 1 (left)**") and store.count() == 0
 
 
+def test_a_file_the_browser_holds_back_gets_our_sentence() -> None:
+    from service.ui.uploads import refused_upload
+
+    field, msg = refused_upload({"id": "right-portrait", "name": "notes.txt", "type": "text/plain"})
+    assert field == "right_image" and msg.startswith(
+        "⚠️ **Portrait of person 2 (right)**: 'notes.txt' is not a picture"
+    )
+    assert "text/plain" in msg and "PNG, JPEG or WebP" in msg
+    field, msg = refused_upload({"id": "audio2", "name": "face.png", "type": "image/png"})
+    assert (
+        field == "audio2"
+        and msg.startswith("⚠️ **Recording of person 2 (right)**")
+        and "WAV, FLAC, MP3 or M4A" in msg
+    )
+    field, msg = refused_upload({"id": "single-image", "name": "x", "type": ""})
+    assert field == "single_image" and "unknown type" in msg
+    assert refused_upload({"id": "somewhere-else"}) == (None, "") and refused_upload(None) == (None, "")
+
+
 # ---------------------------------------------------------------------------------------------- presets
 
 

@@ -23,6 +23,7 @@ from service.ui.form import (
 from service.ui.handlers import UiHandlers
 from service.ui.layout import Page
 from service.ui.style import DISABLE_GENERATE_JS, JOB_URL_JS, SHOW_STATUS_JS
+from service.ui.uploads import refused_upload
 
 POLL_INTERVAL_S = 1.0  # the job on screen, while it runs
 PANELS_INTERVAL_S = 2.0  # queue, gallery and history (sent only when something changed)
@@ -102,6 +103,15 @@ def wire(p: Page, h: UiHandlers, default_preset: str, adv: dict[str, Any], demo:
 
         comp.upload(check, comp, [comp, msg], show_progress="hidden")
         comp.clear(lambda: "", None, msg, **QUIET)
+
+    refused_targets = {"left_image": p.left_msg, "right_image": p.right_msg, "scene_image": p.scene_msg,
+                       "single_image": p.single_msg, "audio1": p.audio1_msg, "audio2": p.audio2_msg}  # fmt: skip
+
+    def on_refused(evt: gr.EventData) -> list[Any]:
+        field, message = refused_upload(getattr(evt, "_data", None))
+        return [message if f == field else gr.skip() for f in refused_targets]
+
+    p.footer.upload(on_refused, None, list(refused_targets.values()), **QUIET)
 
     scene_inputs = [
         p.source,

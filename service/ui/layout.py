@@ -32,7 +32,7 @@ from service.ui.form import (
 )
 from service.ui.formatting import fmt_duration
 from service.ui.handlers import UiHandlers
-from service.ui.style import ACTIONS_JS, FOOTER_HTML
+from service.ui.style import ACTIONS_JS, FOOTER_HTML, UPLOAD_GUARD_JS
 from service.ui.uploads import checked_image
 from tts.voices import DEFAULT_VOICES
 
@@ -312,7 +312,8 @@ def build_page(h: UiHandlers, default_preset: str, adv: dict[str, Any]) -> Page:
         with gr.Column(scale=5, min_width=340, elem_id="dv-output"):
             _output(c)
     _jobs(c)
-    gr.HTML(FOOTER_HTML, js_on_load=None)
+    # The footer also carries the upload guard: its "upload" event says which file the browser held back.
+    c["footer"] = gr.HTML(FOOTER_HTML, js_on_load=UPLOAD_GUARD_JS)
     names = {"left_image": "left", "right_image": "right", "scene_image": "scene", "single_image": "single"}
     form = {k: c[names.get(k, k)] for k in FORM_FIELDS}
     return Page(form=form, c=c)

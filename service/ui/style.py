@@ -115,3 +115,31 @@ FOOTER_HTML = (
     'OpenAPI schema and a try-it page at <a href="/docs" target="_blank" rel="noopener">/docs</a>) · '
     '<a href="/api/health" target="_blank" rel="noopener">service health</a></div>'
 )
+
+# Uploads of a type the browser component would refuse with its own toast ("Invalid file type ... Only
+# image/* allowed") are stopped before it sees them, in the capture phase of the file input's change and of
+# a drop; the page's own check is asked instead (an "upload" event of the footer with {id, name, type} -> one
+# sentence under the field naming it and what is allowed). Runs once, when the footer mounts.
+UPLOAD_GUARD_JS = """
+const kinds = { "left-portrait": "image", "right-portrait": "image", "scene-image": "image",
+                "single-image": "image", "audio1": "audio", "audio2": "audio" };
+const accepted = (kind, file) => (file.type || "").startsWith(kind + "/");
+const report = (id, file) => trigger("upload", { id, name: file.name, type: file.type || "" });
+const guard = (event, files, target) => {
+  const root = target && target.closest && target.closest(Object.keys(kinds).map((k) => "#" + k).join(","));
+  if (!root || !files || !files.length) return;
+  const bad = [...files].find((f) => !accepted(kinds[root.id], f));
+  if (!bad) return;
+  event.stopImmediatePropagation();
+  event.preventDefault();
+  if (target.tagName === "INPUT") target.value = "";
+  report(root.id, bad);
+};
+if (!window.__dvUploadGuard) {
+  window.__dvUploadGuard = true;
+  document.addEventListener("change", (e) => {
+    if (e.target && e.target.type === "file") guard(e, e.target.files, e.target);
+  }, true);
+  document.addEventListener("drop", (e) => guard(e, e.dataTransfer && e.dataTransfer.files, e.target), true);
+}
+"""

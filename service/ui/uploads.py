@@ -17,6 +17,7 @@ from typing import Any
 import gradio as gr
 
 from inference.scene.compose import load_image
+from service.ui.form import AUDIO_FORMATS_TEXT, IMAGE_FORMATS_TEXT
 from service.ui.formatting import error_md
 from service.validation import Limits, RequestError, audio_extension
 from tts.user_audio import SAMPLE_RATE, load_audio
@@ -24,7 +25,7 @@ from tts.user_audio import SAMPLE_RATE, load_audio
 logger = logging.getLogger(__name__)
 
 _AUDIO_CACHE_SIZE = 32
-IMAGE_RULES = "Upload a PNG, JPEG or WebP photo with a short side of at least 256 px"
+IMAGE_RULES = f"Upload a {IMAGE_FORMATS_TEXT} photo with a short side of at least 256 px"
 
 
 def checked_image(**kwargs: Any) -> gr.Image:
@@ -142,3 +143,31 @@ class AudioLengths:
             self._cache.pop(next(iter(self._cache)))
         self._cache[key] = seconds
         return seconds
+
+
+# The page's upload boxes by element id: the form field each one fills and what it takes.
+UPLOAD_BOXES = {
+    "left-portrait": ("left_image", "image"),
+    "right-portrait": ("right_image", "image"),
+    "scene-image": ("scene_image", "image"),
+    "single-image": ("single_image", "image"),
+    "audio1": ("audio1", "audio"),
+    "audio2": ("audio2", "audio"),
+}
+
+
+def refused_upload(data: Any) -> tuple[str | None, str]:
+    """The browser held back a file of the wrong type (``{"id", "name", "type"}`` from the page's upload
+    guard): (the field it was meant for, our sentence naming the field and what is allowed)."""
+    try:
+        field, kind = UPLOAD_BOXES[str(data["id"])]
+    except (KeyError, TypeError):
+        return None, ""
+    name = str(data.get("name") or "the file")[:120]
+    mime = str(data.get("type") or "")[:80]
+    what = f"a file of type {mime}" if mime else "a file of unknown type"
+    if kind == "image":
+        message = f"'{name}' is not a picture but {what}. {IMAGE_RULES}."
+    else:
+        message = f"'{name}' is not a recording but {what}. Upload {AUDIO_FORMATS_TEXT} audio."
+    return field, error_md(RequestError(field, message))

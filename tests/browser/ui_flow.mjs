@@ -1,8 +1,9 @@
 // The whole page in a real headless Chromium, against one running service:
-//   node tests/browser/ui_flow.mjs --url URL --left PNG --right PNG --bad PNG --artifacts DIR [--timeout SECONDS]
+//   node tests/browser/ui_flow.mjs --url URL --left PNG --right PNG --bad PNG --text TXT --artifacts DIR
+//        [--timeout SECONDS]
 // 1. desktop 1440x900: Generate and the result area are on screen without scrolling (screenshot);
-// 2. a WAV renamed .png as portrait 1 gets our sentence naming the field (no framework error), which goes
-//    away when a real portrait is uploaded;
+// 2. a WAV renamed .png and a .txt as portrait 1 get our sentence naming the field (no framework error),
+//    Generate without pictures names the missing one; both sentences go when a real portrait is uploaded;
 // 3. fill every field, double-click Generate (one job), wait for the video and the named downloads;
 // 4. an example fills the whole form with other values; "Load settings" on the job's history row brings
 //    every field back (the values are printed for the test to compare);
@@ -59,7 +60,7 @@ function readForm() {
 }
 
 run(async () => {
-  const args = parseArgs(process.argv.slice(2), ["url", "left", "right", "bad", "artifacts"]);
+  const args = parseArgs(process.argv.slice(2), ["url", "left", "right", "bad", "text", "artifacts"]);
   const timeout = 1000 * Number(args.timeout || 120);
   const step = Math.min(timeout, 30_000);
   const t0 = Date.now();
@@ -93,8 +94,16 @@ run(async () => {
     await page.locator("#left-portrait input[type=file]").setInputFiles(args.bad);
     await page.locator("#left-message").getByText("Portrait of person 1 (left)").waitFor({ timeout: step });
     const badMessage = (await page.locator("#left-message").innerText()).trim();
+    // A file of a type the upload box would refuse on its own (a .txt): our sentence too, no toast.
+    await page.locator("#left-portrait input[type=file]").setInputFiles(args.text);
+    await page.locator("#left-message").getByText("text/plain").waitFor({ timeout: step });
+    const typeMessage = (await page.locator("#left-message").innerText()).trim();
     const frameworkErrors = await page.locator(".toast-body").allInnerTexts();
     await shot("bad-upload.png");
+    // Generate without pictures names the missing one; the sentence goes once the form changes.
+    await page.locator("#generate-btn").click();
+    await page.locator("#submit-message").getByText("required").waitFor({ timeout: step });
+    const requiredMessage = (await page.locator("#submit-message").innerText()).trim();
     mark("bad_upload");
 
     // -- fill every field
@@ -102,6 +111,7 @@ run(async () => {
     await page.locator("#right-portrait input[type=file]").setInputFiles(args.right);
     await page.locator("#overlay-preview img").waitFor({ timeout: step });
     const clearedMessage = (await page.locator("#left-message").innerText()).trim();
+    const clearedRequired = (await page.locator("#submit-message").innerText()).trim();
     await page.locator("#layout").getByText("Shared backdrop").click();
     await pick("backdrop", "Plain colour");
     await pick("aspect", FORM.aspect);
@@ -211,7 +221,8 @@ run(async () => {
     await phone.screenshot({ path: join(args.artifacts, "phone-390-full.png"), fullPage: true });
     mark("phone");
     console.log(JSON.stringify({
-      ok: true, job_id: jobId, desktop, bad_message: badMessage, framework_errors: frameworkErrors,
+      ok: true, job_id: jobId, desktop, bad_message: badMessage, type_message: typeMessage,
+      framework_errors: frameworkErrors, required_message: requiredMessage, cleared_required: clearedRequired,
       cleared_message: clearedMessage, preset_note: presetNote, sent, example, loaded, form_message: formMessage,
       downloads, status: statusText, submit_message: submitMessage, gallery_link: galleryLink, phone: phoneInfo,
       seed_job: seedJob, after_delete: afterDelete,
