@@ -36,7 +36,10 @@ def check_streaming(num_persistent: int | None, dit_fsdp: str, world_size: int) 
     if num_persistent is None:
         return
     if num_persistent < 0:
-        raise ParallelConfigError("num_persistent_param_in_dit", f"must be 0 or more, got {num_persistent}")
+        raise ParallelConfigError(
+            "num_persistent_param_in_dit",
+            f"a count of parameters, 0 (least GPU memory) or more; got {num_persistent}",
+        )
     if dit_fsdp != "off" and world_size > 1:
         from inference.memory.plan import streaming_fsdp_reason
 
@@ -324,5 +327,8 @@ def stream_blocks(model: nn.Module, device: torch.device | str, num_persistent: 
             "num_persistent_param_in_dit", f"{type(model).__name__} has no blocks to stream"
         )
     if num_persistent < 0:
-        raise ParallelConfigError("num_persistent_param_in_dit", f"must be 0 or more, got {num_persistent}")
+        raise ParallelConfigError(
+            "num_persistent_param_in_dit",
+            f"a count of parameters, 0 (least GPU memory) or more; got {num_persistent}",
+        )
     return BlockStreamer(model, device, num_persistent)
