@@ -8,6 +8,7 @@ stages, writes a real mp4, subtitles and side files) serve every check of this m
 
 - ``test_page_loads``: title, main controls, the live parse preview, speaker names in the voice labels, a
   script example, the footer's "Use via API" link to /docs.
+- ``test_queue_panel`` (slow): jobs waiting (engine held) in order with positions, a row's Cancel.
 - ``test_ui_flow`` (slow): layout at 1440x900 (Generate and the result without scrolling) and on a 390-px
   phone, a renamed WAV as portrait, every field filled, a double click (one job), the named downloads,
   "load settings" from the history row bringing every field back, the gallery. Screenshots go to
@@ -133,11 +134,12 @@ def _ui_in_process(store: JobStore) -> Iterator[str]:
         demo.close()
 
 
-def _store_engine(store: JobStore, stop: threading.Event) -> None:
-    """Test double of the engine: claims jobs, reports the renderer's stages and writes a real (grey,
-    1 s) mp4 with subtitles and the side files a render leaves (reference picture, mix, timeline)."""
+def _store_engine(store: JobStore, stop: threading.Event, hold: threading.Event | None = None) -> None:
+    """Test double of the engine: claims jobs (not while ``hold`` is set), reports the renderer's stages and
+    writes a real (grey, 1 s) mp4 with subtitles and the side files a render leaves (reference picture,
+    timeline)."""
     while not stop.is_set():
-        job = store.claim_next("test-engine")
+        job = None if hold is not None and hold.is_set() else store.claim_next("test-engine")
         if job is None:
             time.sleep(0.1)
             continue
@@ -159,6 +161,9 @@ def _store_engine(store: JobStore, stop: threading.Event) -> None:
         store.set_state(job.id, "done")
 
 
+HOLD = threading.Event()  # set: the test engine leaves jobs waiting in the queue
+
+
 @pytest.fixture(scope="module")
 def ui_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, JobStore, Path]]:
     """One store, one test engine thread and one in-process page for every browser check of this module."""
@@ -166,7 +171,7 @@ def ui_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     tmp = tmp_path_factory.mktemp("ui")
     store = JobStore(tmp / "jobs.db", tmp / "outputs", min_free_bytes=0)
     stop = threading.Event()
-    engine = threading.Thread(target=_store_engine, args=(store, stop), daemon=True)
+    engine = threading.Thread(target=_store_engine, args=(store, stop, HOLD), daemon=True)
     engine.start()
     try:
         with _ui_in_process(store) as url:
@@ -187,6 +192,27 @@ def test_page_loads(ui_service: tuple[str, JobStore, Path]) -> None:
     assert result["api_link"].endswith("/docs")
     assert shot.is_file() and shot.stat().st_size > 10_000
     print(f"page-load browser test: {took:.1f} s wall, {json.dumps(result)}")
+
+
+@pytest.mark.slow
+def test_queue_panel(ui_service: tuple[str, JobStore, Path]) -> None:
+    """Jobs wait (engine held): the queue lists them in order with positions, the tab counts them, a row's
+    Cancel cancels that job only."""
+    url, store, _ = ui_service
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    HOLD.set()
+    try:
+        result, took = _node("ui_queue.mjs", "--url", url, "--screenshot", str(ARTIFACTS / "queue.png"),
+                             "--timeout", "60", timeout=150)  # fmt: skip
+        first, second = store.get(result["first"]), store.get(result["second"])
+        assert first.state == JobState.QUEUED and second.state == JobState.CANCELLED
+        assert result["order"] == [[first.id, "#1"], [second.id, "#2"]]
+        assert first.settings["seed"] == 101 and second.settings["seed"] == 102
+        assert result["status"].startswith(f"Job {second.id[:8]} cancelled")
+        store.request_cancel(first.id)  # leave nothing waiting for the other checks
+    finally:
+        HOLD.clear()
+    print(f"queue panel: {took:.1f} s wall")
 
 
 @pytest.mark.slow

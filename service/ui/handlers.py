@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from service.jobs import DiskFullError, JobNotFoundError, JobStore, QueueFullError, validate_job_id
@@ -231,8 +230,3 @@ def _fingerprint(form: Mapping[str, Any], files: Mapping[str, bytes]) -> str:
         h.update(name.encode())
         h.update(hashlib.sha256(files[name]).digest())
     return h.hexdigest()
-
-
-def image_path(value: Any) -> str | None:
-    """A component value that names a file (a path string), else None."""
-    return str(value) if isinstance(value, str | Path) and str(value) else None
