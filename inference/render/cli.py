@@ -107,7 +107,8 @@ def read_local_file(job_file: Path) -> ReadFile:
                     return place.read_bytes()
                 except OSError as exc:
                     raise JobInputError(key, f"cannot read {place}: {exc.strerror or exc}") from None
-        where = str(path) if path.is_absolute() else f"{Path.cwd()} or {job_file.parent.resolve()}"
+        folders = dict.fromkeys(str(place.parent.resolve()) for place in places)  # once each, in order
+        where = str(path) if path.is_absolute() else " or ".join(folders)
         raise JobInputError(key, f"file not found: {value} (looked in {where})")
 
     return read

@@ -138,7 +138,7 @@ class JobSpec:
             raise bad("layout", f"{self.layout!r}; allowed: {', '.join(LAYOUTS)}")
         if (self.layout == "single") != (self.people == 1):
             raise bad("layout", f"{self.layout!r} does not fit {self.people} person(s)")
-        if tuple(self.images) != IMAGE_ROLES[self.layout]:
+        if set(self.images) != set(IMAGE_ROLES[self.layout]):
             raise bad(
                 "images", f"{self.layout} needs {list(IMAGE_ROLES[self.layout])}, got {list(self.images)}"
             )
@@ -165,7 +165,7 @@ class JobSpec:
             if self.audio is not None or self.audio_mode is not None or self.audio_seconds is not None:
                 raise bad("audio", "a tts job has no audio files")
         elif self.audio_source == "files":
-            if self.audio is None or tuple(self.audio) != persons:
+            if self.audio is None or set(self.audio) != set(persons):
                 raise bad("audio", f"expected files for {list(persons)}, got {self.audio!r}")
             for name in self.audio.values():
                 _check_file_name("audio", name)
