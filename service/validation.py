@@ -22,14 +22,12 @@ from typing import Any
 
 from common.bounded import loads as bounded_json
 from common.errors import InputError
-from inference.render.intake import Limits, audio_extension, build_job
-from inference.render.settings import DEFAULT_PROMPT
+from inference.render.intake import Limits, audio_extension
 from inference.render.spec import JobInput, parse_job_json
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_PROMPT",
     "FORM_FILE_FIELDS",
     "FORM_TEXT_FIELDS",
     "Limits",
@@ -41,11 +39,7 @@ __all__ = [
     "parse_json_field",
     "request_from_form",
     "request_from_json",
-    "validate_generate",
 ]
-
-# Older name of ``inference.render.intake.build_job`` (the UI calls it); new code uses service.submit.
-validate_generate = build_job
 
 _DATA_URL_RE = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,"
