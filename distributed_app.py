@@ -40,12 +40,22 @@ from inference.render.settings import GenerationSettings, SettingsError
 from inference.render.speed import add_speed_flags, speed_options, teacache_defaults
 from inference.render.worker import Runtime, RuntimeOptions, StartupError, setup_logging
 from service.api import ServiceInfo, create_app
+from service.groups import GroupBoard, GroupPublisher
 from service.jobs import JobStore, JobStoreError
 from service.previews import PreviewPool
+from service.replicas import (
+    add_replica_flags,
+    check_replica_flags,
+    group_source,
+    groups_info,
+    log_placement,
+    new_monitor,
+    serve_group_leader,
+    service_status,
+    start_producer,
+)
 from service.runner import (
     STORE_ERRORS,
-    EngineMonitor,
-    StoreJobSource,
     StoreSink,
     learn_from_history,
     wav_bytes,
@@ -115,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the self-test model (bf16: tolerance from bf16's epsilon)")  # fmt: skip
     p.add_argument("--no_ui", action="store_true", help="REST API only")
     add_speed_flags(p)  # --lora_dir/--lora_scale/--lora_mode, --use_teacache, --batched_guidance, --compile
+    add_replica_flags(p)  # --replicas, --prepare_on and the producer's --producer_* flags
     return p
 
 
@@ -129,6 +140,7 @@ def _bool(text: str) -> bool:
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse what cannot be honoured, with the reason and the supported options."""
     check_t5_fsdp(args.t5_fsdp, args.t5_cpu)
+    check_replica_flags(args)
     if args.auth is not None:
         name, _, password = args.auth.partition(":")
         if not name or not password:
@@ -181,9 +193,12 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any], sto
         store.cleanup()
     except STORE_ERRORS as exc:  # a full disk: the source pauses the queue until writes work again
         logger.warning("retention clean-up failed at start-up: %s", exc)
-    monitor = EngineMonitor(
-        ctx.world_size, str(ctx.device), first_pass_limit_s=ctx.control_timeout.total_seconds()
-    )
+    monitor = new_monitor(runtime)
+    board = GroupBoard(store.db_path)
+    board.reset(runtime.groups)  # every group's row starts without a heartbeat: healthy once all serve
+    publisher = GroupPublisher(board, runtime.group, monitor.status).start()  # group 0's row (pid, state)
+    producer, prepare_on = start_producer(args, runtime, store)
+    log_placement(runtime, prepare_on)
     learn_from_history(store, monitor)  # estimates in the UI come from this service's own past jobs
     installed = frozenset(runtime.paths.voices())  # the tiny demo has 4 voices, the real folder 54
     limits = Limits(
@@ -203,7 +218,7 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any], sto
     users = dict([args.auth.split(":", 1)]) if args.auth else None
 
     info = ServiceInfo(
-        world_size=ctx.world_size,
+        world_size=runtime.world.world_size,
         ulysses_size=ctx.parallel_layout.ulysses,
         ring_size=ctx.parallel_layout.ring,
         dit_fsdp=args.dit_fsdp != "off",
@@ -212,9 +227,11 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any], sto
         resolution=defaults.get("resolution", 480),
         versions=_versions(),
         weights=weights_report(runtime.paths.root, args.preset),
-        engine_status=monitor.status,
+        engine_status=service_status(board, store, runtime, monitor),
         heartbeat_timeout_s=max(120.0, 4 * args.heartbeat_s),
         extra={
+            **groups_info(runtime, args),
+            "producer": None if producer is None else producer.status(),
             "dit_fsdp_mode": args.dit_fsdp,
             "job_defaults": defaults,
             "device": str(ctx.device),
@@ -253,7 +270,7 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any], sto
     logger.info("serving the UI and API at http://%s:%d (world size %d)", args.host, args.server_port,
                 ctx.world_size)  # fmt: skip
     sink = StoreSink(store, monitor)
-    source = StoreJobSource(store, monitor)
+    source = group_source(args, runtime, store, monitor)
     engine = runtime.make_engine(
         sink, source, heartbeat_s=args.heartbeat_s, check_consistency=args.debug_checksum, liveness=monitor
     )
@@ -263,6 +280,12 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any], sto
         monitor.stopped(f"engine stopped: {exc}")
         raise
     finally:
+        board.request_stop()  # the other groups' leaders stop too: no group serves without the web
+        publisher.stop()
+        if producer is not None:
+            producer.stop()
+        if runtime.finisher is not None:
+            runtime.finisher.drain(timeout_s=60.0)  # the last video muxed before the web goes
         server.should_exit = True
         web.join(timeout=5)
     monitor.stopped("shut down")
@@ -313,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                                                offload_model=args.offload_model,
                                                num_persistent_param_in_dit=args.num_persistent_param_in_dit,
                                                plan_resolution=defaults.get("resolution", 480),
-                                               plan_frames=defaults.get("frame_num", 81)))  # fmt: skip
+                                               plan_frames=defaults.get("frame_num", 81),
+                                               replicas=args.replicas, prepare_on=args.prepare_on))  # fmt: skip
     except ValueError as exc:  # a start-up error the user can fix: say it, no traceback
         if rank == 0:
             print(f"error: {_flag_message(exc)}", file=sys.stderr)
@@ -322,15 +346,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: job store: {exc}", file=sys.stderr)
         return 2
     try:
-        if runtime.ctx.is_rank0:
+        if runtime.world.rank == 0:
             assert store is not None
             serve_rank0(args, runtime, defaults, store)
+        elif runtime.ctx.is_rank0:  # the leader of another replica group
+            serve_group_leader(args, runtime)
         else:
             runtime.make_engine(None, None, heartbeat_s=args.heartbeat_s,
                                 check_consistency=args.debug_checksum).serve()  # fmt: skip
     finally:
         runtime.close()
-    logger.info("rank %d: clean exit", runtime.ctx.rank)
+    logger.info("rank %d: clean exit", runtime.world.rank)
     return 0
 
 

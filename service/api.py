@@ -411,6 +411,7 @@ def create_router(
         queued, running = [j for j in queued if j.visible_to(who)], [j for j in running if j.visible_to(who)]
         return QueueResponse(
             workers=[] if engine is None else [_plain(w) for w in engine.workers],
+            groups=[] if engine is None else [_plain(g) for g in engine.groups],
             running=[JobStatusResponse.of(j, prefix(request), full=False) for j in running],
             queue=[JobStatusResponse.of(j, prefix(request), full=False) for j in queued],
             queue_size=queue_size,

@@ -137,6 +137,12 @@ class Job:
     queue_position: int | None = None
     # The credential that submitted it ("token", "user:<name>"); None: submitted without one.
     owner: str | None = None
+    # The replica group that ran it (``--replicas``), that group's world ranks and their devices; the
+    # producer's hand-off state (None | preparing | ready | taken) with ``--prepare_on producer``.
+    replica_group: int | None = None
+    ranks: tuple[int, ...] = ()
+    devices: tuple[str, ...] = ()
+    handoff: str | None = None
 
     def visible_to(self, principal: str | None) -> bool:
         """May ``principal`` see this job? Its owner may; a job without owner, or a request without

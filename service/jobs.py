@@ -46,6 +46,7 @@ from typing import Any
 
 from common.files import atomic_write_bytes
 from inference.render.spec import JobSpec
+from service.group_claims import GROUP_COLUMNS, GroupClaims, group_fields
 from service.job_model import (
     _TRANSITIONS,
     ACTIVE_STATES,
@@ -135,7 +136,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 _SCHEMA_VERSION = 1
 
 
-class JobStore:
+class JobStore(GroupClaims):
     """SQLite-backed job store; safe to share between threads and to open from several processes.
 
     Args:
@@ -259,6 +260,9 @@ class JobStore:
             columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
             if "owner" not in columns:  # stores made before job ownership
                 conn.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+            for name, kind in GROUP_COLUMNS:  # stores made before replica groups
+                if name not in columns:
+                    conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
@@ -769,4 +773,5 @@ def _row_to_job(row: sqlite3.Row, queue_position: int | None) -> Job:
         purged_at=row["purged_at"],
         queue_position=queue_position,
         owner=row["owner"],
+        **group_fields(row),
     )

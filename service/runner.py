@@ -26,6 +26,7 @@ import soundfile as sf
 
 from common.errors import InputError
 from inference.checkpoint.weights import WeightPaths
+from inference.parallel.groups import ReplicaGroup
 from inference.render.settings import GenerationSettings
 from inference.render.spec import JobSpec
 from inference.render.worker import RenderJob
@@ -67,9 +68,13 @@ class EngineMonitor:
             if job_id is not None:
                 self._job, self._stage = job_id, stage
 
-    def idle(self) -> None:
+    def idle(self, job_id: str | None = None) -> None:
+        """Nothing running; with ``job_id``, only if that job is the one shown (a job the finisher ended in
+        the background leaves the next one, already running, in place)."""
         with self._lock:
             self._beat = self._clock()
+            if job_id is not None and self._job not in (None, job_id):
+                return
             self._pass_since = None
             self._job = self._stage = None
 
@@ -186,7 +191,7 @@ class StoreSink:
             return False
 
     def done(self, job_id: str, outputs: list[str]) -> None:
-        self.monitor.idle()
+        self.monitor.idle(job_id)
 
         def write() -> None:
             with self._lock:
@@ -200,7 +205,7 @@ class StoreSink:
         self._settle(f"the end (done) of job {job_id}", write)
 
     def failed(self, job_id: str, reason: str, *, cancelled: bool = False, interrupted: bool = False) -> None:
-        self.monitor.idle()
+        self.monitor.idle(job_id)
 
         def write() -> None:
             with self._lock:
@@ -275,10 +280,17 @@ class StoreJobSource:
     A job renders with exactly the settings stored with it (start-up defaults were applied at submission).
     """
 
-    def __init__(self, store: JobStore, monitor: EngineMonitor, *, poll_s: float = 0.2) -> None:
+    def __init__(self, store: JobStore, monitor: EngineMonitor, *, poll_s: float = 0.2,
+                 group: ReplicaGroup | None = None, handoff: Callable[[RenderJob], RenderJob | None] | None = None,
+                 ) -> None:  # fmt: skip
+        """``group``: the replica group that claims (the job records it, its ranks and devices); ``handoff``
+        (``--prepare_on producer``): claim only jobs the producer prepared, and attach their prepared
+        conditioning (``inference.render.producer.HandoffLoader``)."""
         self.store = store
         self.monitor = monitor
         self.poll_s = poll_s
+        self.group = group
+        self.handoff = handoff
         self._last_cleanup = time.monotonic()
         self._paused = False
 
@@ -288,7 +300,7 @@ class StoreJobSource:
             self.monitor.beat()
             self._maybe_cleanup()
             try:
-                job = self.store.claim_next(worker="rank0")
+                job = self._claim()
                 render_job = None if job is None else self._to_render_job(job)
             except STORE_ERRORS as exc:
                 # A store that refuses writes (full disk) pauses the queue; the engine keeps beating
@@ -312,6 +324,12 @@ class StoreJobSource:
                 return None
             time.sleep(min(self.poll_s, left))
 
+    def _claim(self) -> Job | None:
+        if self.group is None:
+            return self.store.claim_next(worker="rank0")
+        g = self.group
+        return self.store.claim_for_group(g.index, g.ranks, g.devices, prepared=self.handoff is not None)
+
     def _to_render_job(self, job: Job) -> RenderJob | None:
         """The stored job as the renderer takes it: its JobSpec and settings read back strictly, its
         input files present. A job that fails this fails now, with the reason."""
@@ -325,7 +343,8 @@ class StoreJobSource:
             logger.warning("job %s refused: %s", job.id, exc)
             return None
         self.monitor.beat(job.id, "preparing")
-        return RenderJob(job.id, spec, settings, inputs, self.store.job_dir(job.id))
+        render_job = RenderJob(job.id, spec, settings, inputs, self.store.job_dir(job.id))
+        return render_job if self.handoff is None else self.handoff(render_job)
 
     def _maybe_cleanup(self) -> None:
         if time.monotonic() - self._last_cleanup < CLEANUP_EVERY_S:

@@ -26,6 +26,7 @@ class WorkerStatus:
     task_id: str | None = None
     stage: str | None = None
     device: str | None = None
+    group: int | None = None  # the replica group the rank belongs to (``--replicas``)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class EngineStatus:
     workers: tuple[WorkerStatus, ...] = ()
     message: str = ""
     heartbeat_limit_s: float | None = None
+    # One entry per replica group: group, ranks, devices, node, state (starting | idle | busy | stopped),
+    # task_id, stage, progress, finishing (jobs being decoded/muxed), heartbeat_age_s, jobs_done.
+    groups: tuple[Mapping[str, Any], ...] = ()
 
     def heartbeat_problem(self, base_limit_s: float, now: float) -> str | None:
         """Why the heartbeat says the engine is stuck at Unix time ``now``, or None when it is fine."""
@@ -120,6 +124,9 @@ class JobStatusResponse(BaseModel):
     purged: bool
     spec: dict[str, Any] | None = None
     settings: dict[str, Any] | None = None
+    group: int | None = Field(None, description="the replica group that ran the job (--replicas)")
+    ranks: list[int] = Field(default_factory=list, description="that group's ranks")
+    devices: list[str] = Field(default_factory=list, description="the devices of those ranks")
 
     @classmethod
     def of(cls, job: Job, prefix: str, *, full: bool) -> JobStatusResponse:
@@ -144,6 +151,9 @@ class JobStatusResponse(BaseModel):
             purged=job.purged_at is not None,
             spec=job.spec if full else None,
             settings=job.settings if full else None,
+            group=job.replica_group,
+            ranks=list(job.ranks),
+            devices=list(job.devices),
         )
 
 
@@ -166,6 +176,8 @@ class CancelResponse(BaseModel):
 class QueueResponse(BaseModel):
     success: bool = True
     workers: list[dict[str, Any]]
+    groups: list[dict[str, Any]] = Field(default_factory=list, description="replica groups: state, ranks, "
+                                         "devices, current job and progress")  # fmt: skip
     running: list[JobStatusResponse]
     queue: list[JobStatusResponse]
     queue_size: int

@@ -77,6 +77,10 @@ class ParallelContext:
     ulysses_group: ProcessGroup | None = None
     ring_group: ProcessGroup | None = None
     cfg_group: ProcessGroup | None = None
+    # Replica groups (``inference.parallel.groups``): the world ranks of every group, and this context's
+    # group. A group's context has the group's rank, size and process groups; () means no split.
+    replica_ranks: tuple[tuple[int, ...], ...] = ()
+    group_index: int = 0
 
     @property
     def distributed(self) -> bool:
@@ -211,12 +215,17 @@ class ParallelContext:
         )
 
     def _subgroup(self, groups: list[list[int]], timeout: timedelta) -> ProcessGroup:
-        """Create every group in ``groups`` (all ranks, same order); return the one holding this rank."""
+        """Create every group in ``groups`` (all ranks, same order); return the one holding this rank.
+
+        ``groups`` holds this context's ranks; in a replica group they are mapped to world ranks, and the
+        same split is created for every replica group (``new_group`` needs every world rank to call it)."""
+        replicas = self.replica_ranks or (tuple(range(self.world_size)),)
         mine = None
-        for ranks in groups:
-            group = dist.new_group(ranks, timeout=timeout)
-            if self.rank in ranks:
-                mine = group
+        for index, members in enumerate(replicas):
+            for ranks in groups:
+                group = dist.new_group([members[r] for r in ranks], timeout=timeout)
+                if index == self.group_index and self.rank in ranks:
+                    mine = group
         if mine is None:
             raise RuntimeError(f"rank {self.rank} is in none of the groups {groups}")
         return mine

@@ -34,6 +34,9 @@ Control plane (design B.1):
   ``reply_s``; inside a job every model pass and step boundary must come within ``stall_s`` of the
   last (more when passes are known to be long). Past a deadline the rank exits with ``EXIT_HUNG``, so
   a stopped rank costs a group restart within ``stall_s`` instead of the data group's timeout.
+- Replica groups (``inference.parallel.groups``): the engine runs on its group's context, so "rank 0"
+  is the group's leader and broadcasts name their source by group rank (``group_src``); R groups run R
+  engines side by side, each with its own job source.
 - Liveness: ``JobContext.signal_passes(model)`` reports the start and end of every model pass to the
   engine's ``Liveness`` (rank 0's health monitor), so a long sampling step (three passes) never
   looks like a hung engine, and the monitor learns how long one pass takes.
@@ -366,6 +369,8 @@ class Engine:
         deadline = time.monotonic() + self.heartbeat_s
         while True:
             if self._stop.is_set():
+                if follow_up is not None:  # the next clip of a job: it ends as interrupted, not silently
+                    self._safe_reject(follow_up, "stopped between two clips by the shutdown")
                 return None, Message(Op.SHUTDOWN), {}
             if follow_up is not None:
                 job, follow_up = follow_up, None
@@ -436,7 +441,7 @@ class Engine:
             # Rank 0's send completes when every peer has taken the message; a peer's wait for the
             # next message is not bounded (rank 0 may prepare a job for minutes).
             with self._guard(f"control broadcast of {msg.op.value}" if msg is not None else None):
-                dist.broadcast_object_list(box, src=0, group=self.ctx.control)
+                dist.broadcast_object_list(box, group_src=0, group=self.ctx.control)
         except Exception as exc:
             logger.critical(
                 "rank %d: control broadcast failed; a rank is gone or hung", self.ctx.rank, exc_info=True
@@ -499,7 +504,7 @@ class Engine:
             else:
                 t = spec.empty(ctx.device)
             if ctx.distributed:
-                dist.broadcast(t, src=0, group=ctx.data)
+                dist.broadcast(t, group_src=0, group=ctx.data)
             out[spec.name] = t
         return out
 

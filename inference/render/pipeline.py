@@ -96,6 +96,7 @@ TTS_SEED = 0
 # Progress bands: preparing 0..10, rendering 10..95, encoding 95..100.
 _PREPARE_END = 10.0
 _RENDER_END = 95.0
+RENDER_STAGES = frozenset({"prepare", "clips"})  # what a Renderer loads (see Renderer)
 
 
 @dataclass
@@ -330,11 +331,14 @@ class Renderer:
     """Rank 0's components: Kokoro, wav2vec2, T5, CLIP and the VAE, loaded from ``paths``."""
 
     def __init__(
-        self, paths: WeightPaths, config: RenderConfig = RenderConfig(), text_encoder: Any = None
-    ) -> None:
+        self, paths: WeightPaths, config: RenderConfig = RenderConfig(), text_encoder: Any = None,
+        stages: frozenset[str] = RENDER_STAGES,
+    ) -> None:  # fmt: skip
         """``text_encoder``: T5 from elsewhere (``--t5_fsdp``: the handle on the T5 sharded over every rank);
         loaded here when None. With ``config.offload_model`` the encoders are loaded into CPU memory (in
-        the dtype they compute in) and visit the device only for their stage (``EncoderHome``)."""
+        the dtype they compute in) and visit the device only for their stage (``EncoderHome``).
+        ``stages``: "prepare" (Kokoro, wav2vec2, T5: ``prepare``) and/or "clips" (CLIP, VAE: ``clip_inputs``,
+        ``accept_clip``); a producer prepares and a group leader renders clips (``--prepare_on producer``)."""
         # Imported here on purpose: transformers + diffusers take seconds to import, and only rank 0's
         # Renderer needs them (ranks > 0, the web process and the CLI's job checks never do).
         from inference.encoders import ClipImageEncoder, T5Encoder, WanVae
@@ -346,20 +350,26 @@ class Renderer:
         home = torch.device("cpu") if config.offload_model else dev  # where the weights are loaded
         self.home = EncoderHome(dev, config.offload_model)
         t0 = time.monotonic()
-        if text_encoder is None:
+        self.stages = stages
+        self.clip = self.vae = self.audio_encoder = None
+        if text_encoder is None and "prepare" in stages:
             t5_device, t5_dtype = t5_placement(dev, config.t5_cpu)
             t5_device = torch.device("cpu") if config.offload_model else t5_device
             text_encoder = T5Encoder.from_wan(paths.wan_dir, device=t5_device, dtype=t5_dtype)
             if not config.t5_cpu:
                 self.home.add(text_encoder)
         self.t5 = text_encoder
-        clip_dtype = torch.float32 if dev.type == "cpu" else torch.float16
-        self.clip = self.home.add(ClipImageEncoder.from_wan(paths.wan_dir, device=home, dtype=clip_dtype))
-        self.vae = self.home.add(
-            WanVae.from_wan(paths.wan_dir, device=home, dtype=torch.float32, tiling_mode=config.vae_tiling)
-        )
-        # wav2vec2 runs on the CPU, as upstream runs it (eager attention over a long track would not fit a GPU).
-        self.audio_encoder = AudioEncoder(paths.wav2vec_dir, device="cpu")
+        if "clips" in stages:
+            clip_dtype = torch.float32 if dev.type == "cpu" else torch.float16
+            self.clip = self.home.add(ClipImageEncoder.from_wan(paths.wan_dir, device=home, dtype=clip_dtype))
+            self.vae = self.home.add(
+                WanVae.from_wan(
+                    paths.wan_dir, device=home, dtype=torch.float32, tiling_mode=config.vae_tiling
+                )
+            )
+        if "prepare" in stages:
+            # wav2vec2 runs on the CPU, as upstream runs it (eager attention over a long track would not fit a GPU).
+            self.audio_encoder = AudioEncoder(paths.wav2vec_dir, device="cpu")
         self._tts = None
         self._null_cache: dict[str, torch.Tensor] = {}
         logger.info("rank-0 encoders loaded in %.1fs", time.monotonic() - t0)

@@ -14,6 +14,7 @@ Where results go is a ``JobSink`` (the job store in the service, a callback in t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -39,10 +40,13 @@ from inference.parallel.fsdp import (
     load_t5,
     report_memory,
 )
+from inference.parallel.groups import ReplicaGroup, ReplicaPlan, join_replica_group
 from inference.parallel.host import HostGpus, device_free_bytes, resolve_device
 from inference.parallel.layout import check_heads, check_parallel_sizes
 from inference.parallel.offload import check_streaming, stream_blocks
+from inference.render.finisher import Finisher
 from inference.render.pipeline import (
+    RENDER_STAGES,
     Prepared,
     RenderConfig,
     Renderer,
@@ -55,6 +59,14 @@ from inference.render.sampler import Cancelled, ClipSpec, PassStats, passes_for
 from inference.render.settings import GenerationSettings, check_lora_setting
 from inference.render.spec import JobSpec
 from inference.render.speed import ModelSpeed, SpeedOptions, finish_model, merged_loras, read_adapters
+from inference.render.stats import (
+    build_stats,
+    gather_peak_bytes,
+    memory_kind,
+    merge_peaks,
+    reset_peak,
+    write_stats,
+)
 
 if TYPE_CHECKING:  # optimum-quanto is imported only with --quant
     from inference.checkpoint.quant import QuantSpec
@@ -111,6 +123,8 @@ class RuntimeOptions:
     num_persistent_param_in_dit: int | None = None  # DiT parameters kept on the GPU; the rest streamed
     plan_resolution: int = 480  # the clip the start-up memory plan checks (the service's default size)
     plan_frames: int = 81
+    replicas: int = 1  # --replicas: the ranks split into this many groups, each rendering its own jobs
+    prepare_on: str = "group"  # "group": each leader prepares its jobs; "producer": the producer does
     speed: SpeedOptions = SpeedOptions()  # LoRAs, batched guidance, --compile, attention kernel
 
     @property
@@ -153,6 +167,8 @@ class RenderJob:
     started: float = field(default_factory=time.monotonic)
     clip_started: float = 0.0
     spill_repairs: int = 0  # times a damaged spilled clip was rendered again (MAX_SPILL_REPAIRS)
+    peak_bytes: list[int] = field(default_factory=list)  # per rank of the group, max over the clips
+    prepared_on: str = "group"  # or "producer" (``prepared`` came from the producer's hand-off)
 
     def add_time(self, name: str, seconds: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + seconds
@@ -169,8 +185,11 @@ class DialogueWorker:
         sink: JobSink | None,
         speed: ModelSpeed | None = None,
         text_encoder: Any = None,
+        group: ReplicaGroup | None = None,
     ) -> None:
         self.model = model
+        self.group = group or ReplicaGroup(devices=(str(ctx.device),))  # whose ranks ran a job (stats.json)
+        self.finisher: Any = None  # the leader's Finisher: decodes + muxes a job's last clip off this thread
         self.text_encoder = text_encoder  # this rank's shard of T5 (--t5_fsdp), for ENCODE_TEXT steps
         self.speed = speed or ModelSpeed()  # switchable LoRAs, batched-guidance mode
         self.ctx = ctx
@@ -206,6 +225,7 @@ class DialogueWorker:
         clip_index = int(msg.settings["clip_index"])
         progress = self._progress if self.ctx.is_rank0 else None
         stats = PassStats()
+        reset_peak(self.ctx.device)
         try:
             with job.signal_passes(self.model):  # liveness per model pass (rank 0's /api/health)
                 latent = denoise_clip(
@@ -223,7 +243,9 @@ class DialogueWorker:
                 )
         except Cancelled:
             return None
-        return {"latent": latent, "passes": torch.tensor([stats.passes, stats.skipped, stats.model_calls])}
+        peaks = gather_peak_bytes(self.ctx)  # every rank's peak memory in this clip, for stats.json
+        return {"latent": latent, "passes": torch.tensor([stats.passes, stats.skipped, stats.model_calls]),
+                "peak_bytes": peaks}  # fmt: skip
 
     # ---- rank 0 ---------------------------------------------------------------------------------
 
@@ -292,13 +314,30 @@ class DialogueWorker:
         if result is None:
             self.reject(job, f"cancelled during clip {clip.index + 1} of {prep.num_clips}")
             return None
+        if "passes" in result:
+            prep.record_passes(clip.index, *(int(v) for v in result["passes"].tolist()))
+        if "peak_bytes" in result:
+            job.peak_bytes = merge_peaks(job.peak_bytes, result["peak_bytes"].tolist())
+        if clip.is_last and self.finisher is not None:
+            # The group's other ranks start the next job while the finisher decodes and muxes this one.
+            self._current = None
+            self.finisher.submit(job, clip, result["latent"])
+            return None
+        return self.complete_clip(job, clip, result["latent"], self.renderer)
+
+    def complete_clip(
+        self, job: RenderJob, clip: ClipSpec, latent: torch.Tensor, renderer: Renderer
+    ) -> RenderJob | None:
+        """Decode a denoised clip; after the last one mux the video, write ``stats.json`` and report the job
+        done. Returns the job while clips remain (or must be rendered again). On the main thread, or on the
+        finisher's (with its own VAE handle, ``renderer``)."""
+        prep = job.prepared
+        assert prep is not None
         if self.sink:
             self.sink.progress(job.job_id, *clip_stage(prep, clip, "decoding"))
         t0 = time.monotonic()
-        self.renderer.accept_clip(prep, clip, result["latent"])
+        renderer.accept_clip(prep, clip, latent)
         job.add_time("decode_time", time.monotonic() - t0)
-        if "passes" in result:
-            prep.record_passes(clip.index, *(int(v) for v in result["passes"].tolist()))
         if not clip.is_last:
             job.clip_index += 1
             return job
@@ -307,7 +346,7 @@ class DialogueWorker:
             self.sink.progress(job.job_id, 95.0, "encoding the video")
         t0 = time.monotonic()
         try:
-            outputs = self.renderer.write_outputs(prep)
+            outputs = renderer.write_outputs(prep)
         except SpillDamagedError as exc:
             # A spilled clip changed or vanished on disk: render it (and the later ones) again from
             # their seeds instead of muxing it; a disk that keeps damaging them fails the job.
@@ -322,10 +361,25 @@ class DialogueWorker:
         job.timings["total_time"] = time.monotonic() - job.started
         for name in ("conditioning_time", "video_time", "decode_time", "mux_time", "total_time"):
             self._report_timing(job, name)
-        self._current = None
+        outputs.append(self._write_stats(job))
+        if self._current is job:
+            self._current = None
         if self.sink:
             self.sink.done(job.job_id, outputs)
         return None
+
+    def _write_stats(self, job: RenderJob) -> str:
+        """``stats.json`` beside the video, from its ``render.json`` and the job's timings."""
+        render = json.loads((job.out_dir / "render.json").read_text())
+        stats = build_stats(job_id=job.job_id, render=render, timings=job.timings, group=self.group,
+                            peak_bytes=job.peak_bytes, memory=memory_kind(self.ctx.device),
+                            prepared_on=job.prepared_on)  # fmt: skip
+        return write_stats(job.out_dir, stats)
+
+    def fail_finished(self, job: RenderJob, reason: str) -> None:
+        """The finisher could not end ``job`` (decode, mux): it failed (a cancel still cancels)."""
+        if self.sink:
+            self.sink.failed(job.job_id, reason, cancelled=self.sink.cancel_requested(job.job_id))
 
     def reject(self, job: RenderJob, reason: str) -> None:
         self._current = None
@@ -352,8 +406,13 @@ class Runtime:
 
     def __init__(self, options: RuntimeOptions, ctx: ParallelContext, model: torch.nn.Module, paths: WeightPaths,
                  renderer: Renderer | None, speed: ModelSpeed | None = None,
-                 text_encoder: Any = None) -> None:  # fmt: skip
+                 text_encoder: Any = None, *, group: ReplicaGroup | None = None, world: ParallelContext | None = None,
+                 groups: tuple[ReplicaGroup, ...] = ()) -> None:  # fmt: skip
         self.options = options
+        self.group = group or ReplicaGroup(devices=(str(ctx.device),))  # this process's replica group
+        self.groups = groups or (self.group,)  # every group of the world (``--replicas``)
+        self.world = world or ctx  # the whole world (torchrun's ranks); ``ctx`` is this group's
+        self.finisher: Finisher | None = None
         self.text_encoder = text_encoder  # T5 sharded over every rank (--t5_fsdp), or None
         self.speed = speed or ModelSpeed()
         self.ctx = ctx
@@ -363,9 +422,21 @@ class Runtime:
         self.engine: Engine | None = None
 
     @classmethod
-    def start(cls, options: RuntimeOptions) -> Runtime:
+    def start(
+        cls, options: RuntimeOptions, *, joined: tuple[ParallelContext, ReplicaGroup] | None = None
+    ) -> Runtime:
+        """Join torchrun's world (split into ``options.replicas`` groups), load the DiT for this rank's group
+        and, on a group's leader, its encoders. ``joined``: a group formed elsewhere (its context, whose world
+        is the group, and its ``ReplicaGroup``; e.g. a gang of Ray actors) instead of torchrun's."""
         mode = check_fsdp_mode(options.dit_fsdp)
-        world = int(os.environ.get("WORLD_SIZE", "1") or "1")
+        processes = joined[0].world_size if joined else int(os.environ.get("WORLD_SIZE", "1") or "1")
+        plan = ReplicaPlan(processes, 1 if joined else options.replicas)
+        world = plan.group_size  # the ranks that render one job
+        if options.prepare_on not in ("group", "producer"):
+            raise StartupError("--prepare_on", f"expected group or producer, got {options.prepare_on!r}")
+        if options.prepare_on == "producer" and options.t5_fsdp:
+            raise StartupError("--prepare_on", "a producer encodes prompts on its own device; --t5_fsdp shards T5 "
+                               "over a group's ranks: use one or the other")  # fmt: skip
         quant, lora_files = _quant_spec(options, mode, world)
         layout = check_parallel_sizes(
             world, options.ulysses_size, options.ring_size, _num_heads(options.preset), options.cfg_parallel
@@ -382,14 +453,16 @@ class Runtime:
         paths = WeightPaths.under(options.weights_root)
         if options.preset == "tiny" and options.make_tiny and int(os.environ.get("RANK", "0")) == 0:
             make_tiny(paths.root)  # idempotent; other ranks wait for it at the rendezvous below
-        ctx = ParallelContext.from_env(
-            device=device,
-            data_timeout=options.data_timeout_s,
-            control_timeout=options.control_timeout_s,
-            layout=layout,
-        )
-        if ctx.distributed:
-            ctx.barrier()  # rank 0 may have been writing the tiny weights
+        if joined is None:
+            world_ctx = ParallelContext.from_env(
+                device=device, data_timeout=options.data_timeout_s, control_timeout=options.control_timeout_s
+            )
+            if world_ctx.distributed:
+                world_ctx.barrier()  # rank 0 may have been writing the tiny weights
+            ctx, group, groups = join_replica_group(world_ctx, plan, layout)
+        else:
+            ctx, group = joined
+            world_ctx, groups = ctx, (group,)
         paths.check(options.preset)
         t0 = time.monotonic()
         adapter_options = replace(options.speed, lora_dir=tuple(lora_files))
@@ -421,12 +494,25 @@ class Runtime:
                 vae_tiling=options.vae_tiling,
                 offload_model=offload,
             )
-            renderer = Renderer(paths, config, CollectiveTextEncoder() if text_encoder is not None else None)
-        return cls(options, ctx, model, paths, renderer, speed, text_encoder)
+            stages = frozenset({"clips"}) if options.prepare_on == "producer" else RENDER_STAGES
+            renderer = Renderer(paths, config, CollectiveTextEncoder() if text_encoder is not None else None,
+                                stages=stages)  # fmt: skip
+        return cls(options, ctx, model, paths, renderer, speed, text_encoder, group=group, world=world_ctx,
+                   groups=groups)  # fmt: skip
 
     def make_engine(self, sink: JobSink | None, source: Callable[[float], Any] | None, *, heartbeat_s: float = 60.0,
                     check_consistency: bool = False, liveness: Liveness | None = None) -> Engine:  # fmt: skip
-        worker = DialogueWorker(self.model, self.ctx, self.renderer, sink, self.speed, self.text_encoder)
+        worker = DialogueWorker(
+            self.model, self.ctx, self.renderer, sink, self.speed, self.text_encoder, self.group
+        )
+        if self.renderer is not None and not self.renderer.config.offload_model:
+            # Offloaded encoders move between CPU and GPU per stage: one thread at a time, so no finisher.
+            if self.finisher is None:
+                self.finisher = Finisher(self.renderer, worker.complete_clip, worker.fail_finished)
+            else:  # a later engine of this runtime (the CLI's): the finisher reports to its worker
+                self.finisher.rebind(worker.complete_clip, worker.fail_finished)
+            worker.finisher = self.finisher
+            source = self.finisher.wrap_source(source)
         engine = Engine(
             worker, self.ctx, source, heartbeat_s=heartbeat_s, check_consistency=check_consistency,
             liveness=liveness,
@@ -454,6 +540,8 @@ class Runtime:
 
         engine = self.make_engine(sink, source, heartbeat_s=30.0)
         engine.serve(install_signal_handlers=True)
+        if self.finisher is not None:
+            self.finisher.drain()
         if sink.error is not None:
             raise sink.error
         if not sink.finished:
@@ -474,8 +562,15 @@ class Runtime:
         engine.serve(install_signal_handlers=False)
 
     def close(self) -> None:
+        """Finish the jobs the finisher holds, then leave the process groups (the group's, or the world's
+        when this rank's group has none)."""
+        if self.finisher is not None:
+            self.finisher.close()
+            self.finisher = None
         if self.ctx.distributed:
             self.ctx.destroy()
+        elif self.world.distributed:
+            self.world.destroy(barrier=False)
 
 
 class _CollectingSink:
