@@ -12,6 +12,8 @@ in a ``finally``. Ports are picked free; ``OMP_NUM_THREADS=1`` keeps two loaded 
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import re
 import signal
@@ -24,8 +26,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+import soundfile
 
 from inference.render.settings import FPS
 from inference.render.video_io import probe_media
@@ -271,6 +275,38 @@ def test_rest_job_renders_a_valid_video(
     queue = service.get("/api/queue").json()
     assert task_id not in [j["task_id"] for j in queue["running"] + queue["queue"]]
     assert all(not w["busy"] for w in queue["workers"])
+
+
+@pytest.mark.timeout(400)
+def test_rest_renders_upstreams_single_person_job(
+    service: Service, portrait_pngs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """upstream's single_example_1.json over REST (files as data URLs): one person, the whole frame the
+    speaker's, one audio track; the mp4's streams match."""
+    t = np.arange(int(1.2 * 16000)) / 16000
+    buf = io.BytesIO()
+    soundfile.write(buf, (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 16000, format="WAV")
+
+    def data_url(data: bytes, mime: str) -> str:
+        return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+    body = {"prompt": "A woman is singing into a microphone in a recording studio.",
+            "cond_image": data_url(portrait_pngs[0].read_bytes(), "image/png"),
+            "cond_audio": {"person1": data_url(buf.getvalue(), "audio/wav")},
+            "preset": "fast", "settings": {"mode": "clip"}}  # fmt: skip
+    r = requests.post(service.base + "/api/generate", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    task_id = r.json()["task_id"]
+    status = wait_status(service, task_id, {"done"})
+    assert status["spec"]["people"] == 1 and status["spec"]["layout"] == "single"
+    meta = service.get(f"/api/download/{task_id}", params={"file": "render.json"}).json()
+    h, w = meta["scene"]["bucket"]
+    assert meta["people"] == 1 and meta["scene"]["boxes"] == [[0, 0, h, w]]
+    video = tmp_path / "single.mp4"
+    video.write_bytes(service.get(f"/api/download/{task_id}").content)
+    info = probe_media(video)
+    assert (info.video_codec, info.audio_codec) == ("h264", "aac") and info.frames > 0
+    assert abs(info.video_duration - info.audio_duration) <= FRAME_S + 1e-6, info
 
 
 @pytest.mark.timeout(200)
