@@ -10,6 +10,8 @@ file. Every claim is one ``BEGIN IMMEDIATE`` transaction, so each job is handed 
   ``preparing``), ``mark_prepared`` (``ready``: the tensors wait in the job folder), then a group's
   ``claim_for_group(prepared=True)`` (``taken``). ``prepared_waiting`` counts the ready ones, so the
   producer stays at most a bounded number of jobs ahead.
+- ``requeue_after_crash``: a group whose workers died while the service runs on (a Ray gang lost an actor
+  or its node) hands its job back as ``recover_interrupted`` does at a restart: the attempt counts.
 - ``refund_attempt``: an interruption that was not the job's doing (its group stopped cleanly because
   the service was stopping, or another group's rank died and torchrun stopped every rank) does not
   count against the job's ``max_attempts``. ``refund_waiting_handoffs`` does the same at start-up for
@@ -25,7 +27,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from service.job_model import Job
+from service.job_model import ACTIVE_STATES, Job, JobState
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,9 @@ class GroupClaims:
     _write: Callable[[], AbstractContextManager[sqlite3.Connection]]
     _conn: Callable[[], sqlite3.Connection]
     _clock: Callable[[], float]
+    _locked_row: Callable[[sqlite3.Connection, str], sqlite3.Row]
     get: Callable[[str], Job]
+    max_attempts: int
 
     def claim_for_group(
         self, group: int, ranks: Sequence[int], devices: Sequence[str], *, prepared: bool = False
@@ -169,3 +173,31 @@ class GroupClaims:
         for job_id in ids:
             logger.info("job %s cancelled while it waited for a group", job_id)
         return ids
+
+    def requeue_after_crash(self, job_id: str, why: str) -> Job:
+        """What ``recover_interrupted`` does at a restart, for one active job whose group died while the
+        service runs on: cancelled when a cancel was requested, failed once it used ``max_attempts``, else
+        back to the queue at its place (the attempt counts; it resumes after its last finished clip).
+        Returns the job as it is now."""
+        now = self._clock()
+        with self._write() as conn:
+            row = self._locked_row(conn, job_id)
+            was = row["state"]
+            if JobState(was) not in ACTIVE_STATES:
+                return self.get(job_id)
+            if row["cancel_requested"]:
+                conn.execute("UPDATE jobs SET state = 'cancelled', stage = 'cancelled', handoff = NULL, finished_at = ?, "
+                             "updated_at = ? WHERE id = ?", (now, now, job_id))  # fmt: skip
+            elif row["attempts"] >= self.max_attempts:
+                reason = (
+                    f"{why} (attempt {row['attempts']} of {self.max_attempts}, in {was}); not retried again"
+                )
+                conn.execute("UPDATE jobs SET state = 'failed', stage = 'failed', error = ?, handoff = NULL, "
+                             "finished_at = ?, updated_at = ? WHERE id = ?", (reason, now, now, job_id))  # fmt: skip
+            else:
+                conn.execute("UPDATE jobs SET state = 'queued', progress = 0, stage = ?, worker = NULL, started_at = NULL, "
+                             "handoff = NULL, outputs = '[]', timings = '{}', updated_at = ? WHERE id = ?",
+                             (f"re-queued: {why} (was {was})", now, job_id))  # fmt: skip
+        job = self.get(job_id)
+        logger.warning("job %s: %s -> %s", job_id, why, job.state.value)
+        return job
