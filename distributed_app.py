@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,22 @@ def open_store(args: argparse.Namespace) -> JobStore:
     return store
 
 
+def runtime_options(args: argparse.Namespace, defaults: dict[str, Any]) -> RuntimeOptions:
+    """What every rank (or Ray gang member) loads and runs with, from the flags."""
+    weights = args.weights or (args.ckpt_dir.parent if args.ckpt_dir else None)
+    return RuntimeOptions(preset=args.preset, weights=weights,
+                          ulysses_size=args.ulysses_size, ring_size=args.ring_size,
+                          cfg_parallel=args.cfg_parallel, speed=speed_options(args),
+                          dit_fsdp=args.dit_fsdp, t5_cpu=args.t5_cpu,
+                          device=args.device, quant=args.quant, quant_dir=args.quant_dir,
+                          vae_tiling=args.vae_tiling, t5_fsdp=args.t5_fsdp,
+                          offload_model=args.offload_model,
+                          num_persistent_param_in_dit=args.num_persistent_param_in_dit,
+                          plan_resolution=defaults.get("resolution", 480),
+                          plan_frames=defaults.get("frame_num", 81),
+                          replicas=args.replicas, prepare_on=args.prepare_on)  # fmt: skip
+
+
 def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any], store: JobStore) -> None:
     ctx = runtime.ctx
     try:
@@ -215,7 +232,6 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any], sto
         return wav_bytes(audio, renderer.tts.sample_rate)
 
     previews = PreviewPool(tts_preview)  # its own threads and queue bound, shared by REST and UI
-    users = dict([args.auth.split(":", 1)]) if args.auth else None
 
     info = ServiceInfo(
         world_size=runtime.world.world_size,
@@ -240,35 +256,10 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any], sto
         lora=runtime.speed.lora,
         default_preset=default_preset(runtime.speed.lora),
     )
-    app = create_app(store, info, auth_token=args.api_token, limits=limits, tts_preview=previews, users=users,
-                     share_jobs=args.share_jobs)  # fmt: skip
-    if not args.no_ui:
-        # Imported only with the UI: gradio takes seconds to import and --no_ui services never need it.
-        from service.ui import build_ui, mount_ui
-
-        info_dict = {"model": args.preset, "world_size": ctx.world_size, "ulysses_size": ctx.parallel_layout.ulysses,
-                     "engine": "tiny random weights (demo)" if args.preset == "tiny" else "MultiTalk 14B",
-                     "default_preset": info.default_preset}  # fmt: skip
-        blocks = build_ui(
-            store,
-            submit=lambda form, files: submit_form(store, form, files, limits=limits).id,
-            tts_preview=previews,
-            info=lambda: {**info_dict, **monitor.speed()},
-            limits=limits,
-        )
-        mount_ui(app, blocks, store)  # behind the app's gate (--auth, --api_token), like every route
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.server_port, log_level="warning",
-                                           access_log=False))  # fmt: skip
-    web = threading.Thread(target=server.run, name="web", daemon=True)
-    web.start()
-    for _ in range(600):
-        if server.started or not web.is_alive():
-            break
-        time.sleep(0.05)
-    if not server.started:
-        raise RuntimeError(f"the web server could not start on {args.host}:{args.server_port} (port in use?)")
-    logger.info("serving the UI and API at http://%s:%d (world size %d)", args.host, args.server_port,
-                ctx.world_size)  # fmt: skip
+    info_dict = {"model": args.preset, "world_size": ctx.world_size, "ulysses_size": ctx.parallel_layout.ulysses,
+                 "engine": "tiny random weights (demo)" if args.preset == "tiny" else "MultiTalk 14B",
+                 "default_preset": info.default_preset}  # fmt: skip
+    server, web = start_web(args, store, info, limits, previews, lambda: {**info_dict, **monitor.speed()})
     sink = StoreSink(store, monitor)
     source = group_source(args, runtime, store, monitor)
     engine = runtime.make_engine(
@@ -289,6 +280,46 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any], sto
         server.should_exit = True
         web.join(timeout=5)
     monitor.stopped("shut down")
+
+
+def start_web(
+    args: argparse.Namespace,
+    store: JobStore,
+    info: ServiceInfo,
+    limits: Limits,
+    previews: Any,
+    ui_info: Callable[[], dict[str, Any]],
+) -> tuple[uvicorn.Server, threading.Thread]:
+    """The REST API and (unless ``--no_ui``) the page on a daemon thread, started; raises when the port is
+    taken. Shared by world rank 0 and the Ray head (``service.cluster``)."""
+    users = dict([args.auth.split(":", 1)]) if args.auth else None
+    app = create_app(store, info, auth_token=args.api_token, limits=limits, tts_preview=previews, users=users,
+                     share_jobs=args.share_jobs)  # fmt: skip
+    if not args.no_ui:
+        # Imported only with the UI: gradio takes seconds to import and --no_ui services never need it.
+        from service.ui import build_ui, mount_ui
+
+        blocks = build_ui(
+            store,
+            submit=lambda form, files: submit_form(store, form, files, limits=limits).id,
+            tts_preview=previews,
+            info=ui_info,
+            limits=limits,
+        )
+        mount_ui(app, blocks, store)  # behind the app's gate (--auth, --api_token), like every route
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.server_port, log_level="warning",
+                                           access_log=False))  # fmt: skip
+    web = threading.Thread(target=server.run, name="web", daemon=True)
+    web.start()
+    for _ in range(600):
+        if server.started or not web.is_alive():
+            break
+        time.sleep(0.05)
+    if not server.started:
+        raise RuntimeError(f"the web server could not start on {args.host}:{args.server_port} (port in use?)")
+    logger.info("serving the UI and API at http://%s:%d (world size %d)", args.host, args.server_port,
+                info.world_size)  # fmt: skip
+    return server, web
 
 
 def _flag_message(exc: ValueError) -> str:
@@ -326,18 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         check_flags(args)
         defaults = job_defaults(args)
         store = open_store(args) if rank == 0 else None
-        weights = args.weights or (args.ckpt_dir.parent if args.ckpt_dir else None)
-        runtime = Runtime.start(RuntimeOptions(preset=args.preset, weights=weights,
-                                               ulysses_size=args.ulysses_size, ring_size=args.ring_size,
-                                               cfg_parallel=args.cfg_parallel, speed=speed_options(args),
-                                               dit_fsdp=args.dit_fsdp, t5_cpu=args.t5_cpu,
-                                               device=args.device, quant=args.quant, quant_dir=args.quant_dir,
-                                               vae_tiling=args.vae_tiling, t5_fsdp=args.t5_fsdp,
-                                               offload_model=args.offload_model,
-                                               num_persistent_param_in_dit=args.num_persistent_param_in_dit,
-                                               plan_resolution=defaults.get("resolution", 480),
-                                               plan_frames=defaults.get("frame_num", 81),
-                                               replicas=args.replicas, prepare_on=args.prepare_on))  # fmt: skip
+        runtime = Runtime.start(runtime_options(args, defaults))
     except ValueError as exc:  # a start-up error the user can fix: say it, no traceback
         if rank == 0:
             print(f"error: {_flag_message(exc)}", file=sys.stderr)
