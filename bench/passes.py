@@ -15,15 +15,21 @@ type (100 % utilisation, 1 GPU; divide by the GPU count for a perfectly parallel
 
 Last, the measured CPU time of one denoising step on a mid-size config (the real model code with a
 narrow width), guidance branches one after another vs batched into one forward, and their ratio: wall
-time, and this process's CPU time, which other processes on a shared machine disturb less.
+time, and this process's CPU time, which other processes on a shared machine disturb less. Once on one
+process (the same FLOPs either way, so only kernel efficiency differs) and once on ``--world`` gloo ranks
+with Ulysses and FSDP2 (full), where a batched step gathers each block's weights once instead of once per
+branch and sends one all-to-all pair per block for all branches.
 
-    python bench/passes.py [--weights weights/Wan2.1-I2V-14B-480P] [--repeats 5] [--threads 1] [--skip-cpu]
+    python bench/passes.py [--weights weights/Wan2.1-I2V-14B-480P] [--repeats 5] [--world 2] [--skip-cpu]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing as mp
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -37,8 +43,10 @@ from inference.checkpoint.loader import open_checkpoint, resolve_config
 from inference.model.config import DiTConfig
 from inference.model.dit import MultiTalkDiT
 from inference.model.layers import sinusoidal_embedding_1d
+from inference.parallel.context import ParallelContext
+from inference.parallel.fsdp import apply_fsdp
 from inference.render.pipeline import branch_model_fns
-from inference.render.sampler import PassStats, evaluate_branches, passes_for, timesteps
+from inference.render.sampler import evaluate_branches, passes_for, timesteps
 from inference.render.settings import GenerationSettings, count_clips
 from inference.render.teacache import TeaCache, TeaCacheConfig
 
@@ -139,10 +147,33 @@ def print_passes(weights: Path | None) -> None:
 
 def cpu_ratio(repeats: int, frames: int, height: int, width: int, threads: int) -> None:
     torch.set_num_threads(threads)
-    cfg = DiTConfig(dim=512, ffn_dim=1536, num_heads=8, num_layers=4, freq_dim=256)
+    cfg, tensors, latent = _cpu_setup(frames, height, width)
     model = MultiTalkDiT(cfg).init_weights(seed=0).eval().requires_grad_(False)
+    tokens = frames * (height // 2) * (width // 2)
+    print(f"\nCPU, {threads} thread(s): dim {cfg.dim}, {cfg.num_heads} heads, {cfg.num_layers} blocks, "
+          f"{tokens} tokens, two persons; one denoising step, median of {repeats}, sequential and batched "
+          "interleaved (load from other processes hits both alike)")  # fmt: skip
+    for text in (5.0, 1.0):
+        branches = passes_for(text)
+        model_fn, batch_fn = branch_model_fns(model, tensors, GenerationSettings(text_guidance=text))
+        with torch.no_grad():
+            t = torch.tensor([700.0])
+            seq_out = evaluate_branches(model_fn, latent, t, branches)
+            bat_out = evaluate_branches(model_fn, latent, t, branches, batch_fn=batch_fn)
+        diff = max((seq_out[b] - bat_out[b]).abs().max().item() for b in branches)
+        times = _step_times(model, tensors, latent, branches, repeats)
+        (seq, cseq), (bat, cbat) = times["sequential"], times["batched"]
+        print(f"  {len(branches)} branches: wall sequential {seq:.3f} s, batched {bat:.3f} s, ratio "
+              f"{bat / seq:.2f} (speed-up {seq / bat:.2f}x); process CPU time sequential {cseq:.3f} s, batched "
+              f"{cbat:.3f} s, ratio {cbat / cseq:.2f} (speed-up {cseq / cbat:.2f}x); max |diff| {diff:.1e}")  # fmt: skip
+
+
+def _cpu_setup(
+    frames: int, height: int, width: int
+) -> tuple[DiTConfig, dict[str, torch.Tensor], torch.Tensor]:
+    """The mid-size config, one clip's tensors and a latent (seeded, identical on every rank)."""
+    cfg = DiTConfig(dim=512, ffn_dim=1536, num_heads=8, num_layers=4, freq_dim=256)
     g = torch.Generator().manual_seed(0)
-    audio_frames = 1 + cfg.vae_scale * (frames - 1)
     masks = torch.zeros(3, height, width)
     masks[0, :, : width // 2 - 2], masks[1, :, width // 2 + 2 :] = 1, 1
     masks[2] = 1 - masks[0] - masks[1]
@@ -151,36 +182,67 @@ def cpu_ratio(repeats: int, frames: int, height: int, width: int, threads: int) 
         "context_null": torch.randn(1, 120, cfg.text_dim, generator=g),
         "clip_fea": torch.randn(1, 257, cfg.clip_dim, generator=g),
         "y": torch.randn(1, 20, frames, height, width, generator=g),
-        "audio": torch.randn(1, 2, audio_frames, 5, cfg.audio_layers, cfg.audio_dim, generator=g),
+        "audio": torch.randn(
+            1, 2, 1 + cfg.vae_scale * (frames - 1), 5, cfg.audio_layers, cfg.audio_dim, generator=g
+        ),
         "ref_target_masks": masks,
     }
-    latent = torch.randn(16, frames, height, width, generator=g)
+    return cfg, tensors, torch.randn(16, frames, height, width, generator=g)
+
+
+def _step_times(model, tensors, latent, branches, repeats: int, sp=None) -> dict[str, tuple[float, float]]:
+    """Median (wall, process CPU) seconds of one step, sequential and batched, interleaved."""
+    text = 5.0 if len(branches) == 3 else 1.0
+    model_fn, batch_fn = branch_model_fns(model, tensors, GenerationSettings(text_guidance=text), sp=sp)
     t = torch.tensor([700.0])
-    tokens = frames * (height // 2) * (width // 2)
-    print(f"\nCPU, {threads} thread(s): dim {cfg.dim}, {cfg.num_heads} heads, {cfg.num_layers} blocks, "
-          f"{tokens} tokens, two persons; one denoising step, median of {repeats}")  # fmt: skip
-    for text in (5.0, 1.0):
-        settings = GenerationSettings(text_guidance=text)
-        branches = passes_for(text)
-        model_fn, batch_fn = branch_model_fns(model, tensors, settings)
-        wall: dict[str, list[float]] = {"sequential": [], "batched": []}
-        cpu: dict[str, list[float]] = {"sequential": [], "batched": []}
-        results = {}
-        with torch.no_grad():
-            evaluate_branches(model_fn, latent, t, branches, batch_fn=batch_fn)  # warm-up
-            for _ in range(repeats):  # interleaved, so load from other processes hits both alike
-                for name, fn in (("sequential", None), ("batched", batch_fn)):
-                    stats = PassStats()
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    results[name] = evaluate_branches(model_fn, latent, t, branches, batch_fn=fn, stats=stats)
-                    wall[name].append(time.perf_counter() - t0)
-                    cpu[name].append(time.process_time() - c0)
-        seq, bat = (sorted(v)[len(v) // 2] for v in wall.values())
-        cseq, cbat = (sorted(v)[len(v) // 2] for v in cpu.values())
-        diff = max((results["sequential"][b] - results["batched"][b]).abs().max().item() for b in branches)
-        print(f"  {len(branches)} branches: wall sequential {seq:.3f} s, batched {bat:.3f} s, ratio "
-              f"{bat / seq:.2f} (speed-up {seq / bat:.2f}x); process CPU time sequential {cseq:.3f} s, batched "
-              f"{cbat:.3f} s, ratio {cbat / cseq:.2f} (speed-up {cseq / cbat:.2f}x); max |diff| {diff:.1e}")  # fmt: skip
+    wall: dict[str, list[float]] = {"sequential": [], "batched": []}
+    cpu: dict[str, list[float]] = {"sequential": [], "batched": []}
+    with torch.no_grad():
+        evaluate_branches(model_fn, latent, t, branches, batch_fn=batch_fn)  # warm-up
+        for _ in range(repeats):
+            for name, fn in (("sequential", None), ("batched", batch_fn)):
+                t0, c0 = time.perf_counter(), time.process_time()
+                evaluate_branches(model_fn, latent, t, branches, batch_fn=fn)
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    return {k: (sorted(wall[k])[len(wall[k]) // 2], sorted(cpu[k])[len(cpu[k]) // 2]) for k in wall}
+
+
+def _rank(rank: int, world: int, port: int, args: argparse.Namespace, q) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    ctx = ParallelContext.from_env(device="cpu", data_timeout=600, control_timeout=600)
+    cfg, tensors, latent = _cpu_setup(args.frames, args.height, args.width)
+    model = MultiTalkDiT(cfg).init_weights(seed=0).eval().requires_grad_(False)
+    apply_fsdp(model, ctx.mesh, "full", param_dtype=torch.float32)
+    times = _step_times(model, tensors, latent, passes_for(5.0), args.repeats, sp=ctx.sequence_parallel())
+    q.put((rank, times))
+    ctx.destroy()
+
+
+def cpu_ratio_ranks(args: argparse.Namespace) -> None:
+    """The same step on ``--world`` gloo ranks: Ulysses over all of them and FSDP2 (full) on the DiT, so a
+    batched step issues one all-to-all pair and one weight all-gather per block instead of three."""
+    mpctx = mp.get_context("spawn")
+    q = mpctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [mpctx.Process(target=_rank, args=(r, args.world, port, args, q)) for r in range(args.world)]
+    for p in procs:
+        p.start()
+    results = dict(q.get(timeout=1800) for _ in procs)
+    for p in procs:
+        p.join(60)
+    seq_wall = max(r["sequential"][0] for r in results.values())
+    bat_wall = max(r["batched"][0] for r in results.values())
+    seq_cpu = max(r["sequential"][1] for r in results.values())
+    bat_cpu = max(r["batched"][1] for r in results.values())
+    print(f"  {args.world} gloo ranks (Ulysses {args.world} + FSDP2 full), 3 branches: wall sequential "
+          f"{seq_wall:.3f} s, batched {bat_wall:.3f} s, ratio {bat_wall / seq_wall:.2f} (speed-up "
+          f"{seq_wall / bat_wall:.2f}x); CPU time per rank ratio {bat_cpu / seq_cpu:.2f} "
+          f"(speed-up {seq_cpu / bat_cpu:.2f}x)")  # fmt: skip
 
 
 def main() -> None:
@@ -193,11 +255,14 @@ def main() -> None:
     p.add_argument("--height", type=int, default=16, help="latent height of the CPU config")
     p.add_argument("--width", type=int, default=28, help="latent width of the CPU config")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--world", type=int, default=2, help="gloo ranks for the Ulysses + FSDP2 ratio (1: skip)")
     p.add_argument("--skip-cpu", action="store_true", help="print the pass arithmetic only")
     args = p.parse_args()
     print_passes(args.weights)
     if not args.skip_cpu:
         cpu_ratio(args.repeats, args.frames, args.height, args.width, args.threads)
+        if args.world > 1:
+            cpu_ratio_ranks(args)
 
 
 if __name__ == "__main__":
