@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
-from inference.parallel.groups import ReplicaGroup, describe_placement
+import torch
+
+from inference.parallel.groups import ReplicaGroup, ReplicaPlan, describe_placement
 from inference.render.pipeline import RenderConfig, Renderer
-from inference.render.producer import apply_memory_cap, parse_producer_device
+from inference.render.producer import apply_memory_cap, check_memory_cap, parse_producer_device
 from inference.render.worker import Runtime, StartupError, setup_logging
 from service.groups import GroupBoard, GroupPublisher, board_status
 from service.jobs import JobStore
@@ -56,8 +59,7 @@ def add_replica_flags(p: argparse.ArgumentParser) -> None:
 
 def check_replica_flags(args: argparse.Namespace) -> None:
     """Refusals that need no model (the group sizes are checked against the world in ``Runtime.start``)."""
-    if args.replicas < 1:
-        raise StartupError("--replicas", f"must be at least 1, got {args.replicas}")
+    ReplicaPlan(int(os.environ.get("WORLD_SIZE", "1") or "1"), args.replicas)  # names --replicas
     if args.prepare_on != "producer":
         for flag in ("producer_device", "producer_memory_gib", "producer_ahead"):
             if getattr(args, flag) is not None:
@@ -66,9 +68,10 @@ def check_replica_flags(args: argparse.Namespace) -> None:
     if args.t5_fsdp:
         raise StartupError("--prepare_on", "a producer encodes prompts on its own device; --t5_fsdp shards T5 "
                            "over a group's ranks: use one or the other")  # fmt: skip
-    parse_producer_device(args.producer_device or "cpu")
-    if args.producer_memory_gib is not None and args.producer_memory_gib <= 0:
-        raise StartupError("--producer_memory_gib", f"must be positive, got {args.producer_memory_gib}")
+    device = parse_producer_device(args.producer_device or "cpu")
+    rank0 = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank0 = torch.device("cuda", 0) if rank0.type == "cuda" and rank0.index is None else rank0
+    check_memory_cap(device, args.producer_memory_gib, {str(rank0)})
     if args.producer_ahead is not None and args.producer_ahead < 1:
         raise StartupError("--producer_ahead", f"must be at least 1, got {args.producer_ahead}")
 

@@ -65,12 +65,12 @@ def parse_producer_device(text: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-def apply_memory_cap(device: torch.device, memory_gib: float | None, process_devices: set[str]) -> str:
-    """Cap the producer's memory on ``device`` at ``memory_gib`` (the CUDA allocator refuses more: a job that
-    needs more fails its preparation, never the service). ``process_devices``: devices this process's
-    ranks already compute on; a cap there would also cap them, so it is refused. Returns a description."""
+def check_memory_cap(device: torch.device, memory_gib: float | None, process_devices: set[str]) -> float | None:
+    """The fraction of ``device`` that ``--producer_memory_gib`` allows, or None without a cap. A cap is
+    enforced by the CUDA allocator per process and device: refused on a CPU, and on a device this process's
+    ranks already compute on (``process_devices``), where it would cap them too."""
     if memory_gib is None:
-        return "no memory cap"
+        return None
     if memory_gib <= 0:
         raise StartupError("--producer_memory_gib", f"must be positive, got {memory_gib}")
     if device.type != "cuda":
@@ -81,12 +81,19 @@ def apply_memory_cap(device: torch.device, memory_gib: float | None, process_dev
         raise StartupError("--producer_memory_gib", f"{device} is also rank 0's device and the cap is per process "
                            "and device, so it would cap the DiT too; put the producer on another GPU")  # fmt: skip
     total = torch.cuda.get_device_properties(device).total_memory
-    cap = memory_gib * 2**30
-    if cap > total:
-        raise StartupError(
-            "--producer_memory_gib", f"{memory_gib} GiB is more than {device} has ({total / 2**30:.1f} GiB)"
-        )
-    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    if memory_gib * 2**30 > total:
+        raise StartupError("--producer_memory_gib", f"{memory_gib} GiB is more than {device} has ({total / 2**30:.1f} GiB)")
+    return memory_gib * 2**30 / total
+
+
+def apply_memory_cap(device: torch.device, memory_gib: float | None, process_devices: set[str]) -> str:
+    """Cap the producer's memory on ``device`` (``check_memory_cap``): past it the CUDA allocator refuses, so
+    a job that needs more fails its preparation, never the service. Returns a description."""
+    fraction = check_memory_cap(device, memory_gib, process_devices)
+    if fraction is None:
+        return "no memory cap"
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    total = torch.cuda.get_device_properties(device).total_memory
     return f"capped at {memory_gib:g} GiB of {total / 2**30:.1f} GiB"
 
 
