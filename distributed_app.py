@@ -256,10 +256,15 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any], sto
         lora=runtime.speed.lora,
         default_preset=default_preset(runtime.speed.lora),
     )
-    info_dict = {"model": args.preset, "world_size": ctx.world_size, "ulysses_size": ctx.parallel_layout.ulysses,
+    info_dict = {"model": args.preset, "world_size": runtime.world.world_size, "ulysses_size": ctx.parallel_layout.ulysses,
                  "engine": "tiny random weights (demo)" if args.preset == "tiny" else "MultiTalk 14B",
                  "default_preset": info.default_preset}  # fmt: skip
-    server, web = start_web(args, store, info, limits, previews, lambda: {**info_dict, **monitor.speed()})
+    ui_info = info.engine_status
+
+    def page_info() -> dict[str, Any]:  # the page's header shows each replica group's state
+        return {**info_dict, **monitor.speed(), "groups": list(ui_info().groups) if ui_info else []}
+
+    server, web = start_web(args, store, info, limits, previews, page_info)
     sink = StoreSink(store, monitor)
     source = group_source(args, runtime, store, monitor)
     engine = runtime.make_engine(

@@ -412,7 +412,11 @@ def test_a_job_prepared_by_the_producer_renders_the_frames_the_group_renders(
     other = _render(paths, model, full, job("other_seed", seed=8))  # negative control
     assert not np.array_equal(on_group, other)
     stats = json.loads((handed.out_dir / "stats.json").read_text())
-    assert stats["seed"] == 7 and stats["clips"] == handed.prepared.num_clips and stats["frames"] == on_group.shape[0]
+    assert (
+        stats["seed"] == 7
+        and stats["clips"] == handed.prepared.num_clips
+        and stats["frames"] == on_group.shape[0]
+    )
     assert stats["prepared_on"] == "producer" and stats["passes"]["computed"] > 0
     assert stats["memory"]["kind"] == "process_max_rss" and int(stats["memory"]["peak_bytes"]["0"]) > 0
     assert "torch" in stats["versions"] and stats["group"]["ranks"] == [0]
@@ -535,3 +539,18 @@ def test_torchrun_two_groups_serve_jobs_side_by_side_and_survive_a_killed_group(
             resumed = svc.get(f"/api/download/{i}", params={"file": "stats.json"}).json()["passes"]
             assert resumed["resumed_after_clip"] > 0, (i, resumed)
         assert "recovered 1 job(s)" in svc.log_tail(200000)
+
+
+def test_the_page_header_shows_each_group(tmp_path: Path) -> None:
+    from service.ui.handlers import UiHandlers  # gradio: seconds to import, only this test needs it
+
+    groups = [
+        {"group": 0, "state": "busy", "progress": 42.0},
+        {"group": 1, "state": "idle", "progress": None},
+    ]
+    info = {"model": "tiny", "world_size": 2, "groups": groups}
+    h = UiHandlers(JobStore(tmp_path / "jobs.db", tmp_path / "out"), submit=lambda f, u: "", tts_preview=None,
+                   info=lambda: info)  # fmt: skip
+    assert "group 0 busy (42%), group 1 idle" in h.header()
+    info["groups"] = groups[:1]  # one group: nothing more than before replica groups
+    assert "group 0" not in h.header()

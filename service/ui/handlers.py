@@ -104,6 +104,9 @@ class UiHandlers(PreviewHandlers, JobHandlers):
             parts.append("no engine attached (jobs wait in the queue)")
         elif isinstance(engine, str):
             parts.append(html.escape(engine))
+        groups = info.get("groups")  # replica groups (--replicas): each one's state and current job
+        if isinstance(groups, list) and len(groups) > 1:
+            parts.append(", ".join(_group_word(g) for g in groups if isinstance(g, Mapping)))
         try:
             queued, running = self.store.count(state="queued"), len(self.store.active())
             parts.append(f"{plural(queued, 'job')} waiting, {running} running")
@@ -230,3 +233,11 @@ def _fingerprint(form: Mapping[str, Any], files: Mapping[str, bytes]) -> str:
         h.update(name.encode())
         h.update(hashlib.sha256(files[name]).digest())
     return h.hexdigest()
+
+
+def _group_word(group: Mapping[str, Any]) -> str:
+    """``group 1 busy (42%)`` / ``group 0 idle`` for the header."""
+    state = html.escape(str(group.get("state", "?")))
+    progress = group.get("progress")
+    done = f" ({float(progress):.0f}%)" if state == "busy" and isinstance(progress, int | float) else ""
+    return f"group {html.escape(str(group.get('group', '?')))} {state}{done}"
