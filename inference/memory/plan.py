@@ -423,8 +423,9 @@ def _vae_peaks(sizes: ModelSizes, lay: Layout, work: Workload, tiled: bool) -> t
 
 
 def _colour_bytes(work: Workload) -> int:
-    """After the decode: the clip, its colour-corrected copy, and float64 Lab work on 8 frames at a time."""
-    return 2 * work.clip_bytes() + 12 * 3 * min(8, work.frames) * work.height * work.width * 8
+    """After the decode: the clip, its colour-corrected copy, and float64 Lab work on 8 frames at a time (up to
+    11.6 chunk-sized float64 tensors alive at once, measured on ``sampler.color_match``)."""
+    return 2 * work.clip_bytes() + int(11.6 * 3 * min(8, work.frames) * work.height * work.width * 8)
 
 
 def _encoder_items(sizes: ModelSizes, lay: Layout, dt: _Dtypes) -> dict[str, int]:
@@ -476,7 +477,8 @@ def _rank(sizes: ModelSizes, lay: Layout, work: Workload, rank0: bool, tiled: bo
         vae_stage = loaded("VAE") + [Item("VAE encode", enc_peak), Item("conditioning video", video)]
         clip_stage = loaded("CLIP") + [Item("CLIP activations", clip_activations(sizes, dt.clip))]
         cond = max((vae_stage, clip_stage), key=lambda s: sum(i.nbytes for i in s))
-        stages.append(Stage("conditioning", tuple(resident + cond)))
+        motion = 3 * work.motion_frames * work.height * work.width * 4  # a later clip's conditioning frames
+        stages.append(Stage("conditioning", tuple(resident + cond + [Item("motion frames", motion)])))
     act, buffers = dit_activations(sizes, lay, work, dt)
     stages.append(Stage("denoise", tuple(resident + [dit_flight, act, buffers,
                                                      job_tensors(sizes, lay, work, rank0)])))  # fmt: skip
@@ -487,7 +489,6 @@ def _rank(sizes: ModelSizes, lay: Layout, work: Workload, rank0: bool, tiled: bo
         colour = [Item("decoded clip", 2 * clip, "float32, and its colour-corrected copy"),
                   Item("colour correction", _colour_bytes(work) - 2 * clip, "float64 Lab, 8 frames at a time")]  # fmt: skip
         post = max((decode, colour), key=lambda s: sum(i.nbytes for i in s))
-        motion = job_tensors(sizes, lay, work, True).nbytes - job_tensors(sizes, lay, work, False).nbytes
         stages.append(
             Stage("decode", tuple(resident + loaded("VAE") + post + [Item("motion frames", motion)]))
         )

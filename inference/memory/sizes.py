@@ -229,11 +229,12 @@ class ModelSizes:
                 Wav2Vec2Config(),  # chinese-wav2vec2-base: hidden 768, 12 layers
             )
         if name == "tiny":
+            from inference.checkpoint.weights import tiny_dit_config
             from inference.encoders import tiny
 
             return cls.custom(
                 name,
-                DiTConfig.tiny(),
+                tiny_dit_config(),
                 T5Sizes(
                     vocab=tiny.TINY_T5_VOCAB,
                     d_model=tiny.TINY_T5_DIM,
