@@ -78,7 +78,8 @@ def render_metrics(store: JobStore, engine_status: Callable[[], Any] | None, wor
 
 
 def _group_labels(group: dict[str, Any]) -> dict[str, Any]:
-    return {"group": group.get("group"), "devices": ",".join(map(str, group.get("devices", [])))}
+    return {"group": group.get("group"), "node": group.get("node") or "",
+            "devices": ",".join(map(str, group.get("devices", [])))}  # fmt: skip
 
 
 def _stats_summary(store: JobStore, jobs: list[Any]) -> list[str]:

@@ -1,0 +1,1 @@
+"""The service on a Ray cluster: the head (``app``, ``pool``) and the gang members (``member``)."""
