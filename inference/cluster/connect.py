@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -34,6 +35,7 @@ from common.errors import InputError
 logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+_OWNED_TEMP: list[Path] = []
 
 
 class ClusterError(InputError):
@@ -79,7 +81,11 @@ def connect(options: RayOptions) -> ClusterInfo:
     }
     local = not options.address
     if local:
-        temp = options.temp_dir or Path(tempfile.mkdtemp(prefix="ray-"))
+        temp = options.temp_dir or Path(
+            tempfile.mkdtemp(prefix="ray-")
+        )  # short: Ray's socket paths are limited
+        if options.temp_dir is None:
+            _OWNED_TEMP.append(temp)  # removed again by disconnect()
         temp.mkdir(parents=True, exist_ok=True)
         kwargs.update(num_cpus=options.num_cpus, _temp_dir=str(temp), _node_ip_address="127.0.0.1")
         if options.num_gpus is not None:
@@ -133,8 +139,11 @@ def _deadline(seconds: float) -> Iterator[None]:
 
 
 def disconnect() -> None:
+    """Leave the cluster (a local instance stops) and remove the temporary folder connect() made."""
     if ray.is_initialized():
         ray.shutdown()
+    while _OWNED_TEMP:
+        shutil.rmtree(_OWNED_TEMP.pop(), ignore_errors=True)
 
 
 def _pythonpath() -> str:
