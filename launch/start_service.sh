@@ -5,7 +5,10 @@
 #   single       one process on one GPU with the real weights in weights/
 #   distributed  torchrun over NPROC GPUs (default 8): Ulysses over all ranks, FSDP for the DiT,
 #                T5 on rank 0, restarts on a crash (the job store re-queues the interrupted job)
-# Extra arguments go to distributed_app.py (e.g. --server_port 9000 --host 0.0.0.0 --auth user:pass).
+#   ray          the head of the service on a Ray cluster (python -m service.cluster): joins RAY_ADDRESS, or
+#                starts a local Ray instance when it is unset; replica groups of Ray actors on any node
+#                (--replicas R, 0 = as many as the cluster holds; --group_size G GPUs per group)
+# Extra arguments go to distributed_app.py / service.cluster (e.g. --server_port 9000 --host 0.0.0.0).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -27,8 +30,11 @@ case "$MODE" in
         exec "$ROOT/.venv/bin/torchrun" --standalone --nproc-per-node="$NPROC" --max-restarts="${MAX_RESTARTS:-3}" \
             distributed_app.py --preset multitalk-14b --ulysses_size "$NPROC" --dit_fsdp full "$@"
         ;;
+    ray)
+        exec "$PY" -m service.cluster --preset "${PRESET:-multitalk-14b}" "$@"
+        ;;
     *)
-        echo "usage: bash launch/start_service.sh demo|single|distributed [distributed_app.py flags]" >&2
+        echo "usage: bash launch/start_service.sh demo|single|distributed|ray [distributed_app.py flags]" >&2
         exit 2
         ;;
 esac
