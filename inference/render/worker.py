@@ -462,6 +462,7 @@ class Runtime:
             ctx, group, groups = join_replica_group(world_ctx, plan, layout)
         else:
             ctx, group = joined
+            ctx = ctx if ctx.layout is not None else ctx.with_layout(layout)  # collective: the whole gang
             world_ctx, groups = ctx, (group,)
         paths.check(options.preset)
         t0 = time.monotonic()
