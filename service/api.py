@@ -16,11 +16,14 @@ back. Live engine state (heartbeat, per-rank busy state) comes from ``ServiceInf
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import mimetypes
+import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -178,9 +181,33 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+SPOOL_IN_MEMORY = 1 << 20  # a request body past this size waits on disk, not in memory
+REPLAY_CHUNK = 1 << 16
+MAX_CONCURRENT_SUBMISSIONS = 4  # bodies being read and checked at once; more wait their turn
+
+
+class _PerLoopSemaphore:
+    """An ``asyncio.Semaphore`` per event loop (uvicorn runs one; a test client may start several)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def get(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        sem = self._by_loop.get(loop)
+        if sem is None:
+            sem = self._by_loop[loop] = asyncio.Semaphore(self.value)
+        return sem
+
+
 async def buffered_request(request: Request, limit: int) -> Request:
     """``request`` with its whole body read, at most ``limit`` bytes (413 past that, without buffering
-    the rest), replayed to whoever parses it next. The one place a request body is read."""
+    the rest), replayed to whoever parses it next. The one place a request body is read. The body is
+    spooled to a temporary file past ``SPOOL_IN_MEMORY`` and replayed in ``REPLAY_CHUNK`` pieces, so a
+    large upload costs disk while it waits, not memory (the gate has already timed its arrival)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -189,22 +216,30 @@ async def buffered_request(request: Request, limit: int) -> Request:
             raise RequestError("content-length", f"not a number: {declared[:40]!r}") from None
         if size > limit:
             raise PayloadTooLargeError("body", f"request body is {size} bytes; the limit is {limit}")
-    chunks: list[bytes] = []
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 - closed by the replay
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise PayloadTooLargeError("body", f"request body is larger than the limit of {limit} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    sent = False
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise PayloadTooLargeError("body", f"request body is larger than the limit of {limit} bytes")
+            spool.write(chunk)
+    except BaseException:
+        spool.close()
+        raise
+    spool.seek(0)
+    done = False
 
     async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
+        nonlocal done
+        if done:
             return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
+        data = spool.read(REPLAY_CHUNK)
+        more = spool.tell() < total
+        if not more:
+            done = True
+            spool.close()
+        return {"type": "http.request", "body": data, "more_body": more}
 
     return Request(request.scope, receive)
 
@@ -247,6 +282,8 @@ def create_router(
     previews = PreviewPool(tts_preview) if tts_preview is not None and not isinstance(tts_preview, PreviewPool) \
         else tts_preview  # fmt: skip
 
+    submissions = _PerLoopSemaphore(MAX_CONCURRENT_SUBMISSIONS)
+
     def viewer(request: Request) -> str | None:
         """The credential whose jobs this request sees; None: every job."""
         return None if share_jobs else principal_of(request)
@@ -281,13 +318,17 @@ def create_router(
             async def route_handler(request: Request) -> Response:
                 try:
                     require_auth(request)
-                    replay = await buffered_request(request, limits.max_request_bytes)
-                    try:
+                    # Bounded memory: at most MAX_CONCURRENT_SUBMISSIONS bodies are read and checked at
+                    # once (each holds its decoded uploads); the others wait here without a thread.
+                    async with submissions.get():
+                        replay = await buffered_request(request, limits.max_request_bytes)
                         return await handler(replay)
-                    except StarletteHTTPException as exc:
-                        if exc.status_code != 400:
-                            raise
-                        raise RequestError("body", f"malformed multipart form: {exc.detail}") from None
+                except StarletteHTTPException as exc:
+                    if exc.status_code != 400:
+                        return error_response_for(exc, request)
+                    return error_response_for(
+                        RequestError("body", f"malformed multipart form: {exc.detail}"), request
+                    )
                 except Exception as exc:
                     return error_response_for(exc, request)
 
@@ -411,7 +452,6 @@ def create_router(
         queued, running = [j for j in queued if j.visible_to(who)], [j for j in running if j.visible_to(who)]
         return QueueResponse(
             workers=[] if engine is None else [_plain(w) for w in engine.workers],
-            groups=[] if engine is None else [_plain(g) for g in engine.groups],
             running=[JobStatusResponse.of(j, prefix(request), full=False) for j in running],
             queue=[JobStatusResponse.of(j, prefix(request), full=False) for j in queued],
             queue_size=queue_size,

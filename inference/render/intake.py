@@ -41,7 +41,13 @@ from inference.render.spec import (
     parse_dialogue,
     speaking,
 )
-from inference.scene.compose import compose_scene, load_image, parse_boxes, scene_from_image
+from inference.scene.compose import (
+    PORTRAIT_SHORT_SIDE,
+    compose_scene,
+    load_image,
+    parse_boxes,
+    scene_from_image,
+)
 from inference.scene.single import single_scene
 from tts.user_audio import timeline_from_files
 from tts.voices import DEFAULT_VOICES, get_voice
@@ -291,8 +297,10 @@ def _pictures(
     kwargs: dict[str, Any] = {"layout": req.layout or "side_by_side", "backdrop": req.backdrop or "blur"}
     if req.aspect is not None:
         kwargs["aspect"] = req.aspect
-    scene = _scene_call(req, lambda: compose_scene(decode_image("left_image", req.left_image),
-                        decode_image("right_image", req.right_image), size=resolution, **kwargs))  # fmt: skip
+    # Portraits decoded at their working size: two 40-megapixel photos never sit in memory whole.
+    scene = _scene_call(req, lambda: compose_scene(decode_image("left_image", req.left_image, PORTRAIT_SHORT_SIDE),
+                        decode_image("right_image", req.right_image, PORTRAIT_SHORT_SIDE), size=resolution,
+                        **kwargs))  # fmt: skip
     images = {}
     for field, side in (("left_image", "left"), ("right_image", "right")):
         data = getattr(req, field)
@@ -315,11 +323,13 @@ def _scene_call(req: JobInput, call: Callable[[], Any]) -> Any:
         raise JobInputError(req.name(exc.field), exc.message) from None
 
 
-def decode_image(field: str, data: bytes) -> Image.Image:
-    """Decode one uploaded image with the scene module's rules. Any failure while decoding user bytes is
-    the file's fault (a crafted or truncated file can raise more than ValueError inside a decoder)."""
+def decode_image(field: str, data: bytes, min_short_side: int | None = None) -> Image.Image:
+    """Decode one uploaded image with the scene module's rules (``min_short_side``: reduce a larger one
+    to that working size while loading, as ``compose_scene`` does with portraits). Any failure while
+    decoding user bytes is the file's fault (a crafted or truncated file can raise more than ValueError
+    inside a decoder)."""
     try:
-        return load_image(data, field)
+        return load_image(data, field, min_short_side=min_short_side)
     except InputError as exc:
         raise JobInputError(field, exc.message) from None
     except Exception as exc:
