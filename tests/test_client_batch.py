@@ -26,7 +26,7 @@ from service.client import ApiError, DialogueClient, JobFailed, job_body
 from tests.subprocess_env import offline_env
 from tests.test_service_e2e import ROOT, running_service
 
-SETTINGS = {"mode": "clip", "frame_num": 17, "steps": 2}
+SETTINGS = {"mode": "clip", "frame_num": 17, "motion_frames": 5, "steps": 2}
 SCRIPTS = ("(s1) Hello there. (s2) Hi!", "(s1) Good morning. (s2) Morning!", "(s1) Bye now. (s2) See you.")
 
 
