@@ -93,19 +93,29 @@ def join_gang(
     size: int,
     master: tuple[str, int],
     layout: ParallelLayout,
+    devices: Sequence[str],
     *,
     data_timeout_s: float,
     control_timeout_s: float,
 ) -> ParallelContext:
-    """Inside an actor: join the gang's torch.distributed world (its ranks are the gang's members). One
-    member: a single-process context, no process group. The actor sees its one GPU as ``cuda:0`` (Ray
-    sets ``CUDA_VISIBLE_DEVICES``)."""
-    device = (
-        torch.device("cuda", 0) if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
-    )
+    """Inside an actor: join the gang's torch.distributed world (its ranks are the gang's members; ``devices``:
+    every member's device by its node's numbering, ``cuda:N`` or ``cpu``). One member: a single-process
+    context, no process group.
+
+    Ray shows each actor only its own GPU (``CUDA_VISIBLE_DEVICES``). A gang of several GPU members sees
+    all of the gang's GPUs instead, each member using its own, so NCCL can use peer-to-peer links between
+    them (the gang shares one node); this works only before CUDA is initialised in the actor, and is
+    skipped (each member keeps ``cuda:0``) when it already was."""
+    gpu_ids = [d.split(":", 1)[1] for d in devices if d.startswith("cuda:")]
+    index = 0
+    if size > 1 and len(gpu_ids) == size and not torch.cuda.is_initialized():
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids)
+        index = rank
+    on_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+    device = torch.device("cuda", index) if on_gpu else torch.device("cpu")
     if size == 1:
         return ParallelContext.single(device).with_layout(layout)
-    env = {"RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(size), "MASTER_ADDR": master[0],
+    env = {"RANK": str(rank), "LOCAL_RANK": str(index), "WORLD_SIZE": str(size), "MASTER_ADDR": master[0],
            "MASTER_PORT": str(master[1])}  # fmt: skip
     os.environ.update(env)  # this actor process is one rank of its gang and nothing else
     return ParallelContext.from_env(

@@ -197,7 +197,7 @@ class GangMember:
         options = self.spec.options
         layout = check_parallel_sizes(self.spec.size, options.ulysses_size, options.ring_size,
                                       DiTConfig.preset(options.preset).num_heads, options.cfg_parallel)  # fmt: skip
-        ctx = join_gang(self.rank, self.spec.size, master, layout, data_timeout_s=options.data_timeout_s,
+        ctx = join_gang(self.rank, self.spec.size, master, layout, group.devices, data_timeout_s=options.data_timeout_s,
                         control_timeout_s=options.control_timeout_s)  # fmt: skip
         if options.preset == "tiny" and options.make_tiny and self.rank == 0:
             _make_tiny_locked(options.weights_root)
