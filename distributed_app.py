@@ -224,7 +224,7 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any], sto
         job_defaults=defaults,
         lora=runtime.speed.lora,
     )
-    renderer = runtime.renderer
+    renderer = producer.renderer if producer is not None else runtime.renderer  # whose Kokoro speaks previews
 
     def tts_preview(voice: str, text: str | None) -> bytes:
         audio = renderer.tts.preview(voice) if not text else renderer.tts.synthesize(

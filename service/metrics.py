@@ -55,6 +55,8 @@ def render_metrics(store: JobStore, engine_status: Callable[[], Any] | None, wor
         metric("dialogue_busy_ranks", "gauge", "Ranks working on a job.", [(busy, None)])
 
     if status is not None and status.groups:
+        metric("dialogue_replica_groups", "gauge", "Replica groups, each rendering its own job.",
+               [(float(len(status.groups)), None)])  # fmt: skip
         metric("dialogue_group_busy", "gauge", "1 while a replica group renders a job.",
                [(1.0 if g.get("state") == "busy" else 0.0, _group_labels(g)) for g in status.groups])  # fmt: skip
         metric("dialogue_group_heartbeat_age_seconds", "gauge", "Seconds since a replica group last reported.",

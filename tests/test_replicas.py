@@ -584,3 +584,42 @@ def test_the_page_header_shows_each_group(tmp_path: Path) -> None:
     assert "group 0 busy (42%), group 1 idle" in h.header()
     info["groups"] = groups[:1]  # one group: nothing more than before replica groups
     assert "group 0" not in h.header()
+
+
+def test_metrics_show_groups_and_sum_stats_files(tmp_path: Path) -> None:
+    from service.metrics import render_metrics
+
+    store = JobStore(tmp_path / "jobs.db", tmp_path / "out")
+    for group in (0, 1):
+        job = store.submit(SPEC, {"steps": 4}, {})
+        store.claim_for_group(group, (group,), ("cpu",))
+        for state in (JobState.RENDERING, JobState.ENCODING, JobState.DONE):
+            store.set_state(job.id, state)
+        render = {"frames": 25 * (group + 1), "fps": 25, "clips": 1, "passes": {"computed": 6, "skipped": 2}}
+        stats = build_stats(job_id=job.id, render=render, timings={"total_time": 2.0},
+                            group=ReplicaGroup(group, 2, (group,), ("cpu",)), peak_bytes=[1000 * (group + 1)],
+                            memory="process_max_rss", prepared_on="group")  # fmt: skip
+        (store.job_dir(job.id) / "stats.json").write_text(json.dumps(stats))
+    groups = ({"group": 0, "devices": ["cpu"], "state": "busy", "heartbeat_age_s": 0.5},
+              {"group": 1, "devices": ["cpu"], "state": "idle", "heartbeat_age_s": None})  # fmt: skip
+    status = EngineStatus(True, time.time(), (), "", None, groups)
+    text = render_metrics(store, lambda: status, 2)
+
+    def sample(name: str, group: int | None = None, **labels: str) -> float:
+        """The value of ``name`` for ``group`` (other labels, e.g. the node, may be added)."""
+        want = [f'group="{group}"'] if group is not None else []
+        want += [f'{k}="{v}"' for k, v in labels.items()]
+        for line in text.splitlines():
+            key, _, value = line.rpartition(" ")
+            if key.split("{")[0] == name and all(w in key for w in want):
+                return float(value)
+        raise AssertionError(f"no {name} {want} in:\n{text}")
+
+    assert sample("dialogue_replica_groups") == 2
+    assert (sample("dialogue_group_busy", 0), sample("dialogue_group_busy", 1)) == (1.0, 0.0)
+    assert np.isnan(sample("dialogue_group_heartbeat_age_seconds", 1))
+    assert (sample("dialogue_group_jobs", 0), sample("dialogue_group_frames", 1)) == (1.0, 50.0)
+    assert (
+        sample("dialogue_model_passes", kind="skipped") == 4.0
+        and sample("dialogue_peak_memory_bytes") == 2000
+    )
