@@ -183,7 +183,7 @@ def _plain(value: Any) -> Any:
 
 SPOOL_IN_MEMORY = 1 << 20  # a request body past this size waits on disk, not in memory
 REPLAY_CHUNK = 1 << 16
-MAX_CONCURRENT_SUBMISSIONS = 4  # bodies being read and checked at once; more wait their turn
+MAX_CONCURRENT_SUBMISSIONS = 2  # submissions decoded and checked at once; more wait their turn
 
 
 class _PerLoopSemaphore:
@@ -207,7 +207,8 @@ async def buffered_request(request: Request, limit: int) -> Request:
     """``request`` with its whole body read, at most ``limit`` bytes (413 past that, without buffering
     the rest), replayed to whoever parses it next. The one place a request body is read. The body is
     spooled to a temporary file past ``SPOOL_IN_MEMORY`` and replayed in ``REPLAY_CHUNK`` pieces, so a
-    large upload costs disk while it waits, not memory (the gate has already timed its arrival)."""
+    large upload costs disk while it waits, not memory (the gate times its arrival). A JSON body is
+    replayed in one piece: its parser needs it whole, and one piece is never copied again."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -229,12 +230,13 @@ async def buffered_request(request: Request, limit: int) -> Request:
         raise
     spool.seek(0)
     done = False
+    piece = total if _content_type(request) == "application/json" else REPLAY_CHUNK
 
     async def receive() -> dict[str, Any]:
         nonlocal done
         if done:
             return {"type": "http.disconnect"}
-        data = spool.read(REPLAY_CHUNK)
+        data = spool.read(piece)
         more = spool.tell() < total
         if not more:
             done = True
@@ -318,10 +320,11 @@ def create_router(
             async def route_handler(request: Request) -> Response:
                 try:
                     require_auth(request)
-                    # Bounded memory: at most MAX_CONCURRENT_SUBMISSIONS bodies are read and checked at
-                    # once (each holds its decoded uploads); the others wait here without a thread.
+                    # Every body streams to its spool at once (each under the gate's body timeout);
+                    # then at most MAX_CONCURRENT_SUBMISSIONS are parsed, decoded and checked at a time
+                    # (each holds its uploads and decoded media), the others wait without a thread.
+                    replay = await buffered_request(request, limits.max_request_bytes)
                     async with submissions.get():
-                        replay = await buffered_request(request, limits.max_request_bytes)
                         return await handler(replay)
                 except StarletteHTTPException as exc:
                     if exc.status_code != 400:

@@ -9,6 +9,8 @@ import io
 import json
 import struct
 import zlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -213,3 +215,53 @@ def cases() -> list[Case]:
     out.append(("preview voice", "POST", "/api/tts/preview", {"json": {"voice": "../x", "text": "hi"}}))
     out.append(("preview body", "POST", "/api/tts/preview", raw_json(DEEP)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- bombs
+# Tiny files that declare huge decoded sizes, and bodies larger than any limit.
+
+
+def flac_bomb(seconds: int = 595, channels: int = 8, rate: int = 96_000) -> bytes:
+    """One level for ``seconds`` on ``channels`` channels at ``rate``: a few hundred KB of FLAC that
+    decodes to ``seconds x rate x channels`` samples (595 s x 96 kHz x 8 = 457 M, 1.8 GB as float32)."""
+    buf = io.BytesIO()
+    with soundfile.SoundFile(buf, "w", rate, channels, format="FLAC", subtype="PCM_16") as f:
+        block = np.full((rate * 5, channels), 0.25, dtype=np.float32)
+        for _ in range(seconds // 5):
+            f.write(block)
+    return buf.getvalue()
+
+
+def png_bomb(mode: str = "I;16", w: int = 5000, h: int = 8000) -> bytes:
+    """A ``w x h`` (40 MP) single-colour PNG: ~100 KB; 16-bit grey ("I;16") or RGBA."""
+    if mode == "I;16":
+        img = Image.fromarray(np.full((h, w), 40_000, dtype=np.uint16))
+    else:
+        img = Image.new(mode, (w, h), (200, 100, 50, 128)[: len(mode)])
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg_portrait(w: int = 5000, h: int = 8000) -> bytes:
+    """A 40 MP JPEG with some texture (a real photo's size class)."""
+    small = np.random.default_rng(0).integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(small).resize((w, h)).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def rss_kib(pid: int, key: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def peak_rise_mb(pid: int, send: Callable[[], Any]) -> tuple[float, Any]:
+    """``send()``'s peak resident-memory rise in process ``pid`` (MB), with its result. The kernel's
+    high-water mark is reset first (``clear_refs`` 5), so the peak is this call's own."""
+    before = rss_kib(pid)
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    result = send()
+    return (rss_kib(pid, "VmHWM") - before) / 1024, result

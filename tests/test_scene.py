@@ -488,3 +488,29 @@ def test_load_image_reduction_keeps_exif_orientation(tmp_path):
     out = np.asarray(load_image(path, "left_image", min_short_side=300))
     assert out.shape == (400, 300, 3)
     assert out[:150, :, 0].mean() > 200 and out[250:, :, 2].mean() > 200
+
+
+def test_scene_from_a_reduced_copy_keeps_the_originals_geometry(tmp_path):
+    # A large scene image is decoded at a working size; bucket, boxes and crop follow the original.
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 255, (45, 80, 3), dtype=np.uint8)
+    src = Image.fromarray(small).resize((1603, 901), Image.Resampling.BILINEAR)
+    path = tmp_path / "scene.png"
+    src.save(path)
+    boxes = [[100, 100, 800, 700], [100, 900, 800, 1500]]
+    full = scene_from_image(load_image(path, "scene_image"), boxes)
+    copy = load_image(path, "scene_image", min_short_side=300)
+    assert copy.size == (802, 451)
+    reduced = scene_from_image(copy, boxes, source_size=compose.image_size(path, "scene_image"))
+    assert reduced.bucket == full.bucket and reduced.boxes == full.boxes
+    diff = np.abs(np.asarray(reduced.image, dtype=int) - np.asarray(full.image, dtype=int))
+    assert diff.mean() < 6  # the same picture at the same place, resampled from fewer pixels
+    # Negative control: without source_size the copy's own (rounded) geometry is used.
+    assert scene_from_image(copy, None).image.size == full.image.size
+    assert (
+        np.abs(
+            np.asarray(scene_from_image(copy, None).image, dtype=int)[:, ::-1]
+            - np.asarray(full.image, dtype=int)
+        ).mean()
+        > 20
+    )

@@ -44,6 +44,7 @@ from inference.render.spec import (
 from inference.scene.compose import (
     PORTRAIT_SHORT_SIDE,
     compose_scene,
+    image_size,
     load_image,
     parse_boxes,
     scene_from_image,
@@ -287,8 +288,10 @@ def _pictures(
                     name, "applies to two portraits only; a scene image keeps its own framing"
                 )
         field = n("scene_image")
-        scene = _scene_call(req, lambda: scene_from_image(decode_image(field, req.scene_image), req.boxes,
-                                                            size=resolution))  # fmt: skip
+        # Decoded at a working size (a 40-megapixel scene costs one decoded copy at most); the bucket,
+        # the boxes and the crop follow the original's size.
+        scene = _scene_call(req, lambda: scene_from_image(decode_image(field, req.scene_image, PORTRAIT_SHORT_SIDE),
+                            req.boxes, size=resolution, source_size=image_size(req.scene_image, field)))  # fmt: skip
         boxes = None if req.boxes is None else _scene_call(req, lambda: _original_boxes(req.boxes))
         name = f"scene_image.{image_extension(req.scene_image)}"
         files[name] = req.scene_image
