@@ -90,7 +90,8 @@ def test_expected_frames() -> None:
     assert expected_frames(3.44, GenerationSettings()) == 86
     assert expected_frames(6.875, GenerationSettings()) == 171
     assert expected_frames(0.039, GenerationSettings()) == 0
-    assert expected_frames(100.0, GenerationSettings()) == 1000  # max_frames cap
+    assert expected_frames(100.0, GenerationSettings(max_frames=1000)) == 1000  # max_frames cap
+    assert expected_frames(400.0, GenerationSettings()) == 9000  # the default cap: 6 minutes
     assert expected_frames(10.0, GenerationSettings(mode="clip")) == 81  # one clip
 
 

@@ -275,7 +275,7 @@ def _upstream_reference(T: int, frame_num: int, motion: int, max_frames: int):
 )
 def test_plan_matches_upstream_loop(seconds, mode, n_clips):
     T = int(seconds * 25)
-    settings = GenerationSettings(mode=mode)
+    settings = GenerationSettings(mode=mode, max_frames=1000)  # upstream hard-codes 1000 in streaming mode
     plan = plan_clips(T, settings)
     cap = 81 if mode == "clip" else 1000
     windows, rows, gen_len, upstream_out = _upstream_reference(T, 81, 25, cap)

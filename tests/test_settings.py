@@ -24,7 +24,7 @@ def test_defaults_follow_upstream():
         81,
         25,
         "streaming",
-        1000,
+        9000,  # not upstream's 1000: the default cap is the longest video (6 min), see inference.render.length
         1.0,
     )
     assert s.effective_shift == 7.0
@@ -129,9 +129,11 @@ def test_presets_are_valid_and_ordered_by_cost():
 
 
 def test_count_clips_and_estimate():
-    s = GenerationSettings()
+    s = GenerationSettings(max_frames=1000)  # upstream's cap
     # 1 + ceil((L - 81) / 56) with L = min(T, 1000)
     assert [count_clips(t, s) for t in (50, 81, 82, 137, 138, 250, 1000, 1500)] == [1, 1, 2, 2, 3, 5, 18, 18]
+    # the default cap, 9000 frames: 1500 frames (60 s) are 27 clips, 9000 and more 161
+    assert [count_clips(t, GenerationSettings()) for t in (1500, 9000, 12000)] == [27, 161, 161]
     assert count_clips(250, GenerationSettings(mode="clip")) == 1
     # 10 s -> 250 frames -> 5 clips x 40 steps x 3 passes
     assert estimate_seconds(s, 10.0, 2.0) == pytest.approx(5 * 40 * 3 * 2.0)

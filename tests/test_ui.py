@@ -225,9 +225,10 @@ def test_overlay_errors_are_inline(ui: UiHandlers, tmp_path: Path, portraits: tu
 
 def test_preset_fill_and_overrides(ui: UiHandlers) -> None:
     fast = dict(zip(ADVANCED_FIELDS, ui.preset_values("fast"), strict=True))
-    assert fast["steps"] == 16 and fast["text_guidance"] == 1.0 and fast["max_length"] == 40.0
+    # the default maximum length is the longest video, 6 min (upstream's 40 s cut long dialogues)
+    assert fast["steps"] == 16 and fast["text_guidance"] == 1.0 and fast["max_length"] == 360.0
     assert (
-        dict(zip(ADVANCED_FIELDS, ui.preset_values("quality", "frames"), strict=True))["max_length"] == 1000
+        dict(zip(ADVANCED_FIELDS, ui.preset_values("quality", "frames"), strict=True))["max_length"] == 9000
     )
     assert "Fast: 16 steps, guidance text 1 / audio 4, 480p" in preset_summary()
     base = {"preset": "fast", "length_unit": "seconds", **fast}
@@ -747,10 +748,10 @@ def test_a_preset_keeps_what_the_user_set_and_says_so(ui: UiHandlers) -> None:
     current.update(seed=-1, steps=20)
     new, note = ui.preset_change("quality", "seconds", current, ["seed", "steps"])
     assert "seed" not in new and "steps" not in new  # kept
-    assert new["text_guidance"] == 5.0 and new["max_length"] == 40.0  # filled from the preset
+    assert new["text_guidance"] == 5.0 and new["max_length"] == 360.0  # filled from the preset
     assert "kept the ones you set: steps (20), seed (-1)" in note and note.startswith("Quality preset")
     new, note = ui.preset_change("balanced", "frames", current, [])
-    assert new["steps"] == 30 and new["seed"] == 42 and new["max_length"] == 1000
+    assert new["steps"] == 30 and new["seed"] == 42 and new["max_length"] == 9000
     assert note == "Balanced preset: every advanced value follows it."
 
 

@@ -29,6 +29,7 @@ import soundfile
 from PIL import Image
 
 from common.errors import InputError
+from inference.render.length import check_speech_length, estimate_speech_seconds, recordings_seconds
 from inference.render.settings import PRESETS, LoraState, offered_presets
 from inference.render.spec import (
     AUDIO_MODES,
@@ -146,6 +147,7 @@ def build_job(req: JobInput, limits: Limits) -> Submission:
     voices = _voices(req, people, limits.installed_voices) if dialogue is not None else None
     if dialogue is not None:
         _check_speakers(req, dialogue, people)
+        _check_length(estimate_speech_seconds(dialogue), settings, n("script"), "estimated from the script")
 
     # -- pictures
     files: dict[str, bytes] = {}
@@ -160,6 +162,7 @@ def build_job(req: JobInput, limits: Limits) -> Submission:
         recordings = (req.audio1, req.audio2)[:people]
         audio, audio_seconds = check_audio(req, recordings, mode, limits, files)  # type: ignore[arg-type]
         audio_mode = mode
+        _check_length(recordings_seconds(audio_seconds, mode), settings, n("audio1"), "the recordings")
 
     spec = JobSpec(
         people=people,
@@ -223,6 +226,14 @@ def _check_speakers(req: JobInput, dialogue: Any, people: int) -> None:
             f"the job has two people but only speaker {3 - missing} has lines; give speaker {missing} at "
             "least one line, or use one image for a one-person video",
         )
+
+
+def _check_length(seconds: float, settings: dict[str, Any], field: str, source: str) -> None:
+    """Speech longer than the job's length cap is refused here, with the figures, never cut later."""
+    try:
+        check_speech_length(seconds, settings, field=field, source=source)
+    except InputError as exc:
+        raise JobInputError(exc.field, exc.message) from None
 
 
 def _voices(req: JobInput, people: int, installed: frozenset[str] | None) -> tuple[str, ...]:

@@ -43,6 +43,7 @@ from inference.checkpoint.weights import WeightPaths
 from inference.model.sp import NoParallel, SequenceParallelism
 from inference.parallel.cfg import GuidanceParallel, one_by_one
 from inference.parallel.offload import EncoderHome
+from inference.render.length import check_speech_length, length_record, speech_end, subtitles_within
 from inference.render.sampler import (
     BRANCH_COND,
     BRANCH_DROP_AUDIO,
@@ -439,6 +440,11 @@ class Renderer:
         t0 = time.monotonic()
         timeline = self._timeline(spec, files)
         timing("tts_time", time.monotonic() - t0)
+        # The estimate at submission may have been low: speech past the cap fails here, never cut.
+        scripted = spec.dialogue is not None
+        check_speech_length(speech_end(timeline), settings.to_dict(), field="script" if scripted else "audio1",
+                            source="as synthesised; the estimate from the script was lower" if scripted
+                            else "the recordings")  # fmt: skip
         timeline.write(out_dir)
 
         progress(4, "composing the scene")
@@ -585,7 +591,7 @@ class Renderer:
             timeline.sample_rate,
             prep.out_dir / OUTPUT_VIDEO,
             fps=FPS,
-            subtitles={"srt": timeline.to_srt(), "vtt": timeline.to_vtt()},
+            subtitles=subtitles_within(timeline, num_frames / FPS),  # clip mode: its one clip's cues
         )
         meta = {
             "frames": int(num_frames),
@@ -596,6 +602,7 @@ class Renderer:
             "settings": prep.settings.to_dict(),
             "scene": prep.scene.to_json(),
             "passes": prep.passes_record(),
+            **length_record(timeline, prep.spec.dialogue, num_frames, prep.settings),
         }
         atomic_write_text(prep.out_dir / "render.json", json.dumps(meta, indent=1, ensure_ascii=False))
         names = [*OUTPUT_FILES, "render.json"]

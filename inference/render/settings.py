@@ -55,7 +55,10 @@ GUIDANCE_RANGE = (1.0, 20.0)
 SHIFT_RANGE = (0.1, 30.0)
 SEED_RANGE = (-(2**63), 2**63 - 1)
 FRAME_NUM_RANGE = (5, 201)
-MAX_FRAMES_LIMIT = 9000  # 6 minutes at 25 fps; the service may impose a lower cap
+MAX_FRAMES_LIMIT = 9000  # 6 minutes at 25 fps: the longest video
+# The default cap is the longest video, so that every script within the script limits (5,000 characters,
+# about 5.5 minutes of speech) renders whole; upstream MultiTalk hard-codes 1000 (40 s) and cuts silently.
+DEFAULT_MAX_FRAMES = MAX_FRAMES_LIMIT
 NEGATIVE_PROMPT_MAX_CHARS = 4000
 APG_MOMENTUM_RANGE = (-1.0, 1.0)
 APG_NORM_THRESHOLD_RANGE = (0.0, 1000.0)
@@ -120,7 +123,8 @@ class GenerationSettings:
       frame_num: frames per clip [81], 4n+1 in 5..201.
       motion_frames: frames of the previous clip that condition the next one [25], 4k+1, < frame_num.
       mode: "streaming" (long video, clips overlap by motion_frames) or "clip" (one clip only).
-      max_frames: cap on output frames in streaming mode [1000 = 40 s], >= frame_num.
+      max_frames: cap on output frames in streaming mode [upstream 1000 = 40 s; here 9000 = 6 min],
+        frame_num..9000. Speech longer than the cap is refused, never cut (``inference.render.length``).
       color_correction: Lab mean/std colour transfer toward the reference image [1.0], 0..1.
       negative_prompt: the "null text" of text CFG [upstream MultiTalk English list].
       apg / apg_momentum / apg_norm_threshold: Adaptive Projected Guidance [off, -0.75, 55].
@@ -139,7 +143,7 @@ class GenerationSettings:
     frame_num: int = 81
     motion_frames: int = 25
     mode: str = "streaming"
-    max_frames: int = 1000
+    max_frames: int = DEFAULT_MAX_FRAMES
     color_correction: float = 1.0
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     apg: bool = False

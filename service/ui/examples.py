@@ -41,6 +41,10 @@ EXAMPLES: dict[str, str] = {
     "Oh no. Coffee?\nYes, please.",
     "With pauses": "(s1) So, what did the doctor say?\n[pause 1.5s]\n(s2) She said... [pause 0.8s] "
     "everything is fine.\n(s1) That's wonderful news!",
+    "Screenplay": "ANNA\n(smiling) You made it!\n\nBEN\nOf course. I wouldn't miss it.\n\nANNA\n"
+    "Come in, the others are already here.",
+    "Chat log": "[10:01] Anna: are you coming tonight?\n[10:02] Ben: yes! *waves* leaving in ten minutes\n"
+    "[10:03] Anna: great, see you soon",
 }
 
 

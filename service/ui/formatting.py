@@ -9,12 +9,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from inference.render.length import estimate_speech_seconds
 from service.jobs import Job, JobState, JobStore
 
 FPS = 25
-# Rough speaking rates for the length estimate (Kokoro at speed 1.0).
-_LATIN_CHARS_PER_S = 15.0
-_CJK_CHARS_PER_S = 4.5
 
 # Every form and setting field under the name the page gives it (errors name the field this way).
 FIELD_LABELS: dict[str, str] = {
@@ -106,13 +104,9 @@ def short_id(job_id: str) -> str:
 
 
 def speech_seconds(dialogue: Any) -> float:
-    """Rough spoken length of a parsed dialogue (Kokoro at speed 1.0), pauses included."""
-    total = 0.0
-    for turn in dialogue.turns:
-        cjk = sum(1 for ch in turn.speech_text if "\u3400" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff")
-        other = len(turn.speech_text) - cjk
-        total += cjk / _CJK_CHARS_PER_S + other / _LATIN_CHARS_PER_S + 0.3 + turn.pause_after
-    return total
+    """Rough spoken length of a parsed dialogue (Kokoro at speed 1.0), pauses included: the estimate the
+    submission checks against the length cap (``inference.render.length``)."""
+    return estimate_speech_seconds(dialogue)
 
 
 def srt_to_vtt(srt: str) -> str:

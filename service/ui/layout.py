@@ -38,18 +38,24 @@ from tts.voices import DEFAULT_VOICES
 
 TITLE = "Dialogue video"
 FORMAT_HELP = """\
-**Script formats** (detected automatically; one turn per line; Chinese, English or mixed):
+**Script formats** (detected automatically; the preview says which one it chose; Chinese, English or mixed):
 
 | format | example | who is who |
 |---|---|---|
-| tags | `(s1) Hello! (s2) Hi.` (also `[s1]`, `（s1）`) | s1 = person 1 (left), s2 = person 2 (right) |
+| tags | `(s1) Hello! (s2) Hi.` (also `[s1]`, `（s1）`; several on one line) | s1 = person 1 (left), s2 = person 2 (right) |
 | roles | `角色1：你好` / `Speaker 2: Hi` | the number |
 | letters | `A: Hello` / `B: Hi` | A left, B right |
-| names | `Alice: Hello` / `Bob: Hi` | first name to speak is on the left |
+| names | `Alice: Hello` / `Bob (whispering): Hi` | first name to speak is on the left |
+| screenplay | `ALICE` on its own line, her lines below; a blank line; `BOB` ... | first name is on the left |
+| chat log | `[10:01] Alice: hi`, `10:01 Alice: hi`, `Alice (10:01): hi`; copies from WhatsApp, Telegram, Discord and Slack | first sender is on the left |
+| list | `- Alice: hi`, `* B: hi`, `1. (s1) hi` | as the labels after the marker |
 | free | one line per turn, no labels | alternating left, right, left ... |
 
-Pauses: `[pause 1.5s]`, `[pause 800ms]`, `[停顿 1秒]` or `<break time="1s"/>`, on their own line or inside a
-turn. A line without a label continues the previous turn; lines starting with `#` are comments.
+Timestamps, list markers and names are not spoken. **Directions are not spoken** either: `(smiling)`,
+`*waves*`, `[laughs]`, `（笑）` and a label's parenthetical (`Bob (whispering):`) are kept aside, shown in the
+preview's last column. Pauses: `[pause 1.5s]`, `[pause 800ms]`, `[停顿 1秒]`, `<break time="1s"/>`, `(pause 2s)`;
+`[pause]`, `(pause)`, `(beat)` or a lone `…` is a short pause. A line without a label continues the previous
+turn; lines starting with `#` are comments. The video is as long as the speech (up to the Maximum length).
 """
 
 

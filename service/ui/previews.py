@@ -15,6 +15,7 @@ import numpy as np
 import soundfile
 
 from dialogue import ScriptError, parse_script
+from inference.render.length import check_speech_length
 from inference.render.settings import PRESETS, count_clips, estimate_seconds
 from inference.scene.compose import DEFAULT_NAMES, compose_scene, scene_from_image
 from inference.scene.single import single_scene
@@ -65,16 +66,18 @@ class PreviewHandlers:
         for i, turn in enumerate(dialogue.turns, start=1):
             side = "left" if turn.speaker == 0 else "right"
             pause = f" <em>[pause {turn.pause_after:g} s]</em>" if turn.pause_after else ""
+            directions = "; ".join(html.escape(d) for d in turn.directions)
             rows.append(
                 f"<tr><td>{i}</td><td>{turn.line}</td><td><b>{html.escape(names[turn.speaker])}</b> ({side})</td>"
-                f"<td>{html.escape(turn.text)}{pause}</td></tr>"
+                f"<td>{html.escape(turn.speech_text)}{pause}</td><td><em>{directions}</em></td></tr>"
             )
         head = (
             f"<p>{plural(len(dialogue.turns), 'turn')} · format <code>{dialogue.format}</code> · about "
             f"{fmt_duration(speech_seconds(dialogue))} of speech</p>"
         )
         table = (
-            '<table class="dv-turns"><thead><tr><th>#</th><th>line</th><th>speaker</th><th>text</th></tr></thead>'
+            '<table class="dv-turns"><thead><tr><th>#</th><th>line</th><th>speaker</th><th>spoken</th>'
+            "<th>directions (not spoken)</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>"
         )
         return head + table, names
@@ -252,6 +255,11 @@ class PreviewHandlers:
                 f"{plural(settings.steps, 'step')} × {passes} model passes per step per clip "
                 f"({settings.resolution}p); {missing}."
             )
+            return "\n\n".join(lines)
+        try:
+            check_speech_length(seconds, settings.to_dict(), field="script", source="estimated")
+        except ValueError as exc:  # the submission refuses it with the same sentence
+            lines.append(error_md(exc, "settings"))
             return "\n\n".join(lines)
         clips = count_clips(max(1, int(seconds * FPS)), settings)
         video_s = min(seconds, settings.output_frame_cap / FPS)
