@@ -30,7 +30,9 @@ from inference.render.length import (
     check_speech_length,
     estimate_speech_seconds,
     frames_needed,
+    length_record,
     recordings_seconds,
+    subtitles_within,
 )
 from inference.render.pipeline import FRAMES_SPILL_DIR, OUTPUT_VIDEO, RenderConfig, Renderer
 from inference.render.settings import FPS, MAX_FRAMES_LIMIT, PRESETS, GenerationSettings
@@ -39,6 +41,7 @@ from inference.render.video_io import probe_media
 from inference.render.worker import RenderFailed, RenderJob, Runtime, RuntimeOptions
 from service.api import ServiceInfo, create_app
 from service.jobs import JobStore
+from tts.timeline import Timeline, TurnTiming
 
 FRAME_S = 1.0 / FPS
 
@@ -132,6 +135,9 @@ def test_the_28_turn_script_is_accepted_under_the_default_cap() -> None:
     assert len(dialogue.turns) == 28 and dialogue.format == "names"
     assert 150 < estimate_speech_seconds(dialogue) < MAX_FRAMES_LIMIT / FPS
     assert build_job(_script_job(LONG_SCRIPT), Limits()).settings["max_frames"] == MAX_FRAMES_LIMIT
+    # With upstream's cap of 40 s it is refused at submission, naming the cap, instead of cut to 40 s.
+    error = _refusal(_script_job(LONG_SCRIPT, max_frames=1000))
+    assert error.field == "settings.max_frames" and "max_frames = 1000 frames = 40 s" in error.message
 
 
 def test_speech_longer_than_a_lower_cap_is_refused_at_submission_naming_the_cap() -> None:
@@ -180,6 +186,21 @@ def test_recordings_are_checked_with_their_exact_lengths() -> None:
     para = JobInput(left_image=LEFT, right_image=RIGHT, audio1=_wav(2.0), audio2=_wav(2.5), audio_mode="para",
                     settings={"max_frames": 101})  # fmt: skip
     assert build_job(para, Limits()).spec.audio_seconds == {"person1": 2.0, "person2": 2.5}
+
+
+def test_clip_mode_subtitles_end_with_its_one_clip_and_the_record_says_cut() -> None:
+    turns = [TurnTiming(0, 0, "Anna", 0.0, 2.0, "Hello there."), TurnTiming(1, 1, "Ben", 2.25, 4.0, "Hi!"),
+             TurnTiming(2, 0, "Anna", 4.25, 6.0, "Bye.")]  # fmt: skip
+    timeline = Timeline(24000, np.zeros((2, 24000 * 6 + 4800), np.float32), turns, ("Anna", "Ben"))
+    whole = subtitles_within(timeline, 6.2)
+    assert whole == {"srt": timeline.to_srt(), "vtt": timeline.to_vtt()}  # the speech fits: every cue as is
+    one_clip = subtitles_within(timeline, 81 / FPS)  # 3.24 s
+    assert "Bye." not in one_clip["srt"] and "00:00:02,250 --> 00:00:03,240" in one_clip["srt"]
+    assert "00:00:03.240" in one_clip["vtt"]
+    clip = GenerationSettings(mode="clip")
+    record = length_record(timeline, None, 81, clip)
+    assert record == {"length": {"speech_s": 6.0, "video_s": 3.24, "cap_frames": 81, "cut": True}}
+    assert length_record(timeline, None, 155, GenerationSettings())["length"]["cut"] is False
 
 
 # ----------------------------------------------------------------------------------------- REST
