@@ -101,7 +101,7 @@ class StageResult:
         return self.measured / self.planned if self.planned else float("nan")
 
 
-class _Gpu(LiveTensors):
+class DeviceTensors(LiveTensors):
     """``LiveTensors`` that leaves out storages marked as host memory (offload / streaming host copies)."""
 
     def __init__(self) -> None:
@@ -117,6 +117,19 @@ class _Gpu(LiveTensors):
     def _register(self, t: torch.Tensor, op: str, inputs: set[int]) -> None:
         if t.untyped_storage()._cdata not in self._host:
             super()._register(t, op, inputs)
+
+
+def host_tensors(streamer: object = None, home: object = None) -> list[torch.Tensor]:
+    """The host copies a ``BlockStreamer`` and an ``EncoderHome`` keep (CPU memory on a GPU host)."""
+    copies = []
+    if streamer is not None:
+        copies += [*streamer._copies.values(), *([streamer._root] if streamer._root is not None else [])]
+    extras: list[torch.Tensor] = []
+    if home is not None:
+        for copy, more in home._homes.values():
+            copies.append(copy)
+            extras += more.values()
+    return [t for c in copies for t in (*c._param_host, *(h for _, h in c._buffers))] + extras
 
 
 def _build(case: Case, sizes: ModelSizes, tokenizer_dir: Path):
@@ -167,7 +180,7 @@ def _build(case: Case, sizes: ModelSizes, tokenizer_dir: Path):
 
 
 @contextmanager
-def _stage(live: _Gpu, results: dict[str, tuple[int, int]], name: str) -> Iterator[None]:
+def _stage(live: DeviceTensors, results: dict[str, tuple[int, int]], name: str) -> Iterator[None]:
     live.reset_peak()
     before = live.live
     yield
@@ -175,7 +188,7 @@ def _stage(live: _Gpu, results: dict[str, tuple[int, int]], name: str) -> Iterat
 
 
 def measure(
-    case: Case, on_stage: Callable[[str, _Gpu], None] | None = None
+    case: Case, on_stage: Callable[[str, DeviceTensors], None] | None = None
 ) -> tuple[Plan, list[StageResult]]:
     """Run ``case``'s stages under the tracker; returns the plan and one result per stage."""
     from inference.encoders.tiny import write_tiny_tokenizer
@@ -193,22 +206,16 @@ def measure(
     measured: dict[str, tuple[int, int]] = {}
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         tok_dir = write_tiny_tokenizer(tmp)
-        live = _Gpu()
+        live = DeviceTensors()
         with live:
             dit, t5, clip, vae = _build(case, sizes, tok_dir)
+            streamer = None
             if case.num_persistent_param_in_dit is not None:
                 streamer = stream_blocks(dit, "cpu", case.num_persistent_param_in_dit)
-                copies = [
-                    *streamer._copies.values(),
-                    *([streamer._root] if streamer._root is not None else []),
-                ]
-                live.host([t for c in copies for t in (*c._param_host, *(hb for _, hb in c._buffers))])
             home = EncoderHome("cpu", case.offload_model)
             for enc in (t5, clip, vae):
                 home.add(enc)
-            if case.offload_model:
-                for copy, extras in home._homes.values():
-                    live.host([*copy._param_host, *(hb for _, hb in copy._buffers), *extras.values()])
+            live.host(host_tensors(streamer, home))
             with _stage(live, measured, "text"), home.stage(t5):
                 context = t5.encode([PROMPT])[0][None].float()
                 context_null = t5.encode(["bad quality"])[0][None].float()

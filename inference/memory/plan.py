@@ -204,6 +204,7 @@ class Workload:
         except (TypeError, ValueError):
             raise MemoryPlanError("size", f"unknown size {size!r}; choose one of {list(SIZES)}") from None
         h, w = max(table.values(), key=lambda hw: (hw[0] * hw[1], -abs(hw[0] - hw[1])))
+        kwargs.setdefault("motion_frames", min(25, max(1, frames - 4)))  # upstream's 25, below a short clip
         return cls(h, w, frames, **kwargs)  # type: ignore[arg-type]
 
     @property
