@@ -79,6 +79,8 @@ class Layout:
     vae_tiling: "auto" tiles the VAE when the whole-frame call would not fit in what is left.
     device: "cuda" (bf16 DiT and T5, fp16 CLIP, fp32 VAE) or "cpu" (fp32 everywhere, as the CPU paths run).
     rows: guidance branches evaluated in one forward (1 unless branches are batched).
+    sp_size: ranks that share one forward's sequence (Ulysses x ring); None = every rank (without
+    ``--cfg_parallel`` guidance groups).
     """
 
     gpus: int = 1
@@ -95,6 +97,7 @@ class Layout:
     quant: str | None = None
     device: str = "cuda"
     rows: int = 1
+    sp_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.gpus < 1:
@@ -120,6 +123,10 @@ class Layout:
             raise MemoryPlanError("device", f"cuda or cpu, got {self.device!r}")
         if self.rows < 1:
             raise MemoryPlanError("rows", f"must be at least 1, got {self.rows}")
+        if self.sp_size is not None and not (
+            1 <= self.sp_size <= self.gpus and self.gpus % self.sp_size == 0
+        ):
+            raise MemoryPlanError("sp_size", f"must divide the {self.gpus} ranks, got {self.sp_size}")
 
     @property
     def sharded_dit(self) -> bool:
@@ -350,7 +357,7 @@ def _dit_weights(sizes: ModelSizes, lay: Layout, dt: _Dtypes) -> tuple[Item, Ite
 def dit_activations(sizes: ModelSizes, lay: Layout, work: Workload, dt: _Dtypes) -> tuple[Item, Item]:
     """(activations at the largest op, Ulysses' attention buffers) of one DiT forward on one rank."""
     cfg = sizes.dit.config
-    a, p, b = dt.act, lay.gpus, lay.rows
+    a, p, b = dt.act, lay.sp_size or lay.gpus, lay.rows
     s = work.tokens(cfg.patch_size)
     s_loc = math.ceil(s / p)
     x = b * s_loc * cfg.dim * a

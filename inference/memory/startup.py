@@ -54,6 +54,7 @@ def startup_check(
     num_persistent_param_in_dit: int | None,
     vae_tiling: str,
     quant: str | None,
+    sp_size: int | None = None,
 ) -> Plan | None:
     """The service's check: the plan of its flags on the GPUs found, for the default clip (``resolution``,
     ``frames``). Nothing is checked on a CPU (host memory is not planned). Raises ``MemoryPlanError``."""
@@ -72,5 +73,6 @@ def startup_check(
         num_persistent_param_in_dit=num_persistent_param_in_dit,
         vae_tiling=vae_tiling,
         quant=quant,
+        sp_size=sp_size,
     )
     return check_layout_fits(layout, preset, Workload.for_size(resolution, frames))

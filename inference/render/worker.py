@@ -449,7 +449,7 @@ class Runtime:
         on_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
         # Upstream's default: encoders offloaded with one GPU, resident with several.
         offload = options.offload_model if options.offload_model is not None else (world == 1 and on_gpu)
-        _check_memory(options, world, device, offload, mode)  # before any weight is loaded
+        _check_memory(options, world, device, offload, mode, layout.sp_size)  # before any weight is loaded
         paths = WeightPaths.under(options.weights_root)
         if options.preset == "tiny" and options.make_tiny and int(os.environ.get("RANK", "0")) == 0:
             make_tiny(paths.root)  # idempotent; other ranks wait for it at the rendezvous below
@@ -634,7 +634,9 @@ def _quant_spec(options: RuntimeOptions, mode: str, world: int) -> tuple[QuantSp
     return quant, tuple(lora_files)
 
 
-def _check_memory(options: RuntimeOptions, world: int, device: str | None, offload: bool, mode: str) -> None:
+def _check_memory(
+    options: RuntimeOptions, world: int, device: str | None, offload: bool, mode: str, sp_size: int
+) -> None:
     """Refuse a layout the memory plan says cannot fit the GPUs found (nothing is checked on a CPU)."""
     startup_check(
         preset=options.preset,
@@ -650,6 +652,7 @@ def _check_memory(options: RuntimeOptions, world: int, device: str | None, offlo
         num_persistent_param_in_dit=options.num_persistent_param_in_dit,
         vae_tiling=options.vae_tiling,
         quant=options.quant,
+        sp_size=sp_size,
     )
 
 
