@@ -549,7 +549,9 @@ def test_status_list_and_queue(env) -> None:
         "task_id": "a" * 32,
         "stage": "rendering",
         "device": "cuda:0",
+        "group": None,  # the replica group (``--replicas``); None from an engine without groups
     }
+    assert q["groups"] == []
 
 
 @pytest.mark.parametrize(
