@@ -55,6 +55,7 @@ def startup_check(
     vae_tiling: str,
     quant: str | None,
     sp_size: int | None = None,
+    rows: int = 1,
 ) -> Plan | None:
     """The service's check: the plan of its flags on the GPUs found, for the default clip (``resolution``,
     ``frames``). Nothing is checked on a CPU (host memory is not planned). Raises ``MemoryPlanError``."""
@@ -74,5 +75,6 @@ def startup_check(
         vae_tiling=vae_tiling,
         quant=quant,
         sp_size=sp_size,
+        rows=rows,
     )
     return check_layout_fits(layout, preset, Workload.for_size(resolution, frames))

@@ -653,6 +653,7 @@ def _check_memory(
         vae_tiling=options.vae_tiling,
         quant=options.quant,
         sp_size=sp_size,
+        rows=3 if options.speed.batched_guidance == "on" else 1,  # "auto" batches only when memory allows
     )
 
 
