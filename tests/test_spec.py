@@ -17,7 +17,7 @@ import soundfile
 from PIL import Image
 
 from common.errors import InputError
-from inference.render.cli import installed_voices, load_job, read_local_file
+from inference.render.cli import build_parser, installed_voices, load_job, read_local_file
 from inference.render.intake import Limits, build_job
 from inference.render.settings import PRESETS
 from inference.render.spec import DEFAULT_PROMPTS, JobInput, JobInputError, JobSpec, parse_job_json
@@ -398,12 +398,13 @@ def test_input_paths_refuse_missing_or_escaping_files(specs: dict[str, JobSpec],
 # ------------------------------------------------------------------------------------ the CLI's job
 
 
-def _args(tmp_path: Path, job: dict, **flags: Any) -> argparse.Namespace:
+def _args(tmp_path: Path, job: dict, *flags: str) -> argparse.Namespace:
+    """The CLI's own parse of ``--input job.json --out ...`` plus ``flags``."""
     path = tmp_path / "job.json"
     path.write_text(json.dumps(job, ensure_ascii=False), encoding="utf-8")
-    values = {"input": path, "preset": "tiny", "weights": tmp_path / "no-weights", "quality": None,
-              "settings": None, "mode": None, "sample_steps": None, "seed": None, **flags}  # fmt: skip
-    return argparse.Namespace(**values)
+    argv = ["--preset", "tiny", "--weights", str(tmp_path / "no-weights"), "--input", str(path),
+            "--out", str(tmp_path / "out.mp4"), *flags]  # fmt: skip
+    return build_parser().parse_args(argv)
 
 
 def test_cli_job_settings_and_unicode(tmp_path: Path) -> None:
@@ -415,10 +416,12 @@ def test_cli_job_settings_and_unicode(tmp_path: Path) -> None:
     assert sub.spec.script == job["script"] and sub.spec.source == "cli"
     assert (sub.settings["steps"], sub.settings["seed"]) == (4, 5)  # tiny: 4 steps unless told otherwise
     assert sub.settings["text_guidance"] == PRESETS["quality"].settings.text_guidance  # upstream's defaults
-    sub = load_job(_args(tmp_path, job, quality="fast", sample_steps=3, settings='{"seed": 9}'))
+    sub = load_job(
+        _args(tmp_path, job, "--quality", "fast", "--sample_steps", "3", "--settings", '{"seed": 9}')
+    )
     assert (sub.settings["steps"], sub.settings["seed"], sub.spec.preset) == (3, 9, "fast")
     with expect("--settings", "JSON object"):
-        load_job(_args(tmp_path, job, settings="[1]"))
+        load_job(_args(tmp_path, job, "--settings", "[1]"))
 
 
 def test_cli_checks_installed_voices_without_loading_anything(tmp_path: Path) -> None:
