@@ -38,10 +38,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from common.bounded import MAX_INT_DIGITS, MAX_JSON_DEPTH
 from common.bounded import loads as bounded_json
 from dialogue.script import parse_script
 from inference.render.intake import Limits, check_text, check_voice
 from inference.render.settings import preset_catalog
+from inference.scene.compose import MAX_ASPECT, MAX_PIXELS, MIN_SHORT_SIDE
 from service.errors import (
     AuthError,
     NoSuchEndpoint,
@@ -85,6 +87,7 @@ from service.validation import (
     request_from_form,
     request_from_json,
 )
+from tts.user_audio import MAX_VALUES_PER_SECOND, value_budget
 from tts.voices import VOICES
 
 logger = logging.getLogger(__name__)
@@ -455,6 +458,7 @@ def create_router(
         queued, running = [j for j in queued if j.visible_to(who)], [j for j in running if j.visible_to(who)]
         return QueueResponse(
             workers=[] if engine is None else [_plain(w) for w in engine.workers],
+            groups=[] if engine is None else [_plain(g) for g in engine.groups],
             running=[JobStatusResponse.of(j, prefix(request), full=False) for j in running],
             queue=[JobStatusResponse.of(j, prefix(request), full=False) for j in queued],
             queue_size=queue_size,
@@ -632,9 +636,6 @@ def _check_speakable(text: str) -> None:
 
 def _media_limits(limits: Limits) -> dict[str, Any]:
     """Limits enforced below ``Limits``: image pixels and sides, the audio decode budget, JSON bounds."""
-    from common.bounded import MAX_INT_DIGITS, MAX_JSON_DEPTH
-    from inference.scene.compose import MAX_ASPECT, MAX_PIXELS, MIN_SHORT_SIDE
-    from tts.user_audio import MAX_VALUES_PER_SECOND, value_budget
 
     return {
         "max_image_pixels": MAX_PIXELS,
