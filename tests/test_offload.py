@@ -182,3 +182,23 @@ def test_offloaded_encoders_equal_resident(encoder_folder) -> None:
     ptr = resident.model.shared.weight.data_ptr()
     with plain.stage(resident):
         assert resident.model.shared.weight.data_ptr() == ptr
+
+
+def test_streaming_a_quantised_dit_is_bit_identical(tmp_path) -> None:
+    """--quant with --num_persistent_param_in_dit: quanto's int8 weights stream like plain ones."""
+    from inference.checkpoint.loader import save_checkpoint
+    from inference.checkpoint.quant import QuantSpec, load_quantized_dit
+    from inference.model.config import DiTConfig
+
+    save_checkpoint(tiny_dit(), tmp_path, num_shards=1)
+
+    def load() -> torch.nn.Module:
+        return load_quantized_dit(
+            tmp_path, QuantSpec("int8"), "cpu", config=DiTConfig.tiny(), dtype=torch.float32
+        )
+
+    ref = _forward(load())
+    model = load()
+    streamer = stream_blocks(model, "cpu", 0)
+    assert streamer._side is None and streamer.plan.persistent_blocks == 0
+    assert torch.equal(_forward(model), ref)

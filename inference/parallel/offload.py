@@ -119,7 +119,13 @@ def _host(t: torch.Tensor, pin: bool) -> torch.Tensor:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")
-    return t.pin_memory() if pin and not t.is_pinned() else t
+    if not pin or not _plain(t) or t.is_pinned():  # quantised weights (tensor subclasses) stay pageable
+        return t
+    return t.pin_memory()
+
+
+def _plain(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter)
 
 
 def _can_pin(device: torch.device) -> bool:
@@ -248,7 +254,10 @@ class BlockStreamer:
                         m._buffers[name] = b.to(self.device)
         self._order = sorted(self._copies)
         self._pending: dict[int, torch.cuda.Event | None] = {}
-        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # Copies overlap compute on a side stream (CUDA, plain tensors); quantised weights (tensor subclasses)
+        # are copied on the compute stream, where no cross-stream bookkeeping is needed.
+        plain = all(_plain(t) for c in self._copies.values() for t in c._param_host)
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" and plain else None
         self._handles = []
         for i in self._order:
             block = blocks[i]

@@ -468,12 +468,11 @@ class Runtime:
         t0 = time.monotonic()
         adapter_options = replace(options.speed, lora_dir=tuple(lora_files))
         adapters = read_adapters(adapter_options, resolve_config(paths.wan_dir))  # checked before loading
+        streaming = options.num_persistent_param_in_dit is not None  # then loaded into CPU memory first
         if quant is not None:  # whole on every rank (Ulysses); FSDP was refused above
-            model = load_model(
-                paths.wan_dir, device=ctx.device, loras=merged_loras(options.speed, adapters), quant=quant
-            )
+            model = load_model(paths.wan_dir, device=torch.device("cpu") if streaming else ctx.device,
+                               loras=merged_loras(options.speed, adapters), quant=quant)  # fmt: skip
         else:
-            streaming = options.num_persistent_param_in_dit is not None
             model = load_dit(paths.wan_dir, ctx, mode=mode, loras=merged_loras(options.speed, adapters),
                              device=torch.device("cpu") if streaming else None)  # fmt: skip
         check_heads(model.config.num_heads, layout.ulysses)
