@@ -56,7 +56,7 @@ def free_port() -> int:
 
 class Tally:
     def __init__(self) -> None:
-        self.tried = self.with_field = self.server_errors = self.hangs = self.other = 0
+        self.tried = self.with_field = self.server_errors = self.hangs = self.other = self.ok = 0
         self.notes: list[str] = []
 
     def record(self, name: str, resp: requests.Response | None) -> None:
@@ -73,11 +73,13 @@ class Tally:
             field = resp.json()["error"]["field"]
         except (ValueError, KeyError, TypeError):
             field = None
-        if 400 <= resp.status_code < 500 and field:
+        if resp.status_code < 400:
+            self.ok += 1
+        elif 400 <= resp.status_code < 500 and field:
             self.with_field += 1
         else:
             self.other += 1
-            if resp.status_code >= 400:
+            if resp.status_code not in (404, 429):
                 self.notes.append(f"{resp.status_code} without a field: {name}: {resp.text[:120]}")
 
 
@@ -213,6 +215,7 @@ def attack(base: str, port: int, pid: int, quick: bool) -> int:
 
     closed, still_open = slow_bodies(port, 10 if quick else 50, wait_s=8.0)
     tally.tried += closed + still_open
+    tally.with_field += closed  # each answered 400 naming the body
     tally.hangs += still_open
     print(f"slow bodies: {closed} closed by the server after the 5 s body timeout, {still_open} still open")
 
@@ -221,10 +224,11 @@ def attack(base: str, port: int, pid: int, quick: bool) -> int:
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(send, base, "POST", "/api/generate", **form()) for _ in range(n)]
         answers = [f.result() for f in futures]
+    for r in answers:
+        tally.record("valid submission", r)
     accepted = {r.json()["task_id"] for r in answers if r is not None and r.status_code == 200}
     listed = {j["task_id"] for j in send(base, "GET", "/api/jobs?limit=200").json()["jobs"]}
     lost = len(accepted - listed)
-    tally.tried += n
     print(
         f"concurrent submissions: {n} sent, {len(accepted)} accepted, {len(accepted & listed)} in the store"
     )
@@ -243,7 +247,8 @@ def attack(base: str, port: int, pid: int, quick: bool) -> int:
                 worst[path] = max(worst[path], time.monotonic() - t)
                 assert r is not None
         codes = [p.result().status_code if p.result() is not None else "hang" for p in previews]
-    tally.tried += flood
+    for p in previews:
+        tally.record("preview", p.result())
     t = time.monotonic()
     send(base, "GET", "/api/health")
     idle_s = time.monotonic() - t
@@ -255,7 +260,11 @@ def attack(base: str, port: int, pid: int, quick: bool) -> int:
 
     print()
     print(f"requests tried:     {tally.tried}")
+    print(f"2xx (within limits): {tally.ok}")
     print(f"4xx with a field:   {tally.with_field}")
+    print(
+        f"other 4xx:          {tally.other}   (429 from the preview bounds, 404 for paths that fold to no route)"
+    )
     print(f"5xx:                {tally.server_errors}   (goal 0)")
     print(f"hangs:              {tally.hangs}   (goal 0)")
     print(f"lost jobs:          {lost}   (goal 0)")
