@@ -22,6 +22,7 @@ import pytest
 from inference.batch import BatchJob, read_batch
 from inference.render.spec import JobInputError
 from inference.render.video_io import probe_media
+from inference.render.worker import RuntimeOptions
 from service.client import ApiError, DialogueClient, JobFailed, job_body
 from tests.subprocess_env import offline_env
 from tests.test_service_e2e import ROOT, running_service
@@ -145,3 +146,26 @@ def test_the_client_and_the_batch_command_through_a_service(
         _check_outputs(out)
         again = _run_batch(jobs, out, "--server", svc.base)
         assert again.returncode == 0 and "3 skipped, 0 rendered" in again.stdout, again.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_render_in_process_keeps_the_model_for_the_next_call(
+    tiny_weights: Path, portrait_pngs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import inference.batch as batch
+
+    job = {"left_image": str(portrait_pngs[0]), "right_image": str(portrait_pngs[1]), "script": SCRIPTS[0],
+           "preset": "fast", "settings": SETTINGS}  # fmt: skip
+    try:
+        first = batch.render(job, tmp_path / "a", options=RuntimeOptions(preset="tiny", weights=tiny_weights))
+        model = batch._DEFAULT.runtime.model
+        second = batch.render({**job, "script": SCRIPTS[1]}, tmp_path / "b")
+        assert batch._DEFAULT.runtime.model is model  # loaded once
+    finally:
+        if batch._DEFAULT is not None:
+            batch._DEFAULT.close()
+            batch._DEFAULT = None
+    for video in (first, second):
+        assert probe_media(video).frames > 0 and (video.parent / "stats.json").is_file()
+        assert json.loads((video.parent / "job.json").read_text())["script"] in SCRIPTS

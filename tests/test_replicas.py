@@ -119,19 +119,26 @@ def test_replica_startup_refusals_exit_2_naming_the_flag(tmp_path: Path) -> None
         ("--producer_memory_gib", "2"): "--producer_memory_gib",  # without --prepare_on producer
         ("--prepare_on", "producer", "--producer_device", "cuda:7"): "--producer_device",
         ("--prepare_on", "producer", "--producer_memory_gib", "2"): "--producer_memory_gib",  # on the CPU
+        # As rank 0 of 2 processes (refused before the rendezvous): a group of one rank cannot hold Ulysses 2.
+        ("--replicas", "2", "--ulysses_size", "2"): "--ulysses_size",
     }
     procs = {}
     try:
         for flags in cases:
             cmd = [sys.executable, "distributed_app.py", "--preset", "tiny", "--weights", str(tmp_path / "none"),
                    "--outputs_dir", str(tmp_path / "out"), "--server_port", str(free_port()), "--no_ui", *flags]  # fmt: skip
-            procs[flags] = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env = _env() | (
+                {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"} if "--ulysses_size" in flags else {}
+            )
+            procs[flags] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                             text=True, start_new_session=True)  # fmt: skip
         for flags, proc in procs.items():
             out, err = proc.communicate(timeout=240)
             lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
             assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in err, (flags, out, err)
             assert cases[flags] in lines[0] and len(lines[0]) > len(cases[flags]) + 20, (flags, lines[0])
+            if "--ulysses_size" in flags:
+                assert "with --replicas 2 a group has 1 of the 2 processes" in lines[0], lines[0]
     finally:
         for proc in procs.values():
             _kill_tree(proc)

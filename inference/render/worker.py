@@ -42,7 +42,7 @@ from inference.parallel.fsdp import (
 )
 from inference.parallel.groups import ReplicaGroup, ReplicaPlan, join_replica_group
 from inference.parallel.host import HostGpus, device_free_bytes, resolve_device
-from inference.parallel.layout import check_heads, check_parallel_sizes
+from inference.parallel.layout import ParallelConfigError, check_heads, check_parallel_sizes
 from inference.parallel.offload import check_streaming, stream_blocks
 from inference.render.finisher import Finisher
 from inference.render.pipeline import (
@@ -438,9 +438,19 @@ class Runtime:
             raise StartupError("--prepare_on", "a producer encodes prompts on its own device; --t5_fsdp shards T5 "
                                "over a group's ranks: use one or the other")  # fmt: skip
         quant, lora_files = _quant_spec(options, mode, world)
-        layout = check_parallel_sizes(
-            world, options.ulysses_size, options.ring_size, _num_heads(options.preset), options.cfg_parallel
-        )
+        try:
+            layout = check_parallel_sizes(
+                world,
+                options.ulysses_size,
+                options.ring_size,
+                _num_heads(options.preset),
+                options.cfg_parallel,
+            )
+        except ParallelConfigError as exc:
+            if plan.replicas == 1:
+                raise
+            where = f"; with --replicas {plan.replicas} a group has {world} of the {processes} processes"
+            raise ParallelConfigError(exc.field, exc.message + where) from None
         if mode != "off" and world == 1:
             logger.info("--dit_fsdp %s on one process: nothing to shard, the model is loaded whole", mode)
         check_streaming(options.num_persistent_param_in_dit, mode, world)
