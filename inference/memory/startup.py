@@ -14,14 +14,14 @@ from inference.memory.sizes import ModelSizes
 logger = logging.getLogger(__name__)
 
 
-def gpu_gib(local_rank: int = 0) -> float | None:
-    """Memory of the GPU this rank uses (the smallest visible one when unsure), or None without CUDA."""
+def gpu_gib(index: int) -> float | None:
+    """Memory of the GPU this rank uses, or None without CUDA. The device is made current first, so the
+    CUDA context this query may create is on the rank's own GPU (where it would go anyway), never GPU 0."""
     if not torch.cuda.is_available():
         return None
-    count = torch.cuda.device_count()
-    sizes = [torch.cuda.get_device_properties(i).total_memory for i in range(count)]
-    mine = sizes[local_rank % count] if count else 0
-    return min(mine, min(sizes)) / GIB
+    index %= torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.cuda.get_device_properties(index).total_memory / GIB
 
 
 def check_layout_fits(layout: Layout, preset: str, workload: Workload) -> Plan:
@@ -59,9 +59,10 @@ def startup_check(
 ) -> Plan | None:
     """The service's check: the plan of its flags on the GPUs found, for the default clip (``resolution``,
     ``frames``). Nothing is checked on a CPU (host memory is not planned). Raises ``MemoryPlanError``."""
-    if device is not None and torch.device(device).type == "cpu":
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cpu":
         return None
-    gib = gpu_gib(local_rank)
+    gib = gpu_gib(dev.index if dev is not None and dev.index is not None else local_rank)
     if gib is None:
         return None
     layout = Layout(
