@@ -65,7 +65,9 @@ def parse_producer_device(text: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-def check_memory_cap(device: torch.device, memory_gib: float | None, process_devices: set[str]) -> float | None:
+def check_memory_cap(
+    device: torch.device, memory_gib: float | None, process_devices: set[str]
+) -> float | None:
     """The fraction of ``device`` that ``--producer_memory_gib`` allows, or None without a cap. A cap is
     enforced by the CUDA allocator per process and device: refused on a CPU, and on a device this process's
     ranks already compute on (``process_devices``), where it would cap them too."""
@@ -82,7 +84,9 @@ def check_memory_cap(device: torch.device, memory_gib: float | None, process_dev
                            "and device, so it would cap the DiT too; put the producer on another GPU")  # fmt: skip
     total = torch.cuda.get_device_properties(device).total_memory
     if memory_gib * 2**30 > total:
-        raise StartupError("--producer_memory_gib", f"{memory_gib} GiB is more than {device} has ({total / 2**30:.1f} GiB)")
+        raise StartupError(
+            "--producer_memory_gib", f"{memory_gib} GiB is more than {device} has ({total / 2**30:.1f} GiB)"
+        )
     return memory_gib * 2**30 / total
 
 
