@@ -39,7 +39,8 @@ from inference.cluster.connect import RayOptions, connect, disconnect  # noqa: E
 from inference.cluster.gang import GangShape  # noqa: E402
 from inference.cluster.transfer import BundleError, FolderMirror, pack, unpack  # noqa: E402
 from inference.render.video_io import read_frames  # noqa: E402
-from inference.render.worker import RuntimeOptions  # noqa: E402
+from inference.render.worker import RuntimeOptions, StartupError  # noqa: E402
+from service.cluster.app import check_ray_flags, ray_parser  # noqa: E402
 from service.cluster.member import MemberSpec  # noqa: E402
 from service.cluster.pool import ClusterPool, PoolConfig  # noqa: E402
 from service.jobs import JobState, JobStore  # noqa: E402
@@ -115,17 +116,15 @@ def test_gang_shape_packs_a_group_on_one_node() -> None:
     assert GangShape(size=1).strategy == "PACK" and GangShape(size=1).fits({"CPU": 2.0}) == 2
 
 
-def _head(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cluster", "--preset", "tiny", "--no_ui", *args],
-                          cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
-
-
 def test_flags_this_mode_cannot_honour_are_refused() -> None:
     for args, flag in ((["--group_size", "0"], "--group_size"), (["--replicas", "-1"], "--replicas"),
-                       (["--prepare_on", "producer"], "--prepare_on")):  # fmt: skip
-        out = _head(*args)
-        assert out.returncode == 2, out
-        assert out.stderr.strip().splitlines()[-1].startswith(f"error: {flag}"), out.stderr
+                       (["--prepare_on", "producer"], "--prepare_on"), (["--rescan_s", "0"], "--rescan_s")):  # fmt: skip
+        with pytest.raises(StartupError) as refused:
+            check_ray_flags(ray_parser().parse_args(["--preset", "tiny", *args]))
+        assert refused.value.field == flag, refused.value
+    out = subprocess.run([sys.executable, "-m", "service.cluster", "--preset", "tiny", "--group_size", "0"],
+                         cwd=ROOT, env=offline_env(), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith("error: --group_size"), out
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -158,6 +157,11 @@ def _groups(service: Service) -> list[dict]:
     return service.get("/api/queue").json()["groups"]
 
 
+def _all_serving(service: Service) -> list[dict] | None:
+    groups = _groups(service)
+    return groups if all(g["state"] in ("idle", "busy") for g in groups) else None
+
+
 def _wait(what: str, check, service: Service, timeout_s: float = 180.0, poll_s: float = 0.2):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -177,7 +181,8 @@ def test_four_jobs_two_at_a_time_on_two_groups(
 ) -> None:
     info = ray_service.get("/api/info").json()
     assert info["replicas"] == 2 and info["group_size"] == 1 and "local Ray instance" in info["cluster"]
-    groups = _groups(ray_service)
+    # healthy once one group serves; the other may still be loading its model
+    groups = _wait("both groups serving", lambda: _all_serving(ray_service), ray_service)
     assert [g["group"] for g in groups] == [0, 1]
     assert all(g["node"] and g["devices"] == ["cpu"] and g["pid"] for g in groups), groups
     assert groups[0]["pid"] != groups[1]["pid"]
