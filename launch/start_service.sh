@@ -4,7 +4,8 @@
 #   demo         one process, CPU or one GPU, tiny random weights made on first use (no downloads)
 #   single       one process on one GPU with the real weights in weights/
 #   distributed  torchrun over NPROC GPUs (default 8): Ulysses over all ranks, FSDP for the DiT,
-#                T5 on rank 0, restarts on a crash (the job store re-queues the interrupted job)
+#                T5 on rank 0, restarts on a crash (the job store re-queues the interrupted job);
+#                with --replicas R, R groups of NPROC / R GPUs render R jobs at once (Ulysses per group)
 #   ray          the head of the service on a Ray cluster (python -m service.cluster): joins RAY_ADDRESS, or
 #                starts a local Ray instance when it is unset; replica groups of Ray actors on any node
 #                (--replicas R, 0 = as many as the cluster holds; --group_size G GPUs per group)
@@ -28,7 +29,7 @@ case "$MODE" in
     distributed)
         NPROC="${NPROC:-8}"
         exec "$ROOT/.venv/bin/torchrun" --standalone --nproc-per-node="$NPROC" --max-restarts="${MAX_RESTARTS:-3}" \
-            distributed_app.py --preset multitalk-14b --ulysses_size "$NPROC" --dit_fsdp full "$@"
+            distributed_app.py --preset multitalk-14b --dit_fsdp full "$@"  # Ulysses: every rank of a group
         ;;
     ray)
         exec "$PY" -m service.cluster --preset "${PRESET:-multitalk-14b}" "$@"
