@@ -304,12 +304,16 @@ def start_web(
         # Imported only with the UI: gradio takes seconds to import and --no_ui services never need it.
         from service.ui import build_ui, mount_ui
 
+        def submit(form: dict[str, Any], files: dict[str, bytes], owner: str | None = None) -> str:
+            return submit_form(store, form, files, limits=limits, owner=owner).id  # owner: a credential
+
         blocks = build_ui(
             store,
-            submit=lambda form, files: submit_form(store, form, files, limits=limits).id,
+            submit=submit,
             tts_preview=previews,
             info=ui_info,
             limits=limits,
+            share_jobs=args.share_jobs,  # the page shows each credential its own jobs, as REST does
         )
         mount_ui(app, blocks, store)  # behind the app's gate (--auth, --api_token), like every route
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.server_port, log_level="warning",

@@ -1,6 +1,6 @@
 """The one submit path of the service, shared by REST and the UI: request -> ``JobSpec`` -> store.
 
-    submit_form(store, form, files, *, limits=Limits()) -> Job
+    submit_form(store, form, files, *, limits=Limits(), owner=None) -> Job
         ``form``: text fields by REST form name (script, voice1, voice2, prompt, preset, settings,
         layout, backdrop, aspect, boxes, audio_mode); a dict/list value (e.g. settings) is sent as the
         JSON text the REST form would carry; None means not given.
@@ -44,12 +44,18 @@ def submit_input(store: JobStore, job_input: JobInput, limits: Limits, *, owner:
 
 
 def submit_form(
-    store: JobStore, form: Mapping[str, Any], files: Mapping[str, bytes], *, limits: Limits = Limits()
+    store: JobStore,
+    form: Mapping[str, Any],
+    files: Mapping[str, bytes],
+    *,
+    limits: Limits = Limits(),
+    owner: str | None = None,
 ) -> Job:
-    """One form submission (UI or REST form), checked and stored; see the module docstring."""
+    """One form submission (UI or REST form), checked and stored (``owner``: the submitting credential);
+    see the module docstring."""
     text = {
         key: json.dumps(value) if isinstance(value, dict | list) else value
         for key, value in form.items()
         if value is not None
     }
-    return submit_input(store, request_from_form(text, files, limits), limits)
+    return submit_input(store, request_from_form(text, files, limits), limits, owner=owner)

@@ -9,10 +9,9 @@ from typing import Any
 
 import gradio as gr
 
-from inference.render.settings import PRESETS
 from service.jobs import JobStore
 from service.ui.events import wire
-from service.ui.form import ADVANCED_FIELDS
+from service.ui.form import ADVANCED_FIELDS, usable_preset
 from service.ui.handlers import InfoFn, SubmitFn, UiHandlers
 from service.ui.layout import TITLE, build_page
 from service.ui.previews import TtsPreviewFn
@@ -57,6 +56,7 @@ def build_ui(
     tts_preview: TtsPreviewFn | None,
     info: InfoFn,
     limits: Limits | None = None,
+    share_jobs: bool = False,
 ) -> gr.Blocks:
     """The whole page as a ``gr.Blocks`` (not launched). Mount it with :func:`mount_ui` (CSS, allowed
     paths, auth) or ``blocks.launch(css=UI_CSS, allowed_paths=[str(store.outputs_dir)], ...)``.
@@ -66,12 +66,15 @@ def build_ui(
     attached); ``info()`` describes the service (keys read: model, world_size, ulysses_size, engine,
     default_preset, step_time_s (seconds per model pass per clip, a number or {480: s, 720: s}),
     clip_overhead_s); ``limits`` (``service.validation.Limits``, default the REST defaults) sizes the upload
-    checks and carries the service's job defaults: pass the ones ``submit`` uses.
+    checks and carries the service's job defaults and LoRA mode (which presets are offered, what they
+    run): pass the ones ``submit`` uses. Behind the app's gate (``--api_token``, ``--auth``) each
+    credential sees its own jobs, and ``submit`` gets ``owner=`` it, unless ``share_jobs`` (as REST).
     """
-    h = UiHandlers(store, submit=submit, tts_preview=tts_preview, info=info, limits=limits)
-    default_preset = str(h.info().get("default_preset") or "balanced")
-    if default_preset not in PRESETS:
-        default_preset = "balanced"
+    h = UiHandlers(
+        store, submit=submit, tts_preview=tts_preview, info=info, limits=limits, share_jobs=share_jobs
+    )
+    # The service's default preset, or this LoRA mode's default when the page was told one it does not offer.
+    default_preset = usable_preset(str(h.info().get("default_preset") or ""), h.lora)
     adv = dict(zip(ADVANCED_FIELDS, h.preset_values(default_preset), strict=True))
     secret = browser_secret(store)
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:

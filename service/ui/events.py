@@ -20,7 +20,7 @@ from service.ui.form import (
     SPEECH_SCRIPT,
     voice_choices,
 )
-from service.ui.handlers import UiHandlers
+from service.ui.handlers import UiHandlers, request_principal
 from service.ui.layout import Page
 from service.ui.style import DISABLE_GENERATE_JS, JOB_URL_JS, SHOW_STATUS_JS
 from service.ui.uploads import refused_upload
@@ -215,8 +215,12 @@ def wire(p: Page, h: UiHandlers, default_preset: str, adv: dict[str, Any], demo:
     gr.on(user_edits, None, None, [p.submit_msg, p.form_msg], js="() => ['', '']", **QUIET)
 
     # ---- generate (once per click: the button is disabled in the browser before anything is sent)
-    def on_generate(key: str, *vals: Any) -> tuple[Any, str, str, Any]:
-        job_id, message = h.generate(dict(zip(FORM_FIELDS, vals, strict=True)), session=key or None)
+    # Every handler that lists, shows or changes jobs takes the caller from its gr.Request (first
+    # parameter, so gradio fills it in before the component values): a gated service shows each
+    # credential its own jobs, and jobs submitted here belong to the credential that submitted them.
+    def on_generate(request: gr.Request, key: str, *vals: Any) -> tuple[Any, str, str, Any]:
+        values = dict(zip(FORM_FIELDS, vals, strict=True))
+        job_id, message = h.generate(values, session=key or None, owner=request_principal(request))
         return (job_id or gr.skip()), message, "", (job_id or gr.skip())
 
     (p.generate_btn.click(lambda: gr.Button(interactive=False), None, p.generate_btn, js=DISABLE_GENERATE_JS, **QUIET)
@@ -226,8 +230,8 @@ def wire(p: Page, h: UiHandlers, default_preset: str, adv: dict[str, Any], demo:
         .then(None, None, None, js=SHOW_STATUS_JS))  # fmt: skip
 
     # ---- the job on screen
-    def show(job_id: str, shown_id: str, watching: str) -> tuple[Any, ...]:
-        r = h.poll(job_id)
+    def show(request: gr.Request, job_id: str, shown_id: str, watching: str) -> tuple[Any, ...]:
+        r = h.poll(job_id, h.viewer(request))
         if r.video and shown_id != job_id:
             d = r.downloads
             video: Any = gr.Video(value=d.video or r.video, subtitles=r.subtitles)
@@ -252,35 +256,44 @@ def wire(p: Page, h: UiHandlers, default_preset: str, adv: dict[str, Any], demo:
     p.job_box.change(lambda j: j, p.job_box, job_state, **QUIET)
     p.job_box.change(None, p.job_box, None, js=JOB_URL_JS)
     timer.tick(show, show_inputs, show_outputs, show_progress="hidden", concurrency_limit=None)
-    p.cancel_btn.click(h.cancel, p.job_box, p.submit_msg).then(
+
+    def cancel(request: gr.Request, job_id: str) -> str:
+        return h.cancel(job_id, h.viewer(request))
+
+    p.cancel_btn.click(cancel, p.job_box, p.submit_msg).then(
         show, show_inputs, show_outputs, show_progress="hidden"
     )
 
-    def load(job_id: str) -> list[Any]:
-        values, touched, message = h.load_settings(job_id)
+    def load(request: gr.Request, job_id: str) -> list[Any]:
+        values, touched, message = h.load_settings(job_id, h.viewer(request))
         return _fill(values, touched, message, voices)
 
     p.load_btn.click(load, p.job_box, fill_targets, show_progress="hidden")
 
-    def new_seed(job_id: str) -> tuple[Any, str, Any]:
-        new_id, message = h.rerun(job_id, new_seed=True)
+    def new_seed(request: gr.Request, job_id: str) -> tuple[Any, str, Any]:
+        new_id, message = h.rerun(
+            job_id, new_seed=True, viewer=h.viewer(request), owner=request_principal(request)
+        )
         return (new_id or gr.skip()), message, (new_id or gr.skip())
 
     p.seed_btn.click(new_seed, p.job_box, [p.job_box, p.submit_msg, p.watching])
 
     # ---- queue, gallery, history: refreshed while anything changes, each row with its actions
-    def panels(sig: str, force: bool = False) -> list[Any]:
-        new_sig = h.panels_signature()
+    def panels(request: gr.Request, sig: str, force: bool = False) -> list[Any]:
+        viewer = h.viewer(request)
+        new_sig = h.panels_signature(viewer=viewer)
         if new_sig == sig and not force:
             return [gr.skip()] * 6
         waiting = h.store.count(state="queued") + len(h.store.active())
         label = f"Queue ({waiting})" if waiting else "Queue"
-        return [h.queue_html(), h.gallery_html(), h.history_html(), h.header(), gr.Tab(label=label), new_sig]
+        return [h.queue_html(viewer), h.gallery_html(viewer=viewer), h.history_html(viewer=viewer), h.header(),
+                gr.Tab(label=label), new_sig]  # fmt: skip
 
     panel_outputs = [p.queue_html, p.gallery_html, p.history_html, p.header, p.queue_tab, p.panels_sig]
     panels_timer.tick(panels, p.panels_sig, panel_outputs, show_progress="hidden", concurrency_limit=None)
 
-    def on_action(current: str, evt: gr.EventData) -> list[Any]:
+    def on_action(request: gr.Request, current: str, evt: gr.EventData) -> list[Any]:
+        viewer = h.viewer(request)
         data = evt._data if isinstance(getattr(evt, "_data", None), dict) else {}
         action, job_id = str(data.get("action") or ""), str(data.get("job") or "")
         job_out: Any = gr.skip()
@@ -290,18 +303,20 @@ def wire(p: Page, h: UiHandlers, default_preset: str, adv: dict[str, Any], demo:
         if action == "show":
             job_out = job_id
         elif action == "load":
-            values, touched, text = h.load_settings(job_id)
+            values, touched, text = h.load_settings(job_id, viewer)
             fill = _fill(values, touched, text, voices)
         elif action in ("seed", "retry"):
-            new_id, message = h.rerun(job_id, new_seed=action == "seed")
+            new_id, message = h.rerun(
+                job_id, new_seed=action == "seed", viewer=viewer, owner=request_principal(request)
+            )
             job_out = watch = new_id or gr.skip()
         elif action == "cancel":
-            message = h.cancel(job_id)
+            message = h.cancel(job_id, viewer)
         elif action == "delete":
-            message = h.delete(job_id)
+            message = h.delete(job_id, viewer)
             if job_id == current:
                 job_out = ""
-        return [job_out, message, watch, *panels("", force=True), *fill]
+        return [job_out, message, watch, *panels(request, "", force=True), *fill]
 
     action_outputs = [p.job_box, p.submit_msg, p.watching, *panel_outputs, *fill_targets]
     for html_list in (p.queue_html, p.gallery_html, p.history_html):
@@ -314,11 +329,11 @@ def wire(p: Page, h: UiHandlers, default_preset: str, adv: dict[str, Any], demo:
     # ---- page load: reattach to the browser's job, the lists, the remembered voices
     def on_load(stored: Any, prefs: Any, request: gr.Request) -> list[Any]:
         query = request.query_params.get("job") if request is not None else None
-        current = h.current_job(stored, query)
+        current = h.current_job(stored, query, h.viewer(request))
         first_estimate = h.estimate({"preset": default_preset, **adv, "length_unit": "seconds"})
         v1, v2 = h.remembered_voices(prefs)
         return [current, first_estimate, v1 or gr.skip(), v2 or gr.skip(), secrets.token_hex(8),
-                h.poll(current).html, *panels("", force=True)]  # fmt: skip
+                h.poll(current, h.viewer(request)).html, *panels(request, "", force=True)]  # fmt: skip
 
     demo.load(on_load, [job_state, prefs_state],
               [p.job_box, p.estimate_md, p.voice1, p.voice2, session_key, p.status_html, *panel_outputs])  # fmt: skip

@@ -13,6 +13,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from common.files import atomic_write
+from inference.render.settings import LoraState
 from service.ui.form import (
     FORM_FIELDS,
     SOURCE_PORTRAITS,
@@ -21,6 +22,7 @@ from service.ui.form import (
     SPEECH_SCRIPT,
     advanced_values,
     preset_settings,
+    usable_preset,
 )
 from tts.voices import DEFAULT_VOICES
 
@@ -200,9 +202,11 @@ def example_values(
     *,
     installed_voices: frozenset[str] | None = None,
     job_defaults: Mapping[str, Any] | None = None,
+    lora: LoraState = LoraState(),
 ) -> dict[str, Any]:
     """Every form value of ``example`` (keys: FORM_FIELDS); its pictures are drawn into ``folder`` once.
-    A voice this service has not installed gives way to an installed one."""
+    A voice this service has not installed gives way to an installed one, a preset it does not offer
+    (``lora``: a merged LoRA offers only the distilled one) to its default."""
     values: dict[str, Any] = {k: None for k in FORM_FIELDS}
     people = [PEOPLE[n] for n in example.people]
     if example.source == SOURCE_SINGLE:
@@ -218,6 +222,7 @@ def example_values(
             boxes="",
         )
     voices = list(example.voices)
+    preset = usable_preset(example.preset, lora)
     if installed_voices is not None:
         spare = [v for v in (*DEFAULT_VOICES, *sorted(installed_voices)) if v in installed_voices]
         for i, v in enumerate(voices):
@@ -232,10 +237,10 @@ def example_values(
         voice1=voices[0],
         voice2=voices[1],
         prompt=example.prompt,
-        preset=example.preset,
+        preset=preset,
         length_unit="seconds",
         speech=SPEECH_SCRIPT,
         audio_mode="add",
-        **advanced_values(preset_settings(example.preset, job_defaults), "seconds"),
+        **advanced_values(preset_settings(preset, job_defaults, lora), "seconds"),
     )
     return values

@@ -14,8 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import InputError
-from inference.render.intake import Limits
-from inference.render.settings import MAX_FRAMES_LIMIT, PRESETS, GenerationSettings, SettingsError
+from inference.render.intake import Limits, default_preset
+from inference.render.settings import (
+    MAX_FRAMES_LIMIT,
+    PRESETS,
+    GenerationSettings,
+    LoraState,
+    SettingsError,
+    offered_presets,
+    preset_catalog,
+)
 from inference.render.spec import JobSpec, default_prompt
 from service import submit as one_submit
 from service.jobs import Job, JobStore
@@ -103,22 +111,42 @@ def voice_choices(installed: frozenset[str] | None = None) -> list[tuple[str, st
     return out
 
 
-def preset_summary() -> str:
-    """``"Fast: 16 steps, guidance text 1 / audio 4, 480p · ..."`` for the preset picker."""
+def offered_preset_names(lora: LoraState = LoraState()) -> list[str]:
+    """The presets this service runs (a service that merged its LoRA offers only its distilled one)."""
+    return list(offered_presets(lora))
+
+
+def usable_preset(preset: str | None, lora: LoraState = LoraState()) -> str:
+    """``preset`` when this service offers it, else the preset a job that names none gets here."""
+    return preset if preset in offered_presets(lora) else default_preset(lora)
+
+
+def preset_summary(lora: LoraState = LoraState()) -> str:
+    """``"Fast: 16 steps, guidance text 1 / audio 4, 480p · ..."`` for the preset picker: the presets this
+    service offers with the values they run here (``preset_catalog``, what /api/info reports)."""
     parts = []
-    for name, p in PRESETS.items():
-        s = p.settings
+    for name, p in preset_catalog(lora).items():
+        if not p["offered"]:
+            continue
+        shift = f", shift {p['shift']:g}" if p["shift"] is not None else ""
         parts.append(
-            f"{PRESET_LABELS.get(name, name)}: {s.steps} steps, guidance text {s.text_guidance:g} / audio "
-            f"{s.audio_guidance:g}, {s.resolution}p"
+            f"{PRESET_LABELS.get(name, name)}: {p['steps']} steps, guidance text {p['text_guidance']:g} / audio "
+            f"{p['audio_guidance']:g}{shift}, {p['resolution']}p"
+            + (" with the LoRA" if p["uses_lora"] else "")
         )
     return " · ".join(parts)
 
 
-def preset_settings(preset: str, job_defaults: Mapping[str, Any] | None = None) -> GenerationSettings:
-    """What a job of ``preset`` renders with when the user changes nothing: the preset under the
-    service's start-up settings (the same layering as the submission)."""
-    return PRESETS[preset].apply(dict(job_defaults or {}))
+def preset_settings(
+    preset: str, job_defaults: Mapping[str, Any] | None = None, lora: LoraState = LoraState()
+) -> GenerationSettings:
+    """What a job of ``preset`` renders with when the user changes nothing: the preset as this service
+    runs it (``lora``), under the service's start-up settings (the same layering as the submission)."""
+    if preset not in PRESETS:
+        raise SettingsError(
+            "preset", f"unknown preset {preset!r}; allowed: {', '.join(offered_presets(lora))}"
+        )
+    return PRESETS[preset].apply(dict(job_defaults or {}), lora)
 
 
 def advanced_values(settings: GenerationSettings, length_unit: str = "seconds") -> dict[str, Any]:
@@ -168,11 +196,11 @@ def _length_frames(length: Any, unit: str, frame_num: int) -> int:
 
 
 def settings_overrides(
-    values: Mapping[str, Any], job_defaults: Mapping[str, Any] | None = None
+    values: Mapping[str, Any], job_defaults: Mapping[str, Any] | None = None, lora: LoraState = LoraState()
 ) -> dict[str, Any]:
     """Advanced values -> overrides relative to the preset under the service defaults (only what
     differs). Raises SettingsError naming the setting for a length shorter than one clip or a bad number."""
-    base = preset_settings(values["preset"], job_defaults).to_dict()
+    base = preset_settings(values["preset"], job_defaults, lora).to_dict()
     candidate: dict[str, Any] = {}
     for key in ("steps", "text_guidance", "audio_guidance", "seed", "resolution", "color_correction", "apg"):
         if values.get(key) is not None:
@@ -190,12 +218,12 @@ def settings_overrides(
 
 def preset_change(
     preset: str, length_unit: str, current: Mapping[str, Any], touched: set[str] | list[str],
-    job_defaults: Mapping[str, Any] | None = None,
+    job_defaults: Mapping[str, Any] | None = None, lora: LoraState = LoraState(),
 ) -> tuple[dict[str, Any], str]:  # fmt: skip
     """A new preset fills the advanced fields the user has not set and keeps the ones they set.
 
     Returns (field -> new value, only for the untouched fields; a sentence saying what happened)."""
-    new = advanced_values(preset_settings(preset, job_defaults), length_unit)
+    new = advanced_values(preset_settings(preset, job_defaults, lora), length_unit)
     kept = [f for f in ADVANCED_FIELDS if f in set(touched)]
     label = PRESET_LABELS.get(preset, preset)
     if not kept:
@@ -209,12 +237,18 @@ def preset_change(
 
 
 def submit_form(
-    store: JobStore, form: Mapping[str, Any], files: Mapping[str, bytes], *, limits: Limits | None = None
+    store: JobStore,
+    form: Mapping[str, Any],
+    files: Mapping[str, bytes],
+    *,
+    limits: Limits | None = None,
+    owner: str | None = None,
 ) -> str:
     """The service's one submit path (``service.submit.submit_form``, shared with REST) for one form
-    submission; returns the new job's id, as the page's ``submit`` callable does. Raises InputError for bad
-    input and the store's QueueFullError / DiskFullError."""
-    return one_submit.submit_form(store, form, files, limits=Limits() if limits is None else limits).id
+    submission by ``owner`` (a credential; None: everyone's); returns the new job's id, as the page's
+    ``submit`` callable does. Raises InputError for bad input and the store's QueueFullError / DiskFullError."""
+    limits = Limits() if limits is None else limits
+    return one_submit.submit_form(store, form, files, limits=limits, owner=owner).id
 
 
 def _file(values: Mapping[str, Any], key: str, what: str) -> bytes:
@@ -224,7 +258,7 @@ def _file(values: Mapping[str, Any], key: str, what: str) -> bytes:
 
 
 def form_from_values(
-    values: Mapping[str, Any], job_defaults: Mapping[str, Any] | None = None
+    values: Mapping[str, Any], job_defaults: Mapping[str, Any] | None = None, lora: LoraState = LoraState()
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Form values -> (REST form fields, uploaded files by form name). The open tabs decide what is sent
     (the submission refuses a script and recordings together, and counts people from what it gets).
@@ -234,7 +268,7 @@ def form_from_values(
     form: dict[str, Any] = {
         "prompt": (values.get("prompt") or "").strip() or None,
         "preset": values.get("preset"),
-        "settings": settings_overrides(values, job_defaults),
+        "settings": settings_overrides(values, job_defaults, lora),
     }
     files: dict[str, bytes] = {}
     if values.get("speech") == SPEECH_AUDIO:
@@ -324,7 +358,7 @@ def rerun_inputs(store: JobStore, job: Job, *, new_seed: bool) -> tuple[dict[str
 
 
 def values_from_job(
-    store: JobStore, job: Job, job_defaults: Mapping[str, Any] | None = None
+    store: JobStore, job: Job, job_defaults: Mapping[str, Any] | None = None, lora: LoraState = LoraState()
 ) -> tuple[dict[str, Any], list[str], list[str]]:
     """A stored job back as form values ("load settings"): images and recordings as paths of the job's
     stored inputs, the script or recordings, voices, prompt, preset and the settings it rendered with
@@ -366,10 +400,10 @@ def values_from_job(
     )
     for i, name in enumerate((spec.audio or {}).values(), start=1):
         values[f"audio{i}"] = path(f"audio{i}", name)
-    preset = spec.preset if spec.preset in PRESETS else "balanced"
+    preset = usable_preset(spec.preset, lora)  # a preset this service does not offer: its default
     prompt = "" if spec.prompt == default_prompt(spec.people) else spec.prompt
     values.update(prompt=prompt, preset=preset, length_unit="seconds")
     values.update(advanced_values(GenerationSettings.from_dict(dict(job.settings)), "seconds"))
-    base = advanced_values(preset_settings(preset, job_defaults), "seconds")
+    base = advanced_values(preset_settings(preset, job_defaults, lora), "seconds")
     differ = [f for f in ADVANCED_FIELDS if base[f] != values[f]]
     return values, differ, missing

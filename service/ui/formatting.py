@@ -4,13 +4,17 @@ panel with its stage line, subtitles conversion. Pure functions, no Gradio."""
 from __future__ import annotations
 
 import html
+import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from inference.render.length import estimate_speech_seconds
+from service.errors import answer_for
 from service.jobs import Job, JobState, JobStore
+
+logger = logging.getLogger(__name__)
 
 FPS = 25
 
@@ -74,14 +78,33 @@ def field_label(field: str | None) -> str:
     return SETTING_LABELS.get(name) or FIELD_LABELS.get(name) or name.replace("_", " ").capitalize()
 
 
-def error_md(exc: BaseException, default_field: str | None = None) -> str:
-    """``⚠️ **<label>**: <message>`` for an InputError (or any exception with ``field``/``message``).
-    Raw setting names inside the message become the labels too."""
-    field = getattr(exc, "field", None) or default_field
-    message = getattr(exc, "message", None) or str(exc)
-    if field and isinstance(message, str) and message.startswith(f"{field}:"):
+def error_parts(exc: BaseException, default_field: str | None = None) -> tuple[str | None, str]:
+    """(label of the field or None, message): what the service tells a client about ``exc`` (the REST
+    API's table, ``service.errors.answer_for``): an InputError's field and message, the store's errors
+    (queue full, disk full, no such job ...) with theirs. ``default_field`` names the input when the
+    error has none. An error the table does not know is a bug: logged with its traceback, one sentence."""
+    answer = answer_for(exc)
+    if answer is None:
+        logger.error("unexpected error shown on the page", exc_info=exc)
+        return None, f"Something went wrong ({type(exc).__name__}); the service log has the details."
+    field = answer.field or default_field
+    message = answer.message
+    if field and message.startswith(f"{field}:"):
         message = message[len(field) + 1 :].strip()
-    return f"⚠️ **{field_label(field)}**: {message}"
+    return (field_label(field) if field else None), message
+
+
+def error_md(exc: BaseException, default_field: str | None = None) -> str:
+    """``⚠️ **<label>**: <message>`` (see :func:`error_parts`); raw setting names become labels."""
+    label, message = error_parts(exc, default_field)
+    return f"⚠️ **{label}**: {message}" if label else f"⚠️ {message}"
+
+
+def error_html(exc: BaseException, default_field: str | None = None) -> str:
+    """The same sentence as :func:`error_md` as an HTML paragraph."""
+    label, message = error_parts(exc, default_field)
+    head = f"<b>{html.escape(label)}</b>: " if label else ""
+    return f'<p class="dv-error">⚠️ {head}{html.escape(message)}</p>'
 
 
 def fmt_duration(seconds: float) -> str:
@@ -195,8 +218,70 @@ def _stepper(current: str) -> str:
     return f'<div class="dv-steps" data-stage="{current}">{" › ".join(parts)}</div>'
 
 
-def status_html(job: Job, store: JobStore, note: str = "") -> str:
-    """The status panel of one job: state, percent, progress bar, the stage by name, timings."""
+def _ranks_text(ranks: Sequence[int]) -> str:
+    """``rank 0``, ``ranks 2–3`` (a contiguous run) or ``ranks 0, 2, 5``."""
+    ranks = [int(r) for r in ranks]
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == list(range(ranks[0], ranks[0] + len(ranks))):
+        return f"ranks {ranks[0]}–{ranks[-1]}"
+    return "ranks " + ", ".join(map(str, ranks))
+
+
+def group_text(group: Mapping[str, Any] | None) -> str:
+    """Who ran a job, from ``stats.json``'s ``group`` (or the job row's group, ranks and devices):
+    ``group 1 of 2 · ranks 2–3 · cuda:2, cuda:3 · node a``; empty when nothing is known."""
+    if not group:
+        return ""
+    parts: list[str] = []
+    index, count = group.get("group"), group.get("groups")
+    if isinstance(index, int) and not (isinstance(count, int) and count <= 1):
+        parts.append(f"group {index}" + (f" of {count}" if isinstance(count, int) else ""))
+    ranks = group.get("ranks") or ()
+    if ranks:
+        parts.append(_ranks_text(ranks))
+    devices = [str(d) for d in group.get("devices") or ()]
+    if devices:
+        same = len(set(devices)) == 1 and len(devices) > 1
+        parts.append(f"{len(devices)} × {devices[0]}" if same else ", ".join(devices))
+    if group.get("node"):
+        parts.append(f"node {group['node']}")
+    return " · ".join(parts)
+
+
+def passes_text(passes: Mapping[str, Any] | None) -> str:
+    """A render's model work from its ``passes`` record (``render.json`` / ``stats.json``): ``model passes:
+    96 computed, 24 skipped by TeaCache (20%) in 48 batched forwards``; empty when there is none."""
+    if not passes:
+        return ""
+    computed, skipped = int(passes.get("computed") or 0), int(passes.get("skipped") or 0)
+    if computed + skipped == 0:
+        return ""
+    text = f"model passes: {computed} computed, "
+    text += (
+        f"{skipped} skipped by TeaCache ({100 * skipped / (computed + skipped):.0f}%)"
+        if skipped
+        else "none skipped"
+    )
+    calls = passes.get("model_calls")
+    if isinstance(calls, int) and 0 < calls < computed:
+        text += f" in {plural(calls, 'batched forward')}"
+    resumed = passes.get("resumed_after_clip")
+    if isinstance(resumed, int) and resumed > 0:
+        text += f"; {plural(resumed, 'clip')} came from an earlier attempt (not counted)"
+    return text
+
+
+def job_group(job: Job) -> dict[str, Any] | None:
+    """The job row's replica group, ranks and devices (set when a group claims it) as ``group_text`` takes."""
+    if job.replica_group is None and not job.devices:
+        return None
+    return {"group": job.replica_group, "ranks": list(job.ranks), "devices": list(job.devices)}
+
+
+def status_html(job: Job, store: JobStore, note: str = "", facts: str = "") -> str:
+    """The status panel of one job: state, percent, progress bar, the stage by name, timings; ``facts``
+    (plain text) says who ran a finished job and its model passes."""
     state = job.state.value
     progress = 100.0 if job.state == JobState.DONE else job.progress
     lines = [
@@ -222,9 +307,10 @@ def status_html(job: Job, store: JobStore, note: str = "") -> str:
             lines.append(_stepper(current))
         elapsed = now - (job.started_at or job.created_at)
         label = f"{STAGE_LABELS[current]}: " if current else ""
+        where = group_text(job_group(job))
         lines.append(
             f'<span class="dv-stage">{label}{html.escape(job.stage or state)}</span> · running for '
-            f"{fmt_duration(elapsed)}"
+            f"{fmt_duration(elapsed)}" + (f" on {html.escape(where)}" if where else "")
         )
         if job.cancel_requested:
             lines.append(" · <b>cancelling…</b>")
@@ -236,6 +322,8 @@ def status_html(job: Job, store: JobStore, note: str = "") -> str:
         lines.append("Done" + (f" in {fmt_duration(total)}" if total is not None else "") + ".")
         if parts:
             lines.append(f"<br><small>{html.escape(' · '.join(parts))}</small>")
+        if facts:
+            lines.append(f'<br><small class="dv-facts">{html.escape(facts)}</small>')
     elif job.state == JobState.FAILED:
         lines.append(
             f'<span class="dv-error">Failed: {html.escape(job.error or "no reason recorded")}</span>'

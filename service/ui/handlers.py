@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from service.jobs import DiskFullError, JobNotFoundError, JobStore, QueueFullError, validate_job_id
+from service.jobs import DiskFullError, JobNotFoundError, JobStore, QueueFullError
+from service.security import principal_of
 from service.ui import examples
 from service.ui.form import (
     ADVANCED_FIELDS,
@@ -34,11 +35,13 @@ from service.validation import Limits
 
 logger = logging.getLogger(__name__)
 
-SubmitFn = Callable[[dict[str, Any], dict[str, bytes]], str]
+SubmitFn = Callable[..., str]
 """``submit(form, files) -> job id``: form fields as the REST multipart form (``script``, ``voice1``,
 ``voice2``, ``prompt``, ``preset``, ``settings`` (dict or JSON text), ``layout``, ``backdrop``, ``aspect``,
-``boxes``, ``audio_mode``), files by form name (``left_image``, ``right_image``, ``scene_image``, ``audio1``,
-``audio2``) -> bytes. Raises InputError (``field``, ``message``) for bad input."""
+``boxes``, ``audio_mode``), files by form name (``left_image``, ``right_image``, ``scene_image``, ``image``,
+``audio1``, ``audio2``) -> bytes. Called as ``submit(form, files, owner=<credential>)`` when the page's
+caller has one (a gated service: ``--api_token`` / ``--auth``): the job belongs to that credential.
+Raises InputError (``field``, ``message``) for bad input."""
 InfoFn = Callable[[], Mapping[str, Any]]
 
 # The same form from the same browser within this many seconds is the same submission (a double click).
@@ -57,19 +60,29 @@ class UiHandlers(PreviewHandlers, JobHandlers):
         tts_preview: TtsPreviewFn | None,
         info: InfoFn,
         limits: Limits | None = None,
+        share_jobs: bool = False,
     ) -> None:
         self.store = store
+        self.share_jobs = share_jobs  # every credential sees every job (--share_jobs), as in REST
         self._submit = submit
         self._tts_preview = tts_preview
         self._info = info
         # The REST limits: the audio checks apply the same size/length rules, the presets the same defaults.
         self.limits = Limits() if limits is None else limits
         self.job_defaults = dict(self.limits.job_defaults or {})
+        self.lora = self.limits.lora  # which presets this service offers and what they run (its LoRA mode)
         self.audio = AudioLengths(self.limits)
         self.examples_dir = store.outputs_dir / examples.EXAMPLES_DIRNAME
         self._lock = threading.Lock()
         self._recent: dict[str, tuple[str, float, str]] = {}  # session -> (fingerprint, time, job id)
         self._session_locks: dict[str, threading.Lock] = {}
+
+    # -- who is asking
+
+    def viewer(self, request: Any) -> str | None:
+        """Whose jobs a page request sees: its credential (:func:`request_principal`), None (every job)
+        on an open service or with ``share_jobs``."""
+        return None if self.share_jobs else request_principal(request)
 
     # -- service info
 
@@ -118,11 +131,11 @@ class UiHandlers(PreviewHandlers, JobHandlers):
 
     def preset_values(self, preset: str, length_unit: str = "seconds") -> tuple[Any, ...]:
         """Advanced-settings values of a preset (under the service defaults), in ADVANCED_FIELDS order."""
-        values = advanced_values(preset_settings(preset, self.job_defaults), length_unit)
+        values = advanced_values(preset_settings(preset, self.job_defaults, self.lora), length_unit)
         return tuple(values[k] for k in ADVANCED_FIELDS)
 
     def settings_overrides(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        return settings_overrides(values, self.job_defaults)
+        return settings_overrides(values, self.job_defaults, self.lora)
 
     def convert_length(self, value: float | None, old_unit: str, new_unit: str) -> float | None:
         return convert_length(value, old_unit, new_unit)
@@ -130,18 +143,21 @@ class UiHandlers(PreviewHandlers, JobHandlers):
     def preset_change(
         self, preset: str, length_unit: str, current: Mapping[str, Any], touched: Any
     ) -> tuple[dict[str, Any], str]:
-        return preset_change(preset, length_unit, current, set(touched or ()), self.job_defaults)
+        return preset_change(preset, length_unit, current, set(touched or ()), self.job_defaults, self.lora)
 
     # -- submit
 
-    def generate(self, values: Mapping[str, Any], session: str | None = None) -> tuple[str | None, str]:
-        """Validate and submit one job from the form values (keys: FORM_FIELDS).
+    def generate(
+        self, values: Mapping[str, Any], session: str | None = None, owner: str | None = None
+    ) -> tuple[str | None, str]:
+        """Validate and submit one job from the form values (keys: FORM_FIELDS) for ``owner`` (the
+        caller's credential, :func:`request_principal`; None on an open service).
 
         The same form sent again from the same browser session within DEDUPE_WINDOW_S (a double click)
         returns the job of the first send instead of making a second one. Returns (job id or None, Markdown).
         """
         try:
-            form, files = form_from_values(values, self.job_defaults)
+            form, files = form_from_values(values, self.job_defaults, self.lora)
         except OSError as exc:
             return None, f"⚠️ could not read an uploaded file: {exc}"
         except ValueError as exc:
@@ -155,10 +171,8 @@ class UiHandlers(PreviewHandlers, JobHandlers):
                         2
                     ], f"Already submitted as job `{short_id(seen[2])}`; this is the same request."
             try:
-                job_id = self._submit(form, files)
-            except (QueueFullError, DiskFullError) as exc:
-                return None, f"⚠️ {exc}"
-            except ValueError as exc:
+                job_id = self._send(form, files, owner)
+            except (ValueError, QueueFullError, DiskFullError) as exc:
                 return None, error_md(exc)
             if session is not None:
                 self._recent[session] = (key, time.monotonic(), job_id)
@@ -176,20 +190,28 @@ class UiHandlers(PreviewHandlers, JobHandlers):
                 self._recent.pop(oldest, None)
             return self._session_locks.setdefault(session, threading.Lock())
 
-    def rerun(self, job_id: str | None, *, new_seed: bool = False) -> tuple[str | None, str]:
-        """Submit a new job with the same inputs (files from ``outputs/<id>/inputs/``) and settings; with a
-        fresh random seed when ``new_seed``."""
+    def _send(self, form: dict[str, Any], files: dict[str, bytes], owner: str | None) -> str:
+        return self._submit(form, files) if owner is None else self._submit(form, files, owner=owner)
+
+    def rerun(
+        self,
+        job_id: str | None,
+        *,
+        new_seed: bool = False,
+        viewer: str | None = None,
+        owner: str | None = None,
+    ) -> tuple[str | None, str]:
+        """Submit a new job (``owner``'s) with the same inputs (files from ``outputs/<id>/inputs/``) and
+        settings as ``viewer``'s job ``job_id``; with a fresh random seed when ``new_seed``."""
         if not job_id:
             return None, "Choose a job first."
         try:
-            job = self.store.get(validate_job_id(job_id.strip()))
+            job = self.visible_job(job_id, viewer)
             form, files = rerun_inputs(self.store, job, new_seed=new_seed)
-            new_id = self._submit(form, files)
-        except (QueueFullError, DiskFullError, JobNotFoundError) as exc:
-            return None, f"⚠️ {exc}"
+            new_id = self._send(form, files, owner)
         except OSError as exc:
             return None, f"⚠️ the inputs of job {short_id(job_id)} are no longer on disk ({exc})"
-        except ValueError as exc:
+        except (ValueError, QueueFullError, DiskFullError, JobNotFoundError) as exc:
             return None, error_md(exc)
         seed = self.store.get(new_id).settings.get("seed")
         how = f"with a new seed ({seed})" if new_seed else f"with the same seed ({seed})"
@@ -197,16 +219,18 @@ class UiHandlers(PreviewHandlers, JobHandlers):
 
     # -- settings that come back
 
-    def load_settings(self, job_id: str | None) -> tuple[dict[str, Any] | None, list[str], str]:
+    def load_settings(
+        self, job_id: str | None, viewer: str | None = None
+    ) -> tuple[dict[str, Any] | None, list[str], str]:
         """A stored job's inputs and settings as form values: (values or None, the advanced fields that
         differ from its preset, a sentence saying what was loaded and what could not be)."""
         if not job_id:
             return None, [], "Choose a job first."
         try:
-            job = self.store.get(validate_job_id(job_id.strip()))
-            values, differ, missing = values_from_job(self.store, job, self.job_defaults)
+            job = self.visible_job(job_id, viewer)
+            values, differ, missing = values_from_job(self.store, job, self.job_defaults, self.lora)
         except (ValueError, JobNotFoundError) as exc:
-            return None, [], f"⚠️ {exc}"
+            return None, [], error_md(exc)
         text = (
             f"Loaded the settings of job `{short_id(job.id)}` (seed {values['seed']}: the same video again; "
             "set the seed to -1 or use New seed for another take)."
@@ -223,8 +247,23 @@ class UiHandlers(PreviewHandlers, JobHandlers):
             self.examples_dir,
             installed_voices=self.limits.installed_voices,
             job_defaults=self.job_defaults,
+            lora=self.lora,
         )
         return values, [], f"Example “{ex.label}” loaded: every field is filled; press Generate."
+
+
+def request_principal(request: Any) -> str | None:
+    """The credential of a page request (a ``gr.Request``): the one the app's gate accepted
+    (``service.security.principal_of`` on the HTTP request Gradio hands over: ``"token"`` or
+    ``"user:<name>"``), else Gradio's own login (``mount_ui(auth=...)``: ``request.username``) as
+    ``"user:<name>"``; None on an open service or without a request (tests, scripts)."""
+    if request is None:
+        return None
+    http = getattr(request, "request", None)
+    principal = principal_of(http) if http is not None else None
+    if principal is None and getattr(request, "username", None):
+        principal = f"user:{request.username}"
+    return principal
 
 
 def _fingerprint(form: Mapping[str, Any], files: Mapping[str, bytes]) -> str:

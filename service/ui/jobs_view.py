@@ -5,6 +5,7 @@ A mixin of :class:`service.ui.handlers.UiHandlers` (it reads ``self.store``)."""
 from __future__ import annotations
 
 import html
+import json
 import logging
 import os
 import zipfile
@@ -15,6 +16,7 @@ from typing import Any
 from PIL import Image
 
 from common.files import atomic_write, atomic_write_text
+from inference.render.stats import read_stats
 from service.jobs import (
     InvalidTransitionError,
     Job,
@@ -26,10 +28,16 @@ from service.jobs import (
 )
 from service.ui.formatting import (
     STAGE_LABELS,
+    error_html,
+    error_md,
     fmt_duration,
     fmt_time,
+    group_text,
     has_cues,
+    job_group,
     job_summary,
+    passes_text,
+    plural,
     short_id,
     srt_to_vtt,
     stage_of,
@@ -45,7 +53,8 @@ DOWNLOADS_DIR = "downloads"  # inside the job's folder: named copies for the bro
 THUMB_SIZE = (320, 180)
 VIDEO_FILE, SRT_FILE, VTT_FILE = "video.mp4", "subtitles.srt", "subtitles.vtt"
 # Files of a finished job that go into its zip of side files (the video and subtitles download alone).
-SIDE_FILES = ("reference.png", "overlay.png", "mix.wav", "timeline.json", "render.json")
+RENDER_FILE = "render.json"  # the render record (inference.render.pipeline): size, clips, settings, passes
+SIDE_FILES = ("reference.png", "overlay.png", "mix.wav", "timeline.json", RENDER_FILE)
 
 
 @dataclass(frozen=True)
@@ -87,39 +96,72 @@ def _file_link(path: str, label: str, name: str) -> str:
 
 
 class JobHandlers:
+    """Every method that takes ``viewer`` (the caller's credential, ``UiHandlers.viewer``; None: every job)
+    sees only that credential's jobs: another's job is answered as if it did not exist, as in REST."""
+
     store: JobStore
+
+    def visible_job(self, job_id: str, viewer: str | None = None) -> Job:
+        """The job ``job_id`` if ``viewer`` may see it; InvalidJobIdError / JobNotFoundError otherwise."""
+        job = self.store.get(validate_job_id(job_id.strip()))
+        if not job.visible_to(viewer):
+            raise JobNotFoundError(job.id)
+        return job
 
     # -- the job on screen
 
-    def current_job(self, stored: Any, query_job: str | None) -> str:
+    def current_job(self, stored: Any, query_job: str | None, viewer: str | None = None) -> str:
         """The job to reattach to on page load: ``?job=`` in the URL first, then the browser's stored id."""
         for candidate in (query_job, stored):
             if isinstance(candidate, str) and candidate:
                 try:
-                    if self.store.exists(validate_job_id(candidate)):
-                        return candidate
-                except ValueError:
+                    self.visible_job(candidate, viewer)
+                except (ValueError, JobNotFoundError):
                     continue
+                return candidate
         return ""
 
-    def poll(self, job_id: str | None) -> PollResult:
+    def poll(self, job_id: str | None, viewer: str | None = None) -> PollResult:
         """Status of one job for the status panel (HTML), its result files when done."""
         if not job_id:
             return PollResult("<p>No job yet: fill in the form and press Generate.</p>", True, None, None)
         try:
-            job = self.store.get(validate_job_id(job_id))
+            job = self.visible_job(job_id, viewer)
         except (ValueError, JobNotFoundError) as exc:
-            return PollResult(f'<p class="dv-error">⚠️ {html.escape(str(exc))}</p>', True, None, None)
+            return PollResult(error_html(exc), True, None, None)
         video = subtitles = None
         downloads = Downloads()
         note = ""
+        facts = ""
         if job.state == JobState.DONE:
             video, subtitles, downloads, note = self._results(job)
+            facts = self.run_facts(job)
         cancellable = job.state == JobState.QUEUED or (job.is_active and not job.cancel_requested)
         return PollResult(
-            status_html(job, self.store, note), job.is_terminal, video, subtitles, downloads, cancellable,
-            job.state == JobState.DONE,
+            status_html(job, self.store, note, facts), job.is_terminal, video, subtitles, downloads,
+            cancellable, job.state == JobState.DONE,
         )  # fmt: skip
+
+    def run_facts(self, job: Job) -> str:
+        """Who ran a finished job and its model passes (computed / skipped by TeaCache), from its
+        ``stats.json`` (group, ranks, devices, passes) or, without one, its ``render.json`` and the job row;
+        empty when neither says."""
+        folder = self.store.job_dir(job.id)
+        stats = read_stats(folder) or {}
+        passes = stats.get("passes")
+        if not passes:
+            try:
+                render = json.loads((folder / RENDER_FILE).read_text())
+            except (OSError, ValueError):
+                render = None
+            passes = render.get("passes") if isinstance(render, dict) else None
+        group = stats.get("group") if isinstance(stats.get("group"), dict) else job_group(job)
+        where = group_text(group)
+        parts = [
+            f"ran on {where}" if where else "",
+            passes_text(passes if isinstance(passes, dict) else None),
+        ]
+        return " · ".join(p for p in parts if p)
 
     def _outputs(self, job: Job) -> tuple[dict[str, Path], list[str]]:
         paths: dict[str, Path] = {}
@@ -212,38 +254,40 @@ class JobHandlers:
 
     # -- actions
 
-    def cancel(self, job_id: str | None) -> str:
+    def cancel(self, job_id: str | None, viewer: str | None = None) -> str:
         if not job_id:
             return "No job to cancel."
         try:
-            job = self.store.request_cancel(validate_job_id(job_id))
+            job = self.store.request_cancel(self.visible_job(job_id, viewer).id)
         except InvalidTransitionError:
             return "This job has already finished; nothing to cancel."
         except (ValueError, JobNotFoundError) as exc:
-            return f"⚠️ {exc}"
+            return error_md(exc)
         if job.state == JobState.CANCELLED:
             return f"Job `{short_id(job.id)}` cancelled."
         return f"Cancel requested: the engine stops job `{short_id(job.id)}` at its next step."
 
-    def delete(self, job_id: str | None) -> str:
+    def delete(self, job_id: str | None, viewer: str | None = None) -> str:
         """Remove a finished job with its files (gallery and history ``Delete``)."""
         if not job_id:
             return "No job to delete."
         try:
-            self.store.delete(validate_job_id(job_id))
+            self.store.delete(self.visible_job(job_id, viewer).id)
         except InvalidTransitionError:
             return "⚠️ This job has not finished: cancel it first, then delete it."
         except (ValueError, JobNotFoundError) as exc:
-            return f"⚠️ {exc}"
+            return error_md(exc)
         return f"Deleted job `{short_id(job_id)}` and its files."
 
     # -- lists
 
-    def history(self, limit: int = HISTORY_LIMIT) -> tuple[list[list[Any]], list[str]]:
+    def history(
+        self, limit: int = HISTORY_LIMIT, viewer: str | None = None
+    ) -> tuple[list[list[Any]], list[str]]:
         """Rows for the history table (newest first) and the job id of each row."""
         rows: list[list[Any]] = []
         ids: list[str] = []
-        for job in self.store.list(limit):
+        for job in self.store.list(limit, visible_to=viewer):
             what, voices = job_summary(job)
             took = took_seconds(job)
             status = job.state.value
@@ -286,8 +330,8 @@ class JobHandlers:
             acts.append(_button("delete", job.id, "Delete", "Delete this job and its files", "dv-act-stop"))
         return "".join(acts)
 
-    def history_html(self, limit: int = HISTORY_LIMIT) -> str:
-        jobs = self.store.list(limit)
+    def history_html(self, limit: int = HISTORY_LIMIT, viewer: str | None = None) -> str:
+        jobs = self.store.list(limit, visible_to=viewer)
         if not jobs:
             return '<p class="dv-empty">No jobs yet.</p>'
         head = "".join(
@@ -314,17 +358,31 @@ class JobHandlers:
             )
         return f'<table class="dv-jobs" id="history-table"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
-    def queue_html(self) -> str:
-        """Running and waiting jobs of this service, in the order they run, each with Show and Cancel."""
+    def queue_html(self, viewer: str | None = None) -> str:
+        """Running and waiting jobs of this service (``viewer``'s own), in the order they run, each with
+        Show and Cancel; positions are places in the whole queue."""
         active, queued = self.store.active(), self.store.queue()
+        others = len(active) + len(queued)
+        active, queued = (
+            [j for j in active if j.visible_to(viewer)],
+            [j for j in queued if j.visible_to(viewer)],
+        )
+        others -= len(active) + len(queued)
+        more = (
+            f'<p class="dv-empty">{plural(others, "job")} of other users running or waiting.</p>'
+            if others
+            else ""
+        )
         if not active and not queued:
-            return '<p class="dv-empty">Nothing is running or waiting.</p>'
+            return more or '<p class="dv-empty">Nothing is running or waiting.</p>'
         rows = []
         for job in [*active, *queued]:
             what, _ = job_summary(job, 60)
             if job.is_active:
                 stage = stage_of(job.stage)
                 where = f"{job.progress:.0f}% · " + (f"{STAGE_LABELS[stage]}: " if stage else "") + job.stage
+                ran_by = group_text(job_group(job))
+                where += f" · on {ran_by}" if ran_by else ""
                 place = "running"
             else:
                 where = f"waiting · submitted {fmt_time(job.created_at)}"
@@ -334,13 +392,13 @@ class JobHandlers:
                 f"<td>{html.escape(where)}</td><td>{html.escape(what)}</td>"
                 f'<td class="dv-acts">{self._row_actions(job)}</td></tr>'
             )
-        return f'<table class="dv-jobs" id="queue-table"><tbody>{"".join(rows)}</tbody></table>'
+        return f'<table class="dv-jobs" id="queue-table"><tbody>{"".join(rows)}</tbody></table>{more}'
 
-    def gallery_html(self, limit: int = GALLERY_LIMIT) -> str:
-        """Finished videos as cards: thumbnail, when, how long, and Show / Download / Load settings /
-        New seed / Delete."""
+    def gallery_html(self, limit: int = GALLERY_LIMIT, viewer: str | None = None) -> str:
+        """Finished videos as cards: thumbnail, when, how long, who ran it and its model passes, and
+        Show / Download / Load settings / New seed / Delete."""
         cards = []
-        for job in self.store.list(limit, state="done"):
+        for job in self.store.list(limit, state="done", visible_to=viewer):
             if job.purged_at is not None:
                 continue
             paths, _ = self._outputs(job)
@@ -353,6 +411,7 @@ class JobHandlers:
                 video = None
             thumb = self.thumbnail(job)
             what, _ = job_summary(job, 48)
+            facts = self.run_facts(job)
             took = took_seconds(job)
             img = (
                 f'<img data-file="{html.escape(thumb)}" alt="job {short_id(job.id)}" loading="lazy">'
@@ -360,10 +419,12 @@ class JobHandlers:
                 else '<div class="dv-nothumb">no picture</div>'
             )
             link = _file_link(video, "Download", Path(video).name) if video else ""
+            facts_line = f'<br><small class="dv-facts">{html.escape(facts)}</small>' if facts else ""
             cards.append(
                 f'<div class="dv-card" data-job="{job.id}"><div class="dv-thumb" data-action="show" data-job="{job.id}">'
                 f'{img}</div><div class="dv-cap"><code>{short_id(job.id)}</code> · {fmt_time(job.created_at)}'
-                f"{'' if took is None else ' · ' + fmt_duration(took)}<br><small>{html.escape(what)}</small></div>"
+                f"{'' if took is None else ' · ' + fmt_duration(took)}<br><small>{html.escape(what)}</small>"
+                f"{facts_line}</div>"
                 f'<div class="dv-acts">{_button("show", job.id, "Show", "Show this video")}{link}'
                 f"{_button('load', job.id, 'Load settings', 'Put its inputs and settings in the form')}"
                 f"{_button('seed', job.id, 'New seed', 'Render the same inputs with a new seed')}"
@@ -373,13 +434,13 @@ class JobHandlers:
             return '<p class="dv-empty">Finished videos appear here.</p>'
         return f'<div class="dv-gallery" id="gallery-grid">{"".join(cards)}</div>'
 
-    def panels_signature(self, limit: int = HISTORY_LIMIT) -> str:
+    def panels_signature(self, limit: int = HISTORY_LIMIT, viewer: str | None = None) -> str:
         """Changes whenever a list would show something new (cheap: one query of the newest jobs)."""
-        jobs = self.store.list(limit)
+        jobs = self.store.list(limit, visible_to=viewer)
         return (
             "|".join(
                 f"{j.id[:8]}{j.state.value}{j.progress:.0f}{j.stage}{int(j.cancel_requested)}{j.purged_at}"
                 for j in jobs
             )
-            + f"|{self.store.count()}"
+            + f"|{self.store.count()}|{self.store.count(state='queued')}"  # others' jobs move the queue too
         )

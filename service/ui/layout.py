@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from inference.render.settings import DEFAULT_PROMPT, PRESETS
+from inference.render.settings import DEFAULT_PROMPT
 from service.ui.examples import EXAMPLES, FORM_EXAMPLES
 from service.ui.form import (
     ASPECT_CHOICES,
@@ -27,6 +27,7 @@ from service.ui.form import (
     SOURCE_SINGLE,
     SPEECH_AUDIO,
     SPEECH_SCRIPT,
+    offered_preset_names,
     preset_summary,
     voice_choices,
 )
@@ -210,8 +211,8 @@ def _quality(c: dict[str, Any], h: UiHandlers, default_preset: str, adv: dict[st
     )  # fmt: skip
     with gr.Row():
         c["preset"] = gr.Radio(
-            [(PRESET_LABELS.get(n, n), n) for n in PRESETS], value=default_preset, label="Preset",
-            info=preset_summary(), elem_id="preset", scale=3,
+            [(PRESET_LABELS.get(n, n), n) for n in offered_preset_names(h.lora)], value=default_preset,
+            label="Preset", info=preset_summary(h.lora), elem_id="preset", scale=3,
         )  # fmt: skip
         c["resolution"] = gr.Radio(
             RESOLUTION_CHOICES, value=adv["resolution"], label="Resolution", elem_id="resolution", scale=1

@@ -16,9 +16,10 @@ import soundfile
 
 from dialogue import ScriptError, parse_script
 from inference.render.length import check_speech_length
-from inference.render.settings import PRESETS, count_clips, estimate_seconds
+from inference.render.settings import PRESETS, LoraState, count_clips, estimate_seconds
 from inference.scene.compose import DEFAULT_NAMES, compose_scene, scene_from_image
 from inference.scene.single import single_scene
+from service.errors import answer_for
 from service.ui.form import (
     AUDIO_FORMATS_TEXT,
     PRESET_LABELS,
@@ -27,9 +28,9 @@ from service.ui.form import (
     SPEECH_AUDIO,
     settings_overrides,
 )
-from service.ui.formatting import FPS, error_md, fmt_duration, plural, speech_seconds
+from service.ui.formatting import FPS, error_html, error_md, fmt_duration, plural, speech_seconds
 from service.ui.uploads import AudioLengths, image_message
-from service.validation import Limits
+from service.validation import Limits, RequestError
 from tts.voices import VOICES, get_voice
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class PreviewHandlers:
     limits: Limits
     audio: AudioLengths
     job_defaults: Mapping[str, Any] | None
+    lora: LoraState
     _tts_preview: TtsPreviewFn | None
 
     # -- script
@@ -60,7 +62,7 @@ class PreviewHandlers:
             where = f"line {exc.line}: " if exc.line is not None else ""
             return f'<p class="dv-error">⚠️ {html.escape(where + exc.message)}</p>', default
         except ValueError as exc:
-            return f'<p class="dv-error">⚠️ {html.escape(str(exc))}</p>', default
+            return error_html(exc, "script"), default
         names = [s.name for s in dialogue.speakers]
         rows = []
         for i, turn in enumerate(dialogue.turns, start=1):
@@ -104,7 +106,13 @@ class PreviewHandlers:
                 continue
             try:
                 s = self.audio.seconds(path, field)
-            except (ValueError, OSError) as exc:
+            except OSError as exc:
+                seconds.append(None)
+                messages.append(
+                    error_md(RequestError(field, f"the upload could not be read ({exc.strerror or exc})"))
+                )
+                continue
+            except ValueError as exc:
                 seconds.append(None)
                 messages.append(error_md(exc, field))
                 continue
@@ -223,10 +231,11 @@ class PreviewHandlers:
         preset = PRESETS.get(values.get("preset") or "")
         if preset is None:
             return ""
-        lines = [f"**{PRESET_LABELS.get(preset.name, preset.name)}**: {preset.description}"]
+        # What this service runs for the preset (its LoRA mode): the description and settings /api/info shows.
+        lines = [f"**{PRESET_LABELS.get(preset.name, preset.name)}**: {preset.describe(self.lora)}"]
         try:
-            overrides = settings_overrides(values, self.job_defaults)
-            settings = preset.apply({**(self.job_defaults or {}), **overrides})
+            overrides = settings_overrides(values, self.job_defaults, self.lora)
+            settings = preset.apply({**(self.job_defaults or {}), **overrides}, self.lora)
         except ValueError as exc:
             return "\n\n".join([*lines, error_md(exc, "settings")])
         seconds = None
@@ -313,9 +322,9 @@ class PreviewHandlers:
             )
         try:
             result = self._tts_preview(v.id, line)
-        except ValueError as exc:
-            return None, error_md(exc, "voice")
         except Exception as exc:
+            if answer_for(exc) is not None:  # bad text, too many previews (the REST API's answers)
+                return None, error_md(exc, "voice")
             logger.exception("voice preview of %s failed", v.id)
             return None, f"⚠️ the voice preview failed: {exc}"
         try:
