@@ -247,7 +247,7 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any], sto
         heartbeat_timeout_s=max(120.0, 4 * args.heartbeat_s),
         extra={
             **groups_info(runtime, args),
-            "producer": None if producer is None else producer.status(),
+            "producer": None if producer is None else producer.placement(),
             "dit_fsdp_mode": args.dit_fsdp,
             "job_defaults": defaults,
             "device": str(ctx.device),

@@ -88,6 +88,10 @@ class Producer:
         self._stop.set()
         self._thread.join(timeout=timeout_s)
 
+    def placement(self) -> dict[str, Any]:
+        """Where the producer runs and how far ahead it may prepare (for ``/api/info``)."""
+        return {"device": str(self.renderer.config.device), "ahead": self.config.ahead}
+
     def status(self) -> dict[str, Any]:
         return {"device": str(self.renderer.config.device), "ahead": self.config.ahead, "current": self.current,
                 "prepared": self.prepared, "alive": self._thread.is_alive(),
