@@ -553,6 +553,62 @@ def test_presets_sit_under_the_service_defaults(store: JobStore, portraits: tupl
     assert sent[-1]["settings"] == {"steps": 16} and store.get(job_id).settings["steps"] == 16
 
 
+def test_presets_follow_the_services_lora_mode(store: JobStore, portraits: tuple[str, str]) -> None:
+    import gradio as gr
+
+    from inference.render.settings import LoraState, preset_catalog
+    from service.ui.form import offered_preset_names
+
+    # Merged LoRA: every job runs distilled, so only "fast" is offered, with the values it runs.
+    merged = LoraState.of("merged", ["lightx2v_rank64"])
+    limits = Limits(lora=merged)
+    ui = _handlers(store, limits=limits)
+    ui._submit = lambda form, files, owner=None: submit_form(store, form, files, limits=limits)
+    catalog = preset_catalog(merged)  # what /api/info reports per preset
+    assert offered_preset_names(merged) == [n for n, p in catalog.items() if p["offered"]] == ["fast"]
+    assert preset_summary(merged) == "Fast: 4 steps, guidance text 1 / audio 2, shift 2, 480p with the LoRA"
+    fast = dict(zip(ADVANCED_FIELDS, ui.preset_values("fast"), strict=True))
+    shown = (fast["steps"], fast["text_guidance"], fast["audio_guidance"])
+    assert shown == (
+        catalog["fast"]["steps"],
+        catalog["fast"]["text_guidance"],
+        catalog["fast"]["audio_guidance"],
+    )
+    assert shown == (4, 1.0, 2.0)
+    job_id, msg = ui.generate(_values(ui, portraits))
+    assert job_id is not None, msg
+    job = store.get(job_id)
+    assert (job.settings["steps"], job.settings["shift"], job.settings["lora"]) == (4, 2.0, True)
+    assert job.spec["settings_overrides"] == {}  # the form's values are the preset's: nothing overridden
+    assert "Step-distilled" in ui.estimate(_values(ui, portraits))
+    job_id, msg = ui.generate(_values(ui, portraits, preset="balanced"))
+    assert job_id is None and msg.startswith("⚠️ **Preset**") and "fast" in msg
+    values, _, _ = ui.example(1)  # the interview example asks for "balanced": this service's default instead
+    assert values["preset"] == "fast" and values["steps"] == 4
+    demo = build_ui(store, submit=ui._submit, tts_preview=None, info=lambda: {"default_preset": "balanced"},
+                    limits=limits)  # fmt: skip
+    by_id = {b.elem_id: b for b in demo.blocks.values() if isinstance(b, gr.components.Component)}
+    assert [v for _, v in by_id["preset"].choices] == ["fast"] and by_id["preset"].value == "fast"
+    assert by_id["steps"].value == 4 and "shift 2" in by_id["preset"].info
+    # Switchable FusionX: "fast" runs its 8 distilled steps; balanced and quality stay offered without it.
+    switch = LoraState.of("switchable", ["Wan2.1_I2V_14B_FusionX_LoRA"])
+    ui2 = _handlers(store, limits=Limits(lora=switch))
+    assert offered_preset_names(switch) == ["fast", "balanced", "quality"]
+    assert ui2.preset_values("fast")[:3] == (8, 1.0, 2.0) and ui2.preset_values("balanced")[:3] == (
+        30,
+        5.0,
+        4.0,
+    )
+    assert "Fast: 8 steps, guidance text 1 / audio 2, shift 2, 480p with the LoRA" in preset_summary(switch)
+    balanced = dict(zip(ADVANCED_FIELDS, ui2.preset_values("balanced"), strict=True))
+    new, _ = ui2.preset_change("fast", "seconds", balanced, [])
+    assert (new["steps"], new["text_guidance"], new["audio_guidance"]) == (8, 1.0, 2.0)
+    # Negative control: without a LoRA "fast" is the 16-step preset and every preset is offered.
+    plain = _handlers(store)
+    assert plain.preset_values("fast")[0] == 16 and "with the LoRA" not in preset_summary()
+    assert offered_preset_names() == ["fast", "balanced", "quality"]
+
+
 # ---------------------------------------------------------------------------------------------- submit once
 
 
@@ -608,6 +664,45 @@ def test_one_person_job_from_the_page(
     assert job_id is None and msg.startswith("⚠️ **Script**") and "line 2" in msg
     job_id, msg = ui.generate({**one, "single_image": None})
     assert job_id is None and msg.startswith("⚠️ **Picture of the person**: required")
+
+
+def test_a_stored_one_person_job_loads_back_and_submits_again_without_voice2(
+    store: JobStore, portraits: tuple[str, str]
+) -> None:
+    sent: list[tuple[dict[str, Any], set[str]]] = []
+
+    def spy(form: dict[str, Any], files: dict[str, bytes], owner: str | None = None) -> str:
+        sent.append((dict(form), set(files)))
+        return submit_form(store, form, files, owner=owner)
+
+    ui = UiHandlers(store, submit=spy, tts_preview=None, info=lambda: {})
+    # A one-person job as the service stores it (REST: one image, a speaker-1 script, one voice).
+    script = "(s1) Hello, it is just me today.\n(s1) And I keep talking."
+    first = submit_form(store, {"script": script, "voice1": "bf_emma", "preset": "fast", "settings": {"seed": 5}},
+                        {"image": Path(portraits[0]).read_bytes()})  # fmt: skip
+    spec = store.get(first).spec
+    assert spec["people"] == 1 and spec["layout"] == "single" and spec["images"] == {"image": "image.png"}
+    loaded, _, _ = ui.load_settings(first)
+    assert loaded["source"] == "single" and loaded["speech"] == "script" and loaded["script"] == script
+    assert loaded["voice1"] == "bf_emma" and loaded["voice2"] is None and loaded["seed"] == 5
+    # The page keeps whatever voice 2 showed before (loading skips a voice the job does not have): not sent.
+    again, msg = ui.generate({**loaded, "voice2": "am_adam"})
+    assert again is not None, msg
+    form, files = sent[-1]
+    assert "voice2" not in form and files == {"image"} and form["voice1"] == "bf_emma"
+    a, b = store.get(first), store.get(again)
+    assert (b.spec["people"], b.spec["layout"], b.spec["images"], b.spec["voices"]) == (1, "single", spec["images"],
+                                                                                          ["bf_emma"])  # fmt: skip
+    assert a.settings == b.settings and b.spec["script"] == script
+    assert store.input_path(again, "image.png").read_bytes() == Path(portraits[0]).read_bytes()
+    # History / gallery "New seed" re-submits the same one-person form.
+    rerun, msg = ui.rerun(first, new_seed=True)
+    assert rerun is not None, msg
+    assert "voice2" not in sent[-1][0] and sent[-1][1] == {"image"} and store.get(rerun).spec["people"] == 1
+    # Negative control: the same values as a two-portrait job do send voice 2.
+    two = {**loaded, "voice2": "am_adam", "source": "portraits", "left_image": portraits[0],
+           "right_image": portraits[1], "script": "(s1) Hi.\n(s2) Hello."}  # fmt: skip
+    assert ui.generate(two)[0] is not None and sent[-1][0]["voice2"] == "am_adam"
 
 
 # ---------------------------------------------------------------------------------------------- examples

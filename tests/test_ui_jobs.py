@@ -12,6 +12,7 @@ import io
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ import soundfile
 from PIL import Image
 
 from service.jobs import JobState, JobStore
-from service.ui import UiHandlers, submit_form
+from service.ui import UiHandlers, build_ui, mount_ui, submit_form
 from tests.ui_support import _finish, _handlers, _png_bytes, _portrait, _tone, _values
 
 # ---------------------------------------------------------------------------------------------- status
@@ -413,3 +414,136 @@ def test_a_real_render_reports_every_stage_by_name(tiny_weights: Path, portrait_
     decodes = [s for s in sink.stages if s.startswith("decoding clip")]
     conditions = [s for s in sink.stages if s.startswith("conditioning clip")]
     assert len(decodes) == len(conditions) >= 1 and decodes[-1].endswith(f"of {len(decodes)}"), sink.stages
+
+
+# ---------------------------------------------------------------------------------------------- who ran it
+
+
+def _done(store: JobStore, job_id: str, files: dict[str, bytes]) -> None:
+    """The end of a claimed job: its files written, done."""
+    store.set_state(job_id, "rendering")
+    store.set_state(job_id, "encoding")
+    for name, data in files.items():
+        (store.job_dir(job_id) / name).write_bytes(data)
+    store.set_outputs(job_id, [n for n in files if n != "stats.json"])
+    store.set_state(job_id, "done")
+
+
+def test_job_views_say_who_ran_a_job_and_its_model_passes(
+    ui: UiHandlers, store: JobStore, portraits: tuple[str, str]
+) -> None:
+    from inference.parallel.groups import ReplicaGroup
+    from inference.render.stats import build_stats, write_stats
+
+    job_id, _ = ui.generate(_values(ui, portraits))
+    assert store.claim_for_group(1, [2, 3], ["cuda:2", "cuda:3"]).id == job_id
+    store.update_progress(job_id, 40, "clip 1 of 2, step 2 of 4")
+    assert (
+        "running for" in ui.poll(job_id).html
+        and "on group 1 · ranks 2–3 · cuda:2, cuda:3" in ui.poll(job_id).html
+    )
+    assert "on group 1 · ranks 2–3 · cuda:2, cuda:3" in ui.queue_html()
+    # The renderer's record and the group leader's stats.json (as the worker writes them).
+    passes = {
+        "passes": 120,
+        "computed": 96,
+        "skipped": 24,
+        "model_calls": 48,
+        "per_clip": [],
+        "resumed_after_clip": 0,
+    }
+    render = {"frames": 81, "fps": 25, "clips": 2, "size": [896, 448], "settings": {"seed": 1, "steps": 4},
+              "passes": passes}  # fmt: skip
+    group = ReplicaGroup(1, 2, (2, 3), ("cuda:2", "cuda:3"), "node-a")
+    stats = build_stats(job_id=job_id, render=render, timings={"total_time": 3.0}, group=group, peak_bytes=[1, 2],
+                        memory="cuda_max_allocated", prepared_on="group")  # fmt: skip
+    write_stats(store.job_dir(job_id), stats)
+    _done(
+        store,
+        job_id,
+        {"video.mp4": b"x", "render.json": json.dumps(render).encode(), "reference.png": _png_bytes()},
+    )
+    said = (
+        "ran on group 1 of 2 · ranks 2–3 · cuda:2, cuda:3 · node node-a · model passes: 96 computed, "
+        "24 skipped by TeaCache (20%) in 48 batched forwards"
+    )
+    assert ui.run_facts(store.get(job_id)) == said
+    assert said in ui.poll(job_id).html and said in ui.gallery_html()
+    # Without stats.json: the render record's passes and the job row's group; a plain forward per pass.
+    other, _ = ui.generate(_values(ui, portraits, steps=20))
+    store.claim_for_group(0, [0], ["cpu"])
+    plain = {**passes, "passes": 10, "computed": 10, "skipped": 0, "model_calls": 10, "resumed_after_clip": 1}
+    _done(store, other, {"video.mp4": b"x", "render.json": json.dumps({**render, "passes": plain}).encode()})
+    assert ui.run_facts(store.get(other)) == (
+        "ran on group 0 · rank 0 · cpu · model passes: 10 computed, none skipped; 1 clip came from an earlier "
+        "attempt (not counted)"
+    )
+    # Negative control: a job with neither record and no group says nothing about them.
+    bare, _ = ui.generate(_values(ui, portraits, steps=21))
+    _finish(store, bare, {"video.mp4": b"x"})
+    assert ui.run_facts(store.get(bare)) == "" and "dv-facts" not in ui.poll(bare).html
+
+
+# ---------------------------------------------------------------------------------------------- whose jobs
+
+
+def test_each_credential_sees_and_owns_its_own_jobs(store: JobStore, portraits: tuple[str, str]) -> None:
+    """Behind the gate (--auth users) the page shows each user only their jobs and what the page submits
+    is theirs; --share_jobs shows every job; an open service shows every job (REST's rule)."""
+    import base64
+
+    import gradio as gr
+    from fastapi.testclient import TestClient
+    from starlette.requests import Request
+
+    from service.api import ServiceInfo, create_app
+    from service.ui.handlers import request_principal
+
+    ui = _handlers(store)
+    ann, _ = ui.generate(_values(ui, portraits), owner="user:ann")
+    bob, _ = ui.generate(_values(ui, portraits, steps=20), owner="user:bob")
+    assert (store.get(ann).owner, store.get(bob).owner) == ("user:ann", "user:bob")
+    assert ann in ui.history_html(viewer="user:ann") and bob not in ui.history_html(viewer="user:ann")
+    assert [r[0] for r in ui.history(viewer="user:bob")[0]] == [bob[:8]]
+    queue = ui.queue_html("user:ann")
+    assert ann in queue and bob not in queue and "1 job of other users running or waiting" in queue
+    # Another's job is answered as if it did not exist: view, load, re-run, cancel, delete, reattach.
+    assert "no job with id" in ui.poll(bob, "user:ann").html and ui.load_settings(bob, "user:ann")[0] is None
+    assert ui.rerun(bob, viewer="user:ann", owner="user:ann")[0] is None and store.count() == 2
+    assert "no job with id" in ui.cancel(bob, "user:ann") and not store.get(bob).cancel_requested
+    assert ui.current_job(bob, None, "user:ann") == "" and ui.current_job(ann, None, "user:ann") == ann
+    _finish(store, ann, {"video.mp4": b"x"})
+    assert "no job with id" in ui.delete(ann, "user:bob") and store.exists(ann)
+    assert ann in ui.gallery_html(viewer="user:ann") and ann not in ui.gallery_html(viewer="user:bob")
+    # Open service (no credential) and --share_jobs: every job.
+    assert ann in ui.history_html() and bob in ui.history_html()
+
+    def page_request(principal: str | None = None, username: str | None = None) -> gr.Request:
+        scope = {"type": "http", "headers": [], "state": {"principal": principal} if principal else {}}
+        return gr.Request(request=Request(scope), username=username)
+
+    assert request_principal(page_request("user:ann")) == ui.viewer(page_request("user:ann")) == "user:ann"
+    assert request_principal(page_request(username="cy")) == "user:cy"  # gradio's own login (mount_ui auth)
+    assert request_principal(page_request()) is None and request_principal(None) is None
+    assert _handlers(store, share_jobs=True).viewer(page_request("user:ann")) is None
+
+    # Through the gate and Gradio's own API, as the browser's page calls its events.
+    users = {"ann": "pw-ann", "bob": "pw-bob"}
+    app = create_app(store, ServiceInfo(), users=users)
+    submit = lambda form, files, owner=None: submit_form(store, form, files, owner=owner)  # noqa: E731
+    mount_ui(app, build_ui(store, submit=submit, tts_preview=None, info=lambda: {}), store)
+
+    def call(client: TestClient, user: str, api: str, data: list[Any]) -> str:
+        auth = {"Authorization": "Basic " + base64.b64encode(f"{user}:{users[user]}".encode()).decode()}
+        event = client.post(f"/gradio_api/call/{api}", json={"data": data}, headers=auth).json()["event_id"]
+        return client.get(f"/gradio_api/call/{api}/{event}", headers=auth).text
+
+    with TestClient(app) as client:
+        panels = call(client, "bob", "panels", [""])
+        assert bob in panels and ann not in panels
+        assert "no job with id" in call(client, "bob", "show", [ann, "", ""])
+        call(client, "bob", "new_seed", [ann])  # another's job: nothing submitted
+        assert store.count() == 2
+        call(client, "ann", "new_seed", [ann])
+        (new,) = [j for j in store.list(10) if j.id not in (ann, bob)]
+        assert new.owner == "user:ann" and new.spec["images"] == store.get(ann).spec["images"]

@@ -25,7 +25,9 @@ def _handlers(store: JobStore, **kwargs: Any) -> UiHandlers:
     """The handlers build_ui wires (test_build_ui_* checks that build_ui hands out the same class)."""
     kwargs.setdefault("tts_preview", None)
     kwargs.setdefault("info", lambda: {"model": "tiny", "default_preset": "fast"})
-    return UiHandlers(store, submit=lambda form, files: submit_form(store, form, files), **kwargs)
+    return UiHandlers(
+        store, submit=lambda form, files, owner=None: submit_form(store, form, files, owner=owner), **kwargs
+    )
 
 
 def _values(ui: UiHandlers, portraits: tuple[str, str], **over: Any) -> dict[str, Any]:
