@@ -746,6 +746,40 @@ def test_voice_preview_speaks_a_line_of_the_script(store: JobStore) -> None:
     assert calls[-1] == ("af_heart", None) and "no line of person 2" in msg
 
 
+def test_errors_say_what_the_rest_api_says(
+    ui: UiHandlers, portraits: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from service.jobs import DiskFullError, JobNotFoundError, QueueFullError
+    from service.ui.formatting import error_html, error_md
+
+    assert error_md(SettingsError("max_frames", "2 seconds is shorter than one clip")) == (
+        "⚠️ **Maximum length**: 2 seconds is shorter than one clip"
+    )
+    assert error_md(QueueFullError(3)) == "⚠️ the queue is full (3 jobs waiting); try again later"
+    assert error_md(DiskFullError(0, 2**20, 2**30)).startswith("⚠️ not enough free disk space")
+    assert error_md(JobNotFoundError("0" * 32)) == f"⚠️ **Job**: no job with id {'0' * 32}"
+    assert (
+        error_html(RequestError("voice1", "<b>"))
+        == '<p class="dv-error">⚠️ <b>Voice of person 1</b>: &lt;b&gt;</p>'
+    )
+
+    class Lookalike(Exception):  # a field and a message do not make an error the service answers
+        field, message = "script", "internal detail"
+
+    with caplog.at_level("ERROR"):
+        text = error_md(Lookalike("C:/tmp/secret"))
+    assert text == "⚠️ Something went wrong (Lookalike); the service log has the details."
+    assert "secret" not in text and "Lookalike" in caplog.text
+
+    # The store's refusals reach the page the same way.
+    def full(form: dict[str, Any], files: dict[str, bytes], owner: str | None = None) -> str:
+        raise QueueFullError(4)
+
+    ui._submit = full
+    job_id, msg = ui.generate(_values(ui, portraits))
+    assert job_id is None and msg == "⚠️ the queue is full (4 jobs waiting); try again later"
+
+
 def test_labels_and_plurals() -> None:
     from service.ui.formatting import field_label, plural, stage_of
 
