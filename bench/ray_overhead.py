@@ -3,7 +3,7 @@
     python bench/ray_overhead.py [--idle_s 20] [--jobs 2]
 
 For each launcher it starts the service, measures the seconds until ``/api/health`` answers 200
-(start-up: for Ray the local instance, the actors and their models), the CPU the whole process tree burns
+and both groups serve (start-up: for Ray the local instance, the actors and their models), the CPU the whole process tree burns
 while idle for ``--idle_s`` (heartbeats, the head's polls, Ray's own daemons), and the seconds from
 submitting ``--jobs`` short jobs at once to all of them done (the object-store transfers of inputs, clips
 and videos ride on this); then stops it. Prints the figures side by side and the Ray / torchrun ratios.
@@ -103,8 +103,10 @@ def measure(cmd: list[str], port: int, work: Path, idle_s: float, jobs: int) -> 
             if proc.poll() is not None or time.monotonic() - t0 > 600:
                 raise SystemExit(f"{cmd[0]} did not come up; see {work / 'log'}")
             try:
-                if requests.get(base + "/api/health", timeout=5).status_code == 200:
-                    break
+                healthy = requests.get(base + "/api/health", timeout=5).status_code == 200
+                groups = requests.get(base + "/api/queue", timeout=5).json()["groups"]
+                if healthy and len(groups) == 2 and all(g["state"] in ("idle", "busy") for g in groups):
+                    break  # every group serving, not only the first
             except requests.ConnectionError:
                 pass
             time.sleep(0.2)

@@ -87,7 +87,10 @@ def connect(options: RayOptions) -> ClusterInfo:
         if options.temp_dir is None:
             _OWNED_TEMP.append(temp)  # removed again by disconnect()
         temp.mkdir(parents=True, exist_ok=True)
-        kwargs.update(num_cpus=options.num_cpus, _temp_dir=str(temp), _node_ip_address="127.0.0.1")
+        # Ray starts its workers at nice 15; the actors are this service's ranks and run at the priority a
+        # torchrun rank would (the same switch for `ray start`: RAY_worker_niceness=0).
+        kwargs.update(num_cpus=options.num_cpus, _temp_dir=str(temp), _node_ip_address="127.0.0.1",
+                      _system_config={"worker_niceness": 0})  # fmt: skip
         if options.num_gpus is not None:
             kwargs["num_gpus"] = options.num_gpus
         if options.object_store_bytes is not None:
