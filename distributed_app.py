@@ -30,6 +30,7 @@ import torch
 import uvicorn
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from common.flags import flag_bool
 from dialogue import detect_language
 from inference.parallel.context import ParallelContext
 from inference.parallel.fsdp import check_t5_fsdp
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(dit_model_{int8,fp8}.safetensors + map), or the quantised .safetensors file")  # fmt: skip
     p.add_argument("--vae_tiling", choices=("auto", "on", "off"), default="auto", help="VAE encode/decode "
                    "in spatial tiles: auto = when whole frames would not fit the GPU's free memory")  # fmt: skip
-    p.add_argument("--offload_model", type=_bool, default=None, help="T5, CLIP and the VAE in CPU memory, on the "
+    p.add_argument("--offload_model", type=flag_bool, default=None, help="T5, CLIP and the VAE in CPU memory, on the "
                    "GPU only for their stage (default: true on one GPU, false on several, as upstream)")  # fmt: skip
     p.add_argument("--num_persistent_param_in_dit", type=int, default=None, help="keep at most N DiT parameters "
                    "on the GPU and stream the other blocks from CPU memory per forward (0 = least memory)")  # fmt: skip
@@ -128,14 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_speed_flags(p)  # --lora_dir/--lora_scale/--lora_mode, --use_teacache, --batched_guidance, --compile
     add_replica_flags(p)  # --replicas, --prepare_on and the producer's --producer_* flags
     return p
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def check_flags(args: argparse.Namespace) -> None:

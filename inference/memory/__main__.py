@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 
+from common.flags import flag_bool
 from inference.memory.plan import (
     DEFAULT_RESERVE_GIB,
     FSDP_MODES,
@@ -44,14 +45,6 @@ TABLE_ROWS: tuple[tuple[int, float, str, dict[str, object]], ...] = (
 )
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m inference.memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", type=int, default=1, help="ranks, one GPU each (torchrun --nproc_per_node)")
@@ -70,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t5_fsdp", action="store_true")
     p.add_argument("--t5_cpu", action="store_true")
     p.add_argument(
-        "--offload_model", type=_bool, default=None, help="default: true on one GPU, false on more"
+        "--offload_model", type=flag_bool, default=None, help="default: true on one GPU, false on more"
     )
     p.add_argument("--num_persistent_param_in_dit", type=int, default=None)
     p.add_argument("--vae_tiling", choices=VAE_TILING_MODES, default="auto")

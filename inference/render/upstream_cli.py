@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import InputError
+from common.flags import flag_bool
 from inference.checkpoint.weights import WeightPaths
 
 SIZES = {"multitalk-480": 480, "multitalk-720": 720}
@@ -51,14 +52,6 @@ SETTING_FLAGS = {
 
 class UpstreamFlagError(InputError):
     """An upstream flag this build cannot honour; ``field`` is the flag."""
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def add_upstream_flags(p: argparse.ArgumentParser) -> None:
@@ -85,7 +78,9 @@ def add_upstream_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--color_correction_strength", type=float, default=None)
     p.add_argument("--quant", choices=("int8", "fp8"), default=None, help="quantised DiT weights")
     p.add_argument("--quant_dir", type=Path, default=None, help="folder (or file) of quantised weights")
-    p.add_argument("--offload_model", type=_bool, default=None, help="move models to the CPU between uses")
+    p.add_argument(
+        "--offload_model", type=flag_bool, default=None, help="move models to the CPU between uses"
+    )
     p.add_argument("--num_persistent_param_in_dit", type=int, default=None,
                    help="DiT parameters kept on the GPU; the rest stream in per forward")  # fmt: skip
     p.add_argument("--t5_fsdp", action="store_true", help="shard T5 over the ranks")
