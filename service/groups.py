@@ -16,19 +16,20 @@ Nothing here touches ``torch.distributed``: these are API and publisher threads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from inference.parallel.groups import ReplicaGroup
+from service.db import immediate_transaction
 from service.jobs import JobState, JobStore
 from service.schemas import EngineStatus, WorkerStatus
 
@@ -93,17 +94,8 @@ class GroupBoard:
             self._local.conn = conn
         return conn
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
+    def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return immediate_transaction(self._conn())
 
     def reset(self, groups: Sequence[ReplicaGroup]) -> None:
         """World rank 0 at start-up: one fresh row per group (no heartbeat yet) and no stop request."""

@@ -40,12 +40,13 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from common.files import atomic_write_bytes
 from inference.render.spec import JobSpec
+from service.db import immediate_transaction
 from service.group_claims import GROUP_COLUMNS, GroupClaims, group_fields
 from service.job_model import (
     _TRANSITIONS,
@@ -231,17 +232,8 @@ class JobStore(GroupClaims):
                 self._all_conns.append(conn)
         return conn
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
-            conn.execute("COMMIT")
+    def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return immediate_transaction(self._conn())
 
     def close(self) -> None:
         """Close every connection this store opened (from any thread)."""
