@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -131,12 +132,20 @@ def measure(cmd: list[str], port: int, work: Path, idle_s: float, jobs: int) -> 
             time.sleep(0.25)
         return Figures(start_s, idle, time.monotonic() - t1)
     finally:
+        proc.send_signal(signal.SIGTERM)  # a clean stop (the Ray head removes its temporary folder)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
         for pid in reversed(_tree(proc.pid)):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def main() -> int:
@@ -162,7 +171,7 @@ def main() -> int:
     t, r = rows["torchrun"], rows["ray"]
     print(f"ray / torchrun: start-up x{r.start_s / t.start_s:.2f}, idle CPU x{r.idle_cpu_pct / max(t.idle_cpu_pct, 0.1):.2f}, "
           f"{args.jobs} jobs x{r.jobs_s / t.jobs_s:.2f}")  # fmt: skip
-    print(f"(logs under {work})")
+    shutil.rmtree(work, ignore_errors=True)  # weights and videos; the figures are printed
     return 0
 
 

@@ -10,7 +10,8 @@ end to end on a local Ray instance (2 CPUs, no dashboard) with the tiny preset a
 - a group of 2 actors (Ulysses over 2 gloo ranks formed by the gang) renders that job too, close to the
   one-process frames (far closer than another seed);
 - with ``--replicas 0`` (follow the cluster) a node that joins gets a group and a node that leaves takes
-  its group with it (Ray's test cluster: two nodes on this machine, in this process).
+  its group with it (Ray's test cluster: two nodes on this machine, in this process);
+- SIGTERM stops the head, its groups and the local Ray instance, exit 0.
 
 Ray starts once for the module (the service fixture); every subprocess is killed with its tree at the end.
 """
@@ -51,6 +52,7 @@ from tests.test_service_e2e import (  # noqa: E402
     _kill_tree,
     check_video,
     free_port,
+    is_running,
     running_service,
     submit,
     wait_healthy,
@@ -260,6 +262,24 @@ def test_a_ray_group_renders_the_frames_distributed_app_renders(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_stops_the_head_and_every_group(ray_service: Service) -> None:
+    actors = [g["pid"] for g in _groups(ray_service)]
+    assert all(actors) and all(is_running(pid) for pid in actors)
+    ray_service.proc.send_signal(signal.SIGTERM)
+    try:
+        code = ray_service.proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the head still runs 90 s after SIGTERM:\n{ray_service.log_tail()}")
+    assert code == 0, ray_service.log_tail()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(is_running(pid) for pid in actors):
+        time.sleep(0.2)
+    assert not [pid for pid in actors if is_running(pid)], "a group's actor outlived the head"
+    assert "head: clean exit" in ray_service.log_tail(5000)
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_gang_of_two_actors_forms_one_group(
     tiny_weights: Path, portrait_pngs: tuple[Path, Path], tmp_path: Path
@@ -288,6 +308,8 @@ def test_a_gang_of_two_actors_forms_one_group(
         stats = json.loads((service.outputs / task_id / "stats.json").read_text())
         assert stats["group"]["ranks"] == [0, 1], stats["group"]
         frames = read_frames(service.outputs / task_id / "video.mp4")
+        proc.send_signal(signal.SIGTERM)  # a clean stop also removes the local instance's temporary folder
+        proc.wait(timeout=90)
     finally:
         _kill_tree(proc)
     if "frames" in REFERENCE:  # rendered by the test before (one process, and a Ray group with another seed)
@@ -302,7 +324,9 @@ def test_a_gang_of_two_actors_forms_one_group(
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_groups_follow_nodes_that_join_and_leave(tiny_weights: Path, tmp_path: Path) -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1}
+    )  # Ray's own test cluster, /tmp/ray
     pool = None
     try:
         connect(RayOptions(address=cluster.address, start_timeout_s=120))

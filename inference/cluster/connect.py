@@ -146,7 +146,12 @@ def disconnect() -> None:
     if ray.is_initialized():
         ray.shutdown()
     while _OWNED_TEMP:
-        shutil.rmtree(_OWNED_TEMP.pop(), ignore_errors=True)
+        folder = _OWNED_TEMP.pop()
+        for _ in range(4):  # Ray's daemons may still write a log line while they exit
+            shutil.rmtree(folder, ignore_errors=True)
+            time.sleep(0.5)
+            if not folder.exists():
+                break
 
 
 def _pythonpath() -> str:
