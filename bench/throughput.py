@@ -16,7 +16,11 @@ ratios: 2 groups / 1 group and producer / no producer (goals on 2 cores: >= 1.6 
 figure says how much work a job costs; only the wall-clock ratio shows overlap, so read both, and the
 load average printed with them. Linux only (``/proc``). No assertions.
 
-    python bench/throughput.py [--jobs 10] [--weights DIR] [--frame_num 33] [--steps 4] [--only NAME ...]
+``--ray``: the same queue on ``python -m service.cluster`` (a local Ray instance of 2 CPUs, 2 groups of 1
+actor) beside ``2 groups x 1 rank`` under torchrun, with each one's start-up (until every group serves)
+and idle overhead (CPU of the whole process tree over ``--idle_s`` seconds with nothing queued).
+
+    python bench/throughput.py [--jobs 10] [--weights DIR] [--frame_num 33] [--steps 4] [--only NAME ...] [--ray]
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ CONFIGS = {
     "prepare on group": (1, ()),
     "prepare on producer": (1, ("--prepare_on", "producer", "--producer_device", "cpu")),
 }
+RAY = "2 Ray groups x 1 actor"  # --ray: python -m service.cluster, beside "2 groups x 1 rank"
+RAY_FLAGS = ("--replicas", "2", "--group_size", "1", "--ray_cpus", "2")
 
 
 def _portrait(body: tuple[int, int, int], bg: tuple[int, int, int], w: int = 300, h: int = 400) -> str:
@@ -114,6 +120,8 @@ class Result:
     wall_s: float
     cpu_s: float
     load: float
+    start_s: float = 0.0  # launch until every group serves
+    idle_pct: float = 0.0  # CPU of the process tree while idle, in % of one core (--ray)
 
     @property
     def per_hour(self) -> float:
@@ -129,7 +137,9 @@ def run_config(name: str, ranks: int, flags: tuple[str, ...], args: argparse.Nam
     out = work / name.replace(" ", "_")
     app = ["distributed_app.py", "--preset", "tiny", "--no_ui", "--server_port", str(port), "--outputs_dir",
            str(out), *(["--weights", str(args.weights)] if args.weights else []), *flags]  # fmt: skip
-    if ranks > 1:
+    if name == RAY:
+        cmd = [sys.executable, "-m", "service.cluster", *app[1:]]
+    elif ranks > 1:
         cmd = [
             str(Path(sys.executable).parent / "torchrun"),
             "--standalone",
@@ -146,19 +156,29 @@ def run_config(name: str, ranks: int, flags: tuple[str, ...], args: argparse.Nam
         cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     client = DialogueClient(f"http://127.0.0.1:{port}", timeout_s=60)
+    launched = time.monotonic()
     try:
         deadline = time.monotonic() + 600
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name}: the service exited ({proc.returncode}); see {log.name}")
             try:
-                if client.health().get("success"):
-                    break
+                groups = client.queue().get("groups") or []
+                if client.health().get("success") and all(g["state"] in ("idle", "busy") for g in groups):
+                    break  # every group serves, not only the first
             except Exception:
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name}: not healthy after 600 s; see {log.name}")
             time.sleep(0.5)
+        start_s = time.monotonic() - launched
+        idle_pct = 0.0
+        if args.ray:  # idle overhead: heartbeats, the Ray head's polls, Ray's daemons
+            time.sleep(3.0)
+            pids = _tree(proc.pid)
+            c0, w0 = _cpu_seconds(pids), time.monotonic()
+            time.sleep(args.idle_s)
+            idle_pct = 100.0 * (_cpu_seconds(pids) - c0) / (time.monotonic() - w0)
         left, right = _portrait((30, 60, 120), (200, 200, 150)), _portrait((120, 40, 40), (150, 190, 210))
         settings = {"mode": "clip", "frame_num": args.frame_num, "steps": args.steps}
         pids = _tree(proc.pid)
@@ -171,10 +191,13 @@ def run_config(name: str, ranks: int, flags: tuple[str, ...], args: argparse.Nam
         wall = time.monotonic() - t0
         cpu = _cpu_seconds(pids) - cpu0
         load = (load0 + os.getloadavg()[0]) / 2
-        return Result(name, args.jobs, wall, cpu, load)
+        return Result(name, args.jobs, wall, cpu, load, start_s, idle_pct)
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            if name == RAY:  # the head stops its groups and Ray itself; its group holds Ray's daemons too
+                proc.send_signal(signal.SIGTERM)
+            else:
+                os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=60)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             for pid in _tree(proc.pid):
@@ -191,12 +214,17 @@ def main() -> int:
     p.add_argument("--weights", type=Path, default=None, help="tiny weights root (default weights/tiny)")
     p.add_argument("--frame_num", type=int, default=33, help="frames of each job's one clip (4n+1)")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--only", nargs="*", choices=tuple(CONFIGS), default=None)
+    p.add_argument("--only", nargs="*", choices=(*CONFIGS, RAY), default=None)
+    p.add_argument("--ray", action="store_true", help=f"run '{RAY}' beside '2 groups x 1 rank' (torchrun) with "
+                   "start-up and idle overhead")  # fmt: skip
+    p.add_argument("--idle_s", type=float, default=20.0, help="idle window of --ray")
     args = p.parse_args()
+    configs = {**CONFIGS, RAY: (2, RAY_FLAGS)}
+    selected = args.only or (["2 groups x 1 rank", RAY] if args.ray else list(CONFIGS))
     results: dict[str, Result] = {}
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
-        for name, (ranks, flags) in CONFIGS.items():
-            if args.only and name not in args.only:
+        for name, (ranks, flags) in configs.items():
+            if name not in selected:
                 continue
             r = run_config(name, ranks, flags, args, Path(tmp))
             results[name] = r
@@ -211,6 +239,13 @@ def main() -> int:
             a, b = results[top], results[base]
             print(f"ratio {top} / {base}: wall {a.per_hour / b.per_hour:.2f} (goal >= {goal}), "
                   f"CPU-time {a.per_cpu_hour / b.per_cpu_hour:.2f}")  # fmt: skip
+    if RAY in results and "2 groups x 1 rank" in results:
+        a, b = results[RAY], results["2 groups x 1 rank"]
+        for r in (b, a):
+            print(f"{r.name:22s} start-up {r.start_s:6.1f} s, idle CPU {r.idle_pct:5.1f} % of a core, "
+                  f"{r.per_hour:7.1f} jobs/h")  # fmt: skip
+        print(f"ratio Ray / torchrun (2 groups x 1): start-up {a.start_s / b.start_s:.2f}, idle CPU "
+              f"{a.idle_pct / max(b.idle_pct, 0.1):.2f}, jobs/h {a.per_hour / b.per_hour:.2f}")  # fmt: skip
     print(
         json.dumps(
             {k: {"wall_s": round(v.wall_s, 2), "cpu_s": round(v.cpu_s, 2)} for k, v in results.items()}

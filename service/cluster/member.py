@@ -11,8 +11,8 @@ the head, maybe on another node) it has a ``Relay``:
 - what the worker reports (progress, timings, states, the end) is queued as events; the finished files
   travel back in the ``done`` event, and every clip the job finishes (its ``.frames/`` spill) goes back
   as soon as it is written, so another group can resume after it if this one dies;
-- the head's ``poll`` (about twice a second) takes the events and doubles as the heartbeat: a member
-  that stops answering it is taken for hung.
+- the head's ``poll`` (a long poll: it returns at the next event or after about half a second) takes
+  the events and doubles as the heartbeat: a member that stops answering it is taken for hung.
 
 The actor is threaded (``MAX_CONCURRENCY``): ``serve`` holds one thread for the engine's whole life, the
 head's calls run beside it; only ``serve``'s thread issues collectives.
@@ -67,7 +67,7 @@ class Relay:
         self.scratch = scratch
         self.monitor = monitor
         self._jobs: queue.Queue[RenderJob] = queue.Queue()
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # notified when an event is queued (a long poll returns)
         self._events: list[tuple[Any, ...]] = []
         self._progress: dict[str, tuple[float, str]] = {}
         self._cancel: set[str] = set()
@@ -96,10 +96,13 @@ class Relay:
         with self._lock:
             self._cancel.add(job_id)
 
-    def poll(self) -> dict[str, Any]:
+    def poll(self, wait_s: float = 0.0) -> dict[str, Any]:
         """Everything since the last poll: new spilled clips per job, the latest progress, the events in
-        order, and the engine's state (ages, not clock times: the head's clock may differ)."""
+        order, and the engine's state (ages, not clock times: the head's clock may differ). Waits up to
+        ``wait_s`` for an event first (a long poll: the head hears of a job's end at once)."""
         with self._lock:
+            if not self._events and wait_s > 0:
+                self._lock.wait(wait_s)
             for job_id, mirror in self._mirrors.items():
                 changed = mirror.changed()
                 if changed:
@@ -162,6 +165,7 @@ class Relay:
     def _event(self, *event: Any) -> None:
         with self._lock:
             self._events.append(event)
+            self._lock.notify_all()
 
     def _end(self, job_id: str, event: tuple[Any, ...]) -> None:
         """The job's last event; its last spilled clips go first, then its scratch folder is removed."""
@@ -173,6 +177,7 @@ class Relay:
                     self._frames.setdefault(job_id, {}).update(changed)
             self._events.append(event)
             self._cancel.discard(job_id)
+            self._lock.notify_all()
         shutil.rmtree(self.scratch / job_id, ignore_errors=True)
 
 
@@ -244,8 +249,8 @@ class GangMember:
     def submit(self, payload: dict[str, Any]) -> None:
         self._leader().submit(payload)
 
-    def poll(self) -> dict[str, Any]:
-        return self._leader().poll()
+    def poll(self, wait_s: float = 0.0) -> dict[str, Any]:
+        return self._leader().poll(wait_s)
 
     def cancel(self, job_id: str) -> None:
         self._leader().cancel(job_id)

@@ -7,7 +7,7 @@ the slot waits and tries again every ``rescan_s``), then serves it:
 - a free group claims the oldest queued job from the store (``claim_for_group``: the job records the
   group, its ranks and GPUs) and sends it to the gang's leader: spec, settings, input files and the clips
   an earlier attempt finished, as one object in Ray's object store;
-- about every ``poll_s`` the leader's ``poll`` brings back progress, timings, states, new finished clips
+- the leader's ``poll`` (a long poll: at its next event, at most ``poll_s`` later) brings back progress, timings, states, new finished clips
   (written into the job's ``.frames/`` here at once) and the job's end with its files (written into the
   job's folder in ``outputs/``, then the job is done) — through the same ``StoreSink`` a torchrun leader
   reports to. A cancel requested in the store is passed on;
@@ -241,7 +241,7 @@ class ClusterPool:
             except GangError as exc:
                 self._take_down(slot, str(exc))
                 continue
-            self._stop.wait(self.config.poll_s)
+            self._stop.wait(0.01)  # the poll itself waits (long poll)
         if slot.gang is not None:
             self._stop_gang(slot)
         slot.state = "stopped"
@@ -291,8 +291,13 @@ class ClusterPool:
             raise GangError(down)
         if self._free(slot) and not self._stop.is_set():
             self._dispatch(slot, gang)
-        reply = gang.call(gang.leader.poll.remote(), self.config.reply_s, "heartbeat (poll)")
+        # A long poll: back at the leader's next event (a job's end: the group takes the next job at once)
+        reply = gang.call(
+            gang.leader.poll.remote(self.config.poll_s), self.config.reply_s, "heartbeat (poll)"
+        )
         self._apply(slot, reply)
+        if self._free(slot) and not self._stop.is_set():
+            self._dispatch(slot, gang)
         for job_id in list(slot.jobs):
             if job_id not in slot.cancels_sent and self.sink.cancel_requested(job_id):
                 gang.leader.cancel.remote(job_id)
