@@ -587,6 +587,9 @@ def create_router(
             age = None if engine.last_heartbeat is None else max(0.0, time.time() - engine.last_heartbeat)
             engine_view.update(alive=engine.alive, last_heartbeat_age_s=None if age is None else round(age, 3),
                                message=engine.message)  # fmt: skip
+            if engine.groups:  # every replica group: where it runs and whether it serves
+                keys = ("group", "node", "devices", "state", "heartbeat_age_s")
+                engine_view["groups"] = [{k: g.get(k) for k in keys} for g in engine.groups]
             if not engine.alive:
                 problems.append(f"engine not alive{': ' + engine.message if engine.message else ''}")
             beat_problem = engine.heartbeat_problem(service_info.heartbeat_timeout_s, time.time())

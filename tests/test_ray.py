@@ -201,7 +201,10 @@ def test_four_jobs_two_at_a_time_on_two_groups(
     ran_on = {json.loads((ray_service.outputs / i / "stats.json").read_text())["group"]["group"] for i in ids}
     assert ran_on == {0, 1}
 
-    assert ray_service.get("/api/health").status_code == 200
+    health = ray_service.get("/api/health")
+    assert health.status_code == 200
+    assert [(g["group"], g["devices"], bool(g["node"])) for g in health.json()["engine"]["groups"]] == [
+        (0, ["cpu"], True), (1, ["cpu"], True)]  # fmt: skip
     metrics = ray_service.get("/api/metrics").text
     assert 'dialogue_group_busy{group="1",node="' in metrics
 
