@@ -279,7 +279,7 @@ class GangMember:
 def _make_tiny_locked(root: Path) -> None:
     """The tiny weights on this node, written once even when several gangs start here at the same time."""
     root.mkdir(parents=True, exist_ok=True)
-    with (root.parent / f".{root.name}.lock").open("w") as lock:
+    with (root / ".make_tiny.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             make_tiny(WeightPaths.under(root).root)
