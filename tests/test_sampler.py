@@ -212,7 +212,11 @@ def test_cancellation_at_step_boundary():
     assert len(calls) == 2 * 3 and progress == [(1, 6), (2, 6)]
     with pytest.raises(Cancelled):
         sample_clip(
-            _x0_model(noise, noise, calls := []), noise, timesteps(6, 7.0), settings, step_boundary=lambda x: True
+            _x0_model(noise, noise, calls := []),
+            noise,
+            timesteps(6, 7.0),
+            settings,
+            step_boundary=lambda x: True,
         )
     assert calls == []
 

@@ -1,5 +1,5 @@
 """The model stage: ``DiTConfig``, the MultiTalk DiT (single-device math, official key names), its
-attention kernels and the ``sp`` seam (``NoParallel``). Nothing here imports ``torch.distributed`` or
+attention kernels and the ``sp`` seam (``NoParallel``). Nothing here imports the process-group API or
 ``inference.parallel``; the parallel implementations plug in through the ``sp`` object."""
 
 from inference.model.config import ConfigError, DiTConfig

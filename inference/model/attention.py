@@ -129,7 +129,9 @@ _LSE_CHUNK_ELEMENTS = 1 << 26
 _lse_failed: set[str] = set()  # flash kernels that could not return the LSE (dropped for the math path)
 
 
-def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention (scale 1/sqrt(D)) written out in fp32, also returning the log-sum-exp.
 
     The scores of a chunk of queries are formed in full, so chunks are sized to keep that block at
@@ -181,7 +183,9 @@ def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
             expected = (q.shape[0], q.shape[2], q.shape[1])
             if isinstance(res, tuple) and len(res) >= 2 and tuple(res[1].shape) == expected:
                 return res[0], res[1].float()
-            logger.warning("%s returned no [B, h, Sq] log-sum-exp; ring attention uses the fp32 math path", name)
+            logger.warning(
+                "%s returned no [B, h, Sq] log-sum-exp; ring attention uses the fp32 math path", name
+            )
             _lse_failed.add(name)
     return attention_with_lse(q, k, v)
 

@@ -1,6 +1,6 @@
 """The sequence-parallel seam, owned by the model side.
 
-The model never imports ``torch.distributed``. It receives an ``sp`` object with the
+The model never talks to other processes itself. It receives an ``sp`` object with the
 interface below and calls it at four places: ``shard`` after patch embedding,
 ``attention`` for self-attention, ``token_range`` for frame-local audio attention and
 ``gather`` before the head. ``NoParallel`` is the identity used on one process; the
