@@ -29,7 +29,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -396,6 +396,10 @@ def create_router(
         settings: Annotated[
             str | None, Form(description='JSON overrides, e.g. {"steps": 20, "seed": 7}')
         ] = None,
+        idempotency_key: Annotated[
+            str | None,
+            Header(alias="Idempotency-Key", description="a retry with the same key returns the same job"),
+        ] = None,
     ) -> GenerateResponse:
         if _content_type(request) == "application/json":
             req = request_from_json(_json_body(await request.body()), limits)
@@ -411,7 +415,8 @@ def create_router(
                 if (data := await read_upload(u, limits.max_upload_bytes)) is not None
             }
             req = request_from_form({k: v for k, v in texts.items() if v is not None}, files, limits)
-        job = await run_in_threadpool(submit_input, store, req, limits, owner=principal_of(request))
+        job = await run_in_threadpool(submit_input, store, req, limits, owner=principal_of(request),
+                                      idempotency_key=idempotency_key)  # fmt: skip
         return GenerateResponse(task_id=job.id, status_url=f"{prefix(request)}/api/status/{job.id}",
                                 status=job.state.value, queue_position=job.queue_position)  # fmt: skip
 

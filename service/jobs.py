@@ -252,6 +252,9 @@ class JobStore(GroupClaims):
             columns = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
             if "owner" not in columns:  # stores made before job ownership
                 conn.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+            if "idempotency_key" not in columns:  # stores made before retry-safe submissions
+                conn.execute("ALTER TABLE jobs ADD COLUMN idempotency_key TEXT")
+            conn.execute("CREATE INDEX IF NOT EXISTS jobs_idempotency ON jobs(idempotency_key)")
             for name, kind in GROUP_COLUMNS:  # stores made before replica groups
                 if name not in columns:
                     conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
@@ -310,8 +313,10 @@ class JobStore(GroupClaims):
         files: Mapping[str, bytes],
         *,
         owner: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Job:
-        """Store a new queued job with its input files.
+        """Store a new queued job with its input files; a retried submission (same ``idempotency_key``
+        from the same ``owner``) returns the job the first one stored instead of a second job.
 
         Args:
             spec: what to make: a ``JobSpec`` (stored as ``spec.to_json()``) or any JSON object.
@@ -338,6 +343,8 @@ class JobStore(GroupClaims):
             raise DiskFullError(free, needed, self.min_free_bytes)
         # Cheap early check so a full queue does not cost a file write; the authoritative check is
         # repeated inside the insert transaction.
+        if idempotency_key is not None and (earlier := self._by_key(self._conn(), owner, idempotency_key)):
+            return self.get(earlier)
         if self.count(state=JobState.QUEUED) >= self.max_queue:
             raise QueueFullError(self.max_queue)
 
@@ -351,20 +358,42 @@ class JobStore(GroupClaims):
                 atomic_write_bytes(inputs_dir / name, bytes(data))
             now = self._clock()
             with self._write() as conn:
+                # Checked again under the write lock: two retries racing each other store one job.
+                earlier = self._by_key(conn, owner, idempotency_key) if idempotency_key is not None else None
                 (queued,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
-                if queued >= self.max_queue:
+                if earlier is None and queued >= self.max_queue:
                     raise QueueFullError(self.max_queue)
-                conn.execute(
-                    "INSERT INTO jobs (id, state, created_at, updated_at, spec, settings, inputs, stage, owner) "
-                    "VALUES (?, 'queued', ?, ?, ?, ?, ?, 'waiting in queue', ?)",
-                    (job_id, now, now, spec_json, settings_json, _dumps(sorted(files)), owner),
-                )
-            inserted = True
+                if earlier is None:
+                    conn.execute(
+                        "INSERT INTO jobs (id, state, created_at, updated_at, spec, settings, inputs, stage, "
+                        "owner, idempotency_key) VALUES (?, 'queued', ?, ?, ?, ?, ?, 'waiting in queue', ?, ?)",
+                        (
+                            job_id,
+                            now,
+                            now,
+                            spec_json,
+                            settings_json,
+                            _dumps(sorted(files)),
+                            owner,
+                            idempotency_key,
+                        ),
+                    )
+            inserted = earlier is None
         finally:
             if not inserted:
                 shutil.rmtree(job_dir, ignore_errors=True)
+        if earlier is not None:
+            return self.get(earlier)
         logger.info("job %s submitted (%d input files, %d bytes)", job_id, len(files), needed)
         return self.get(job_id)
+
+    @staticmethod
+    def _by_key(conn: sqlite3.Connection, owner: str | None, key: str) -> str | None:
+        row = conn.execute(
+            "SELECT id FROM jobs WHERE idempotency_key = ? AND IFNULL(owner, '') = IFNULL(?, '')",
+            (key, owner),
+        ).fetchone()
+        return row["id"] if row else None
 
     def get(self, job_id: str) -> Job:
         validate_job_id(job_id)
