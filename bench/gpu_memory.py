@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from inference.memory.__main__ import _bool
+from common.flags import flag_bool
 from inference.memory.measure import DeviceTensors, host_tensors
 from inference.memory.plan import SIZES, Layout, Workload, gib, plan
 from inference.memory.sizes import ModelSizes
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dit_fsdp", nargs="?", const="full", default="off", choices=("off", "full", "keep"))
     p.add_argument("--t5_fsdp", action="store_true")
     p.add_argument("--t5_cpu", action="store_true")
-    p.add_argument("--offload_model", type=_bool, default=None)
+    p.add_argument("--offload_model", type=flag_bool, default=None)
     p.add_argument("--num_persistent_param_in_dit", type=int, default=None)
     p.add_argument("--vae_tiling", choices=("auto", "on", "off"), default="auto")
     return p
