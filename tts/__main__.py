@@ -16,6 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
+from dialogue.schema import ScriptError
+
 
 def _speech_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -116,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             format="%(levelname)s %(name)s: %(message)s",
         )
         return _run(args, parser)
-    except ValueError as exc:
-        field = getattr(exc, "field", None)
-        print(f"error: {field}: {exc}" if field else f"error: {exc}", file=sys.stderr)
+    except ScriptError as exc:  # "line N: message"
+        print(f"error: script: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # InputError says "<field>: <message>" itself
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

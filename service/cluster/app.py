@@ -35,6 +35,7 @@ prefer_loopback()  # before Ray's own modules load (below): a local instance bin
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+from common.errors import InputError  # noqa: E402
 from distributed_app import (  # noqa: E402
     _versions,
     build_parser,
@@ -182,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster = connect(RayOptions(address=os.environ.get("RAY_ADDRESS") or None, num_cpus=args.ray_cpus or os.cpu_count() or 1,
                                      num_gpus=args.ray_gpus, temp_dir=args.ray_temp_dir,
                                      start_timeout_s=args.ray_start_timeout_s))  # fmt: skip
-    except ValueError as exc:  # StartupError, ClusterError, ParallelConfigError: one line, no traceback
-        print(f"error: {getattr(exc, 'field', 'flags')}: {getattr(exc, 'message', exc)}", file=sys.stderr)
+    except InputError as exc:  # StartupError, ClusterError, ParallelConfigError: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except JobStoreError as exc:
         print(f"error: job store: {exc}", file=sys.stderr)
