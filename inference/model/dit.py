@@ -305,6 +305,7 @@ class WanAttentionBlock(nn.Module):
             (self.norm1(x).float() * (1 + e[1]) + e[0]).to(dtype), inp.seq_len, inp.rope, inp.sp, inp.routing
         )
         x = (x.float() + y.float() * e[2]).to(dtype)
+        del y  # free the attention output before the cross-attentions and the FFN
 
         x = x + self.cross_attn(self.norm3(x), inp.context, inp.context_img)
 
@@ -341,6 +342,7 @@ class WanAttentionBlock(nn.Module):
                     x_a[list(group.rows)] = term
             # Padding rows (if any) get no audio term; they are dropped at gather.
             x = x + F.pad(x_a, (0, 0, 0, x.shape[1] - n))
+            del x_a, audio_terms  # not kept alive through the FFN
 
         y = self.ffn((self.norm2(x).float() * (1 + e[4]) + e[3]).to(dtype))
         return (x.float() + y.float() * e[5]).to(dtype)
@@ -678,6 +680,7 @@ class MultiTalkDiT(nn.Module):
             return h
 
         h = sp.shard(tokens)
+        del xy, tokens  # under sequence parallelism the shard is a copy: drop the full sequence
         if end - start > h.shape[1]:
             raise RuntimeError(f"sp.token_range gave {end - start} tokens but the shard holds {h.shape[1]}")
         h = run_blocks(h) if cache is None else cache(h, e, e0, run_blocks)
