@@ -20,31 +20,18 @@ from inference.render.settings import SettingsError
 from service.jobs import JobState, JobStore
 from service.ui import ADVANCED_FIELDS, EXAMPLES, UiHandlers, build_ui, mount_ui, preset_summary, submit_form
 from service.validation import Limits, RequestError
+from tests import ui_support
 from tests.ui_support import _finish, _handlers, _portrait, _tone, _values
 
+# the shared fixtures, bound here so pytest finds them for this module's tests
+store, portraits, ui, recordings = (
+    ui_support.store,
+    ui_support.portraits,
+    ui_support.ui,
+    ui_support.recordings,
+)
+
 # ---------------------------------------------------------------------------------------------- build
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> JobStore:
-    s = JobStore(tmp_path / "jobs.db", tmp_path / "outputs", min_free_bytes=0)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def portraits(tmp_path: Path) -> tuple[str, str]:
-    return _portrait(tmp_path / "left.png", (200, 120, 90)), _portrait(tmp_path / "right.png", (90, 120, 200))
-
-
-@pytest.fixture
-def ui(store: JobStore) -> UiHandlers:
-    return _handlers(store)
-
-
-@pytest.fixture
-def recordings(tmp_path: Path) -> tuple[str, str]:
-    return _tone(tmp_path / "one.wav", 1.0), _tone(tmp_path / "two.flac", 1.5, fmt="FLAC")
 
 
 def test_build_ui_renders_every_main_control(store: JobStore) -> None:

@@ -21,31 +21,18 @@ from PIL import Image
 
 from service.jobs import JobState, JobStore
 from service.ui import UiHandlers, build_ui, mount_ui, submit_form
-from tests.ui_support import _finish, _handlers, _png_bytes, _portrait, _tone, _values
+from tests import ui_support
+from tests.ui_support import _finish, _handlers, _png_bytes, _portrait, _values
+
+# the shared fixtures, bound here so pytest finds them for this module's tests
+store, portraits, ui, recordings = (
+    ui_support.store,
+    ui_support.portraits,
+    ui_support.ui,
+    ui_support.recordings,
+)
 
 # ---------------------------------------------------------------------------------------------- status
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> JobStore:
-    s = JobStore(tmp_path / "jobs.db", tmp_path / "outputs", min_free_bytes=0)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def portraits(tmp_path: Path) -> tuple[str, str]:
-    return _portrait(tmp_path / "left.png", (200, 120, 90)), _portrait(tmp_path / "right.png", (90, 120, 200))
-
-
-@pytest.fixture
-def ui(store: JobStore) -> UiHandlers:
-    return _handlers(store)
-
-
-@pytest.fixture
-def recordings(tmp_path: Path) -> tuple[str, str]:
-    return _tone(tmp_path / "one.wav", 1.0), _tone(tmp_path / "two.flac", 1.5, fmt="FLAC")
 
 
 def test_poll_follows_the_job(ui: UiHandlers, store: JobStore, portraits: tuple[str, str]) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import soundfile
 from PIL import Image
 
@@ -76,3 +77,25 @@ def _png_bytes() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (640, 360), (10, 120, 200)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> JobStore:
+    s = JobStore(tmp_path / "jobs.db", tmp_path / "outputs", min_free_bytes=0)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def portraits(tmp_path: Path) -> tuple[str, str]:
+    return _portrait(tmp_path / "left.png", (200, 120, 90)), _portrait(tmp_path / "right.png", (90, 120, 200))
+
+
+@pytest.fixture
+def ui(store: JobStore) -> UiHandlers:
+    return _handlers(store)
+
+
+@pytest.fixture
+def recordings(tmp_path: Path) -> tuple[str, str]:
+    return _tone(tmp_path / "one.wav", 1.0), _tone(tmp_path / "two.flac", 1.5, fmt="FLAC")
