@@ -62,42 +62,12 @@ class GroupClaims:
     get: Callable[[str], Job]
     max_attempts: int
 
-    def claim_for_group(
-        self, group: int, ranks: Sequence[int], devices: Sequence[str], *, prepared: bool = False
-    ) -> Job | None:
-        """Group ``group`` takes the oldest queued job (queued -> preparing, attempts + 1) or, with
-        ``prepared``, the oldest job the producer prepared (it stays preparing, the attempt is the
-        producer's). None when there is none."""
-        now = self._clock()
-        where = (
-            "state = 'preparing' AND handoff = 'ready' AND cancel_requested = 0"
-            if prepared
-            else "state = 'queued'"
-        )
-        with self._write() as conn:
-            row = conn.execute(f"SELECT id FROM jobs WHERE {where} ORDER BY seq LIMIT 1").fetchone()
-            if row is None:
-                return None
-            job_id = row["id"]
-            members = (json.dumps([int(r) for r in ranks]), json.dumps([str(d) for d in devices]))
-            if prepared:
-                conn.execute(
-                    "UPDATE jobs SET handoff = 'taken', worker = ?, replica_group = ?, ranks = ?, devices = ?, "
-                    "updated_at = ? WHERE id = ?",
-                    (f"group {group}", group, *members, now, job_id),
-                )
-            else:
-                conn.execute(
-                    "UPDATE jobs SET state = 'preparing', started_at = ?, updated_at = ?, attempts = attempts + 1, "
-                    "progress = 0, stage = 'preparing', worker = ?, replica_group = ?, ranks = ?, devices = ?, "
-                    "handoff = NULL WHERE id = ?",
-                    (now, now, f"group {group}", group, *members, job_id),
-                )
-        logger.info("job %s claimed by group %d (ranks %s)", job_id, group, list(ranks))
-        return self.get(job_id)
-
-    def claim_for_producer(self) -> Job | None:
-        """The producer takes the oldest queued job to prepare (queued -> preparing, attempts + 1)."""
+    def _claim_queued(
+        self, worker: str | None, extra: str = "", extra_args: tuple[Any, ...] = ()
+    ) -> str | None:
+        """Take the oldest queued job in one write transaction (queued -> preparing, attempts + 1, ``worker``
+        set, plus the ``extra`` SET clauses with ``extra_args``); its id, or None when the queue is empty.
+        The one claim under ``claim_next``, ``claim_for_group`` and ``claim_for_producer``."""
         now = self._clock()
         with self._write() as conn:
             row = conn.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
@@ -106,10 +76,48 @@ class GroupClaims:
             job_id = row["id"]
             conn.execute(
                 "UPDATE jobs SET state = 'preparing', started_at = ?, updated_at = ?, attempts = attempts + 1, "
-                "progress = 0, stage = 'preparing', worker = ?, replica_group = NULL, ranks = NULL, devices = NULL, "
-                "handoff = 'preparing' WHERE id = ?",
-                (now, now, PRODUCER, job_id),
+                f"progress = 0, stage = 'preparing', worker = ?{extra} WHERE id = ?",
+                (now, now, worker, *extra_args, job_id),
             )
+        return job_id
+
+    def claim_for_group(
+        self, group: int, ranks: Sequence[int], devices: Sequence[str], *, prepared: bool = False
+    ) -> Job | None:
+        """Group ``group`` takes the oldest queued job (queued -> preparing, attempts + 1) or, with
+        ``prepared``, the oldest job the producer prepared (it stays preparing, the attempt is the
+        producer's). None when there is none."""
+        members = (group, json.dumps([int(r) for r in ranks]), json.dumps([str(d) for d in devices]))
+        if not prepared:
+            job_id = self._claim_queued(
+                f"group {group}", ", replica_group = ?, ranks = ?, devices = ?, handoff = NULL", members
+            )
+        else:
+            now = self._clock()
+            with self._write() as conn:
+                row = conn.execute(
+                    "SELECT id FROM jobs WHERE state = 'preparing' AND handoff = 'ready' AND cancel_requested = 0 "
+                    "ORDER BY seq LIMIT 1"
+                ).fetchone()
+                job_id = None if row is None else row["id"]
+                if job_id is not None:
+                    conn.execute(
+                        "UPDATE jobs SET handoff = 'taken', worker = ?, replica_group = ?, ranks = ?, devices = ?, "
+                        "updated_at = ? WHERE id = ?",
+                        (f"group {group}", *members, now, job_id),
+                    )
+        if job_id is None:
+            return None
+        logger.info("job %s claimed by group %d (ranks %s)", job_id, group, list(ranks))
+        return self.get(job_id)
+
+    def claim_for_producer(self) -> Job | None:
+        """The producer takes the oldest queued job to prepare (queued -> preparing, attempts + 1)."""
+        job_id = self._claim_queued(
+            PRODUCER, ", replica_group = NULL, ranks = NULL, devices = NULL, handoff = 'preparing'"
+        )
+        if job_id is None:
+            return None
         logger.info("job %s claimed by the producer", job_id)
         return self.get(job_id)
 

@@ -459,17 +459,9 @@ class JobStore(GroupClaims):
 
         Safe when several threads or processes claim at once: each job is handed out exactly once.
         """
-        now = self._clock()
-        with self._write() as conn:
-            row = conn.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone()
-            if row is None:
-                return None
-            job_id = row["id"]
-            conn.execute(
-                "UPDATE jobs SET state = 'preparing', started_at = ?, updated_at = ?, attempts = attempts + 1, "
-                "progress = 0, stage = 'preparing', worker = ? WHERE id = ?",
-                (now, now, worker, job_id),
-            )
+        job_id = self._claim_queued(worker)
+        if job_id is None:
+            return None
         logger.info("job %s claimed by %s", job_id, worker or "engine")
         return self.get(job_id)
 
