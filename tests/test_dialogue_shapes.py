@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -22,12 +21,12 @@ from dialogue import (
     LABEL_STYLES,
     SHORT_PAUSE_S,
     Dialogue,
-    ScriptError,
     ScriptLimits,
     Speaker,
     Turn,
     parse_script,
 )
+from tests.dialogue_support import error_of, parse_random_scripts
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "tests" / "scripts"
@@ -47,12 +46,6 @@ def turns_of(d: Dialogue) -> list[dict[str, object]]:
         }
         for t in d.turns
     ]
-
-
-def error_of(script: str, limits: ScriptLimits | None = None) -> ScriptError:
-    with pytest.raises(ScriptError) as info:
-        parse_script(script, limits or ScriptLimits())
-    return info.value
 
 
 def test_the_corpus_has_every_shape() -> None:
@@ -328,18 +321,10 @@ def test_random_shaped_scripts_raise_only_script_errors() -> None:
               "(pause)", "[pause]", "(beat)", " … ", " ... ", "[laughs]", "（笑）", "<Media omitted>", "(V.O.)",
               "hello", "你好", "$f(x)$", "(x + 1)", "f(x)", "Alice, [29.11.2026 10:01]\n", "<alice> ", "(10:01)",
               "\u200e", "(pause 2s)", "(pause for effect)", "INT. HOUSE - DAY\n", "# note\n", ":", "(", ")", "*"]  # fmt: skip
-    rng = random.Random(4321)
-    parsed = 0
-    for _ in range(400):
-        script = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 20)))
-        try:
-            d = parse_script(script)
-        except ScriptError as err:
-            assert err.message and (err.line is None or err.line >= 1)
-            continue
-        parsed += 1
+    parsed = parse_random_scripts(pieces, seed=4321, max_pieces=20)
+    for d in parsed:
         assert d.format in FORMATS and d.labels in LABEL_STYLES
         for turn in d.turns:
             assert turn.speaker in (0, 1) and turn.text and turn.speech_text
             assert all(isinstance(x, str) and x for x in turn.directions)
-    assert parsed > 20
+    assert len(parsed) > 20
