@@ -89,8 +89,8 @@ class WanLayerNorm(nn.LayerNorm):
 # ---------------------------------------------------------------------------------------
 
 
-class WanSelfAttention(nn.Module):
-    """Self-attention with q/k RMSNorm over all heads and 3-D RoPE; keys ``q k v o norm_q norm_k``."""
+class _QKVOAttention(nn.Module):
+    """The q/k/v/o projections and q/k RMSNorms that Wan's attentions share (keys ``q k v o norm_q norm_k``)."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6) -> None:
         super().__init__()
@@ -102,6 +102,10 @@ class WanSelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+
+
+class WanSelfAttention(_QKVOAttention):
+    """Self-attention with q/k RMSNorm over all heads and 3-D RoPE; keys ``q k v o norm_q norm_k``."""
 
     def forward(
         self,
@@ -122,19 +126,11 @@ class WanSelfAttention(nn.Module):
         return self.o(out.flatten(2).to(x.dtype)), stat
 
 
-class WanI2VCrossAttention(nn.Module):
+class WanI2VCrossAttention(_QKVOAttention):
     """Text + CLIP-image cross-attention with separate image k/v; keys add ``k_img v_img norm_k_img``."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
-        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        super().__init__(dim, num_heads, qk_norm, eps)
         self.k_img = nn.Linear(dim, dim)
         self.v_img = nn.Linear(dim, dim)
         self.norm_k_img = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
