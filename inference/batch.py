@@ -39,16 +39,14 @@ import torch
 
 from common.errors import InputError
 from common.files import atomic_write_bytes, atomic_write_text
-from inference.checkpoint.weights import WeightPaths
 from inference.parallel.host import configure_cpu_threads
-from inference.render.cli import read_local_file
-from inference.render.intake import Limits, Submission, build_job
+from inference.render.cli import default_quality, local_limits, read_local_file
+from inference.render.intake import Submission, build_job
 from inference.render.pipeline import OUTPUT_VIDEO
 from inference.render.settings import GenerationSettings
 from inference.render.spec import JobInputError, parse_job_json
 from inference.render.stats import STATS_FILE
 from inference.render.worker import RenderJob, Runtime, RuntimeOptions, setup_logging
-from tts.tiny import DEFAULT_TINY_VOICES
 
 logger = logging.getLogger(__name__)
 
@@ -109,22 +107,11 @@ def read_batch(path: Path) -> list[BatchJob]:
 # ---------------------------------------------------------------------------------------------- local
 
 
-def _installed_voices(options: RuntimeOptions) -> frozenset[str] | None:
-    paths = WeightPaths.under(options.weights_root)
-    if (paths.kokoro_dir / "voices").is_dir():
-        return frozenset(paths.voices())
-    return frozenset(DEFAULT_TINY_VOICES) if options.preset == "tiny" else None
-
-
 def accept(job: BatchJob, options: RuntimeOptions) -> Submission:
     """Check one job as the CLI does (``inference.render.cli.load_job``) with its files read by path."""
     req = parse_job_json(job.body, read_local_file(job.base), source="cli", body_field=f"line {job.line}")
-    lora = options.speed.lora_state
-    default = "fast" if lora.mode == "merged" else "quality"
-    req = dataclasses.replace(req, preset=req.preset or default)
-    limits = Limits(max_upload_bytes=2**31, installed_voices=_installed_voices(options),
-                    job_defaults={"steps": 4} if options.preset == "tiny" else None, lora=lora)  # fmt: skip
-    return build_job(req, limits)
+    req = dataclasses.replace(req, preset=req.preset or default_quality(options.speed.lora_state))
+    return build_job(req, local_limits(options))
 
 
 @dataclass

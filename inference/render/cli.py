@@ -40,7 +40,7 @@ from inference.checkpoint.weights import WeightPaths
 from inference.parallel.host import configure_cpu_threads
 from inference.render.intake import Limits, Submission, build_job
 from inference.render.pipeline import FRAMES_FILE, OUTPUT_VIDEO
-from inference.render.settings import GenerationSettings
+from inference.render.settings import GenerationSettings, LoraState
 from inference.render.spec import JobInputError, ReadFile, parse_job_json
 from inference.render.speed import add_speed_flags, speed_options
 from inference.render.upstream_cli import add_upstream_flags, normalize, runtime_overrides, setting_overrides
@@ -114,13 +114,32 @@ def read_local_file(job_file: Path) -> ReadFile:
     return read
 
 
-def installed_voices(args: argparse.Namespace) -> frozenset[str] | None:
+def voices_in(options: RuntimeOptions) -> frozenset[str] | None:
     """The voices the weights folder has (the tiny preset writes its four at start-up when missing);
     None when there is no voice folder yet (start-up then names the missing weights)."""
-    paths = WeightPaths.under(RuntimeOptions(preset=args.preset, weights=args.weights).weights_root)
+    paths = WeightPaths.under(options.weights_root)
     if (paths.kokoro_dir / "voices").is_dir():
         return frozenset(paths.voices())
-    return frozenset(DEFAULT_TINY_VOICES) if args.preset == "tiny" else None
+    return frozenset(DEFAULT_TINY_VOICES) if options.preset == "tiny" else None
+
+
+def installed_voices(args: argparse.Namespace) -> frozenset[str] | None:
+    """``voices_in`` for the CLI's ``--preset`` and ``--weights``."""
+    return voices_in(RuntimeOptions(preset=args.preset, weights=args.weights))
+
+
+def default_quality(lora: LoraState) -> str:
+    """The settings preset of a job that names none: with a merged LoRA every job runs distilled, so
+    upstream's README commands then mean the fast preset; otherwise upstream's defaults."""
+    return "fast" if lora.mode == "merged" else "quality"
+
+
+def local_limits(options: RuntimeOptions) -> Limits:
+    """The limits of a job read from local files (CLI and batch): the renderer's own limits apply,
+    not upload sizes; the tiny preset defaults to 4 steps."""
+    return Limits(max_upload_bytes=MAX_FILE_BYTES, installed_voices=voices_in(options),
+                  job_defaults={"steps": 4} if options.preset == "tiny" else None,
+                  lora=options.speed.lora_state)  # fmt: skip
 
 
 def load_job(args: argparse.Namespace) -> Submission:
@@ -150,13 +169,10 @@ def load_job(args: argparse.Namespace) -> Submission:
     if any(v is not None for v in flags.values()):
         base = overrides if isinstance(overrides, dict) else {}
         overrides = {**base, **{k: v for k, v in flags.items() if v is not None}}
-    lora = speed_options(args).lora_state
-    # With a merged LoRA every job runs distilled: upstream's README commands then mean the fast preset.
-    default = "fast" if lora.mode == "merged" else "quality"
+    options = RuntimeOptions(preset=args.preset, weights=args.weights, speed=speed_options(args))
+    default = default_quality(options.speed.lora_state)
     req = dataclasses.replace(req, preset=args.quality or req.preset or default, settings=overrides)
-    limits = Limits(max_upload_bytes=MAX_FILE_BYTES, installed_voices=installed_voices(args),
-                    job_defaults={"steps": 4} if args.preset == "tiny" else None, lora=lora)  # fmt: skip
-    return build_job(req, limits)
+    return build_job(req, local_limits(options))
 
 
 def main(argv: list[str] | None = None) -> int:
