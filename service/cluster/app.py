@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     pool = None
     try:
         shape = gang_shape(args, cluster.resources)
-        member = MemberSpec(size=args.group_size, options=options, heartbeat_s=args.heartbeat_s)
+        member = MemberSpec(size=args.group_size, options=options, heartbeat_s=args.heartbeat_s,
+                            check_consistency=args.debug_checksum)  # fmt: skip
         config = PoolConfig(shape=shape, member=member, replicas=args.replicas or None, rescan_s=args.rescan_s,
                             reply_s=args.group_reply_s, build_s=args.group_start_timeout_s)  # fmt: skip
         pool = ClusterPool(store, config).start()

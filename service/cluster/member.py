@@ -57,6 +57,7 @@ class MemberSpec:
     size: int  # members in the gang (G)
     options: RuntimeOptions
     heartbeat_s: float = 30.0
+    check_consistency: bool = False  # --debug_checksum: the group's ranks compare latents every step
     scratch: Path | None = None  # the leader's job folders on its node; None: a new temporary folder
 
 
@@ -229,7 +230,7 @@ class GangMember:
         relay = self.relay
         self.engine = runtime.make_engine(
             relay, relay.source if relay is not None else None, heartbeat_s=self.spec.heartbeat_s,
-            liveness=relay.monitor if relay is not None else None,
+            check_consistency=self.spec.check_consistency, liveness=relay.monitor if relay is not None else None,
         )  # fmt: skip
         try:
             self.engine.serve(install_signal_handlers=False)
