@@ -12,7 +12,7 @@ atomically (``common.files.atomic_write_bytes``), so a reader never sees half a 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 
 from common.files import atomic_write_bytes
@@ -41,11 +41,6 @@ def pack(folder: Path, *, keep: Callable[[str], bool] | None = None) -> Bundle:
     return bundle
 
 
-def pack_files(folder: Path, names: Iterable[str]) -> Bundle:
-    """The named files under ``folder`` (relative paths); a missing one raises ``FileNotFoundError``."""
-    return {PurePosixPath(name).as_posix(): (folder / name).read_bytes() for name in names}
-
-
 def unpack(bundle: Mapping[str, bytes], folder: Path) -> list[Path]:
     """Write every entry under ``folder`` (created as needed); returns the written paths."""
     root = folder.resolve()
@@ -56,10 +51,6 @@ def unpack(bundle: Mapping[str, bytes], folder: Path) -> list[Path]:
         atomic_write_bytes(target, data)
         written.append(target)
     return written
-
-
-def bundle_bytes(bundle: Mapping[str, bytes]) -> int:
-    return sum(len(v) for v in bundle.values())
 
 
 def _inside(root: Path, rel: str) -> Path:
