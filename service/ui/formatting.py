@@ -10,7 +10,6 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from inference.render.length import estimate_speech_seconds
 from service.errors import answer_for
 from service.jobs import Job, JobState, JobStore
 
@@ -124,12 +123,6 @@ def fmt_time(ts: float | None) -> str:
 
 def short_id(job_id: str) -> str:
     return job_id[:8]
-
-
-def speech_seconds(dialogue: Any) -> float:
-    """Rough spoken length of a parsed dialogue (Kokoro at speed 1.0), pauses included: the estimate the
-    submission checks against the length cap (``inference.render.length``)."""
-    return estimate_speech_seconds(dialogue)
 
 
 def srt_to_vtt(srt: str) -> str:

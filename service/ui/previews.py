@@ -15,7 +15,7 @@ import numpy as np
 import soundfile
 
 from dialogue import ScriptError, parse_script
-from inference.render.length import check_speech_length
+from inference.render.length import check_speech_length, estimate_speech_seconds
 from inference.render.settings import PRESETS, LoraState, count_clips, estimate_seconds
 from inference.scene.compose import DEFAULT_NAMES, compose_scene, scene_from_image
 from inference.scene.single import single_scene
@@ -28,7 +28,7 @@ from service.ui.form import (
     SPEECH_AUDIO,
     settings_overrides,
 )
-from service.ui.formatting import FPS, error_html, error_md, fmt_duration, plural, speech_seconds
+from service.ui.formatting import FPS, error_html, error_md, fmt_duration, plural
 from service.ui.uploads import AudioLengths, image_message
 from service.validation import Limits, RequestError
 from tts.voices import VOICES, get_voice
@@ -75,7 +75,7 @@ class PreviewHandlers:
             )
         head = (
             f"<p>{plural(len(dialogue.turns), 'turn')} · format <code>{dialogue.format}</code> · about "
-            f"{fmt_duration(speech_seconds(dialogue))} of speech</p>"
+            f"{fmt_duration(estimate_speech_seconds(dialogue))} of speech</p>"
         )
         table = (
             '<table class="dv-turns"><thead><tr><th>#</th><th>line</th><th>speaker</th><th>spoken</th>'
@@ -255,7 +255,7 @@ class PreviewHandlers:
             script = values.get("script")
             if script and script.strip():
                 try:
-                    seconds = speech_seconds(parse_script(script))
+                    seconds = estimate_speech_seconds(parse_script(script))
                 except ValueError:
                     seconds = None
         passes = settings.passes_per_step
