@@ -10,6 +10,7 @@ import pytest
 from inference.render.cli import build_parser
 from inference.render.speed import SpeedOptionError, SpeedOptions, speed_options
 from inference.render.upstream_cli import UpstreamFlagError, normalize, runtime_overrides, setting_overrides
+from inference.render.worker import RuntimeOptions
 
 
 def parse(*argv: str):
@@ -86,3 +87,13 @@ def test_cli_exits_2_on_an_unhonoured_flag_before_loading(capsys):
     with pytest.raises(SpeedOptionError) as err:
         SpeedOptions(lora_dir=(Path("a"), Path("b")), lora_scale=(1.0, 2.0, 3.0))
     assert err.value.field == "--lora_scale"
+
+
+def test_offload_model_false_reaches_the_runtime():
+    """Upstream offloads by default on one GPU; ``--offload_model False`` must override that default."""
+    off = runtime_overrides(
+        normalize(parse("--input_json", "j.json", "--offload_model", "False")), RuntimeOptions
+    )
+    assert off["offload_model"] is False
+    unset = runtime_overrides(normalize(parse("--input_json", "j.json")), RuntimeOptions)
+    assert "offload_model" not in unset  # not given: the runtime's default decides

@@ -145,12 +145,13 @@ def setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def runtime_overrides(args: argparse.Namespace, options_type: type) -> dict[str, Any]:
     """``RuntimeOptions`` fields for ``--quant`` and the other start-up flags given; a flag whose option
-    the runtime does not have is refused by name."""
+    the runtime does not have is refused by name. ``--offload_model False`` is passed on: it overrides
+    the one-GPU default of offloading."""
     names = {f.name for f in dataclasses.fields(options_type)}
     values: dict[str, Any] = {}
     for flag in RUNTIME_FLAGS:
         value = getattr(args, flag)
-        if value is None or value is False:
+        if value is None or (value is False and flag not in names):  # off needs no option to honour it
             continue
         if flag not in names:
             raise UpstreamFlagError(f"--{flag}", "not supported by this build yet")
