@@ -337,14 +337,14 @@ class JobStore(GroupClaims):
                 raise ValueError(f"input file {name!r} must be bytes, got {type(data).__name__}")
         spec_json = _dumps(spec.to_json() if isinstance(spec, JobSpec) else dict(spec))
         settings_json = _dumps(dict(settings))
+        # A retry first: it gets the stored job even when the disk or the queue has filled up since.
+        # The authoritative check is repeated inside the insert transaction.
+        if idempotency_key is not None and (earlier := self._by_key(self._conn(), owner, idempotency_key)):
+            return self.get(earlier)
         needed = sum(len(d) for d in files.values())
         free = int(self._free_space(self.outputs_dir))
         if free - needed < self.min_free_bytes:
             raise DiskFullError(free, needed, self.min_free_bytes)
-        # Cheap early check so a full queue does not cost a file write; the authoritative check is
-        # repeated inside the insert transaction.
-        if idempotency_key is not None and (earlier := self._by_key(self._conn(), owner, idempotency_key)):
-            return self.get(earlier)
         if self.count(state=JobState.QUEUED) >= self.max_queue:
             raise QueueFullError(self.max_queue)
 
