@@ -16,6 +16,7 @@ from typing import Any
 from common.errors import InputError
 from inference.render.intake import Limits, default_preset
 from inference.render.settings import (
+    FPS,
     MAX_FRAMES_LIMIT,
     PRESETS,
     GenerationSettings,
@@ -27,7 +28,7 @@ from inference.render.settings import (
 from inference.render.spec import JobSpec, default_prompt
 from service import submit as one_submit
 from service.jobs import Job, JobStore
-from service.ui.formatting import FPS, field_label, plural
+from service.ui.formatting import field_label, plural
 from service.validation import RequestError
 from tts.voices import voices_by_language
 

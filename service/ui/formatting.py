@@ -15,7 +15,6 @@ from service.jobs import Job, JobState, JobStore
 
 logger = logging.getLogger(__name__)
 
-FPS = 25
 
 # Every form and setting field under the name the page gives it (errors name the field this way).
 FIELD_LABELS: dict[str, str] = {

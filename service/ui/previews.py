@@ -16,7 +16,7 @@ import soundfile
 
 from dialogue import ScriptError, parse_script
 from inference.render.length import check_speech_length, estimate_speech_seconds
-from inference.render.settings import PRESETS, LoraState, count_clips, estimate_seconds
+from inference.render.settings import FPS, PRESETS, LoraState, count_clips, estimate_seconds
 from inference.scene.compose import DEFAULT_NAMES, compose_scene, scene_from_image
 from inference.scene.single import single_scene
 from service.errors import answer_for
@@ -28,7 +28,7 @@ from service.ui.form import (
     SPEECH_AUDIO,
     settings_overrides,
 )
-from service.ui.formatting import FPS, error_html, error_md, fmt_duration, plural
+from service.ui.formatting import error_html, error_md, fmt_duration, plural
 from service.ui.uploads import AudioLengths, image_message
 from service.validation import Limits, RequestError
 from tts.voices import VOICES, get_voice
