@@ -31,6 +31,7 @@ from typing import Any
 from common.errors import InputError
 from common.flags import flag_bool
 from inference.checkpoint.weights import WeightPaths
+from inference.render.speed import teacache_defaults
 
 SIZES = {"multitalk-480": 480, "multitalk-720": 720}
 # Start-up flags other parts of the project implement, under the option names the service uses.
@@ -46,7 +47,6 @@ SETTING_FLAGS = {
     "apg_momentum": "apg_momentum",
     "apg_norm_threshold": "apg_norm_threshold",
     "color_correction_strength": "color_correction",
-    "teacache_thresh": "teacache_thresh",
 }
 
 
@@ -138,9 +138,7 @@ def setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
         values["resolution"] = SIZES[args.size]
     if args.use_apg:
         values["apg"] = True
-    if args.use_teacache:
-        values["teacache"] = True
-    return values
+    return values | teacache_defaults(args)
 
 
 def runtime_overrides(args: argparse.Namespace, options_type: type) -> dict[str, Any]:
