@@ -35,7 +35,6 @@ from torch.distributed import ProcessGroup
 
 from inference.model.attention import attend_with_lse
 from inference.model.sp import HeadFn, RopeFn
-from inference.parallel.layout import check_heads
 from inference.parallel.ulysses import SequenceParallel, _pad_dim
 
 logger = logging.getLogger(__name__)
@@ -122,14 +121,8 @@ class UnifiedSequenceParallel(SequenceParallel):
         rope: RopeFn,
         head_fn: HeadFn | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not q.shape == k.shape == v.shape:
-            raise ValueError(f"attention: q, k, v must share a shape, got {q.shape}, {k.shape}, {v.shape}")
+        self._check_qkv(q, k, v, seq_len, head_split=self.ulysses_size)
         b, s_loc, h_all, d = q.shape
-        check_heads(h_all, self.ulysses_size, field="attention heads")
-        if self.local_len(seq_len) != s_loc:
-            raise ValueError(
-                f"attention: local length {s_loc} does not match seq_len={seq_len} at P={self.size}"
-            )
         chunk = s_loc * self.ulysses_size
         h = h_all // self.ulysses_size
 

@@ -92,6 +92,18 @@ class SequenceParallel:
 
     # ---- attention ------------------------------------------------------------------------
 
+    def _check_qkv(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int, head_split: int
+    ) -> None:
+        """q, k, v: [B, S_loc, H, D] alike, H divisible by ``head_split``, S_loc = ``local_len(seq_len)``."""
+        if not q.shape == k.shape == v.shape:
+            raise ValueError(f"attention: q, k, v must share a shape, got {q.shape}, {k.shape}, {v.shape}")
+        check_heads(q.shape[2], head_split, field="attention heads")
+        if self.local_len(seq_len) != q.shape[1]:
+            raise ValueError(
+                f"attention: local length {q.shape[1]} does not match seq_len={seq_len} at P={self.size}"
+            )
+
     def attention(
         self,
         q: torch.Tensor,
@@ -101,14 +113,10 @@ class SequenceParallel:
         rope: RopeFn,
         head_fn: HeadFn | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not q.shape == k.shape == v.shape:
-            raise ValueError(f"attention: q, k, v must share a shape, got {q.shape}, {k.shape}, {v.shape}")
+        self._check_qkv(q, k, v, seq_len, head_split=self.size)
         b, s_loc, h, d = q.shape
         p = self.size
-        check_heads(h, p, field="attention heads")
         s_pad = s_loc * p
-        if self.padded_len(seq_len) != s_pad:
-            raise ValueError(f"attention: local length {s_loc} does not match seq_len={seq_len} at P={p}")
         hl = h // p
 
         # [B, S_loc, 3, H, D] -> [P, B, S_loc, 3, H/P, D]: split heads rank-major so that the chunk sent
