@@ -246,11 +246,17 @@ def render(job: Mapping[str, Any] | str | os.PathLike[str], out_dir: str | os.Pa
            options: RuntimeOptions | None = None) -> Path:  # fmt: skip
     """Render one job in this process and return the path of its video (``out_dir/video.mp4``, with the
     side files and ``stats.json`` beside it). The model is loaded on the first call and kept for the
-    next ones (``options`` on the first call: preset, weights, device; default the 14B preset)."""
+    next ones (``options`` on the first call: preset, weights, device; default the 14B preset). Later
+    calls may repeat the same ``options``; different ones raise ValueError (the model is not reloaded)."""
     global _DEFAULT
     if _DEFAULT is None:
         torch.set_grad_enabled(False)
         _DEFAULT = Batch(options or RuntimeOptions())
+    elif options is not None and options != _DEFAULT.options:
+        raise ValueError(
+            f"render: the model is already loaded with {_DEFAULT.options}; "
+            "use a Batch of its own for other options"
+        )
     return _DEFAULT.render(job, out_dir)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from inference import batch as batch_module
 from inference.batch import BatchJob, read_batch
 from inference.render.spec import JobInputError
 from inference.render.video_io import probe_media
@@ -89,6 +90,26 @@ def test_a_batch_file_names_its_bad_lines(tmp_path: Path) -> None:
         assert err.value.field == field
     job = BatchJob("a", {"script": "x"}, path)
     assert not job.finished(tmp_path)
+
+
+def test_render_refuses_other_options_once_a_model_is_loaded(monkeypatch, tmp_path: Path) -> None:
+    """``render(options=...)`` after the first call: the same options render, different ones are refused
+    (not silently ignored)."""
+
+    class Loaded:  # the loaded Batch, without loading a model
+        options = RuntimeOptions(preset="tiny")
+
+        def render(self, job, out_dir):
+            return Path(out_dir) / "video.mp4"
+
+    monkeypatch.setattr(batch_module, "_DEFAULT", Loaded())
+    assert (
+        batch_module.render({}, tmp_path / "a", options=RuntimeOptions(preset="tiny"))
+        == tmp_path / "a" / "video.mp4"
+    )
+    assert batch_module.render({}, tmp_path / "a") == tmp_path / "a" / "video.mp4"
+    with pytest.raises(ValueError, match="already loaded"):
+        batch_module.render({}, tmp_path / "a", options=RuntimeOptions(preset="multitalk-14b"))
 
 
 @pytest.mark.slow
