@@ -153,7 +153,7 @@ def preset_settings(
 def advanced_values(settings: GenerationSettings, length_unit: str = "seconds") -> dict[str, Any]:
     """The advanced fields' values for ``settings`` (maximum length in ``length_unit``)."""
     s = settings
-    max_length = s.max_frames if length_unit == "frames" else round(s.max_frames / FPS, 2)
+    max_length = convert_length(s.max_frames, "frames", length_unit)
     return {
         "steps": s.steps,
         "text_guidance": s.text_guidance,
