@@ -31,7 +31,6 @@ import uvicorn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from common.flags import flag_bool
-from dialogue import detect_language
 from inference.parallel.context import ParallelContext
 from inference.parallel.fsdp import check_t5_fsdp
 from inference.parallel.host import configure_cpu_threads
@@ -60,7 +59,7 @@ from service.runner import (
     STORE_ERRORS,
     StoreSink,
     learn_from_history,
-    wav_bytes,
+    preview_wav,
     weights_report,
 )
 from service.submit import submit_form
@@ -220,9 +219,7 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any], sto
     renderer = producer.renderer if producer is not None else runtime.renderer  # whose Kokoro speaks previews
 
     def tts_preview(voice: str, text: str | None) -> bytes:
-        audio = renderer.tts.preview(voice) if not text else renderer.tts.synthesize(
-            text, voice, _language_of(text), seed=0)  # fmt: skip
-        return wav_bytes(audio, renderer.tts.sample_rate)
+        return preview_wav(renderer.tts, voice, text)
 
     previews = PreviewPool(tts_preview)  # its own threads and queue bound, shared by REST and UI
 
@@ -329,10 +326,6 @@ def _flag_message(exc: ValueError) -> str:
     if isinstance(exc, ParallelConfigError):
         return f"--{exc.field}: {exc.message}"
     return str(exc)
-
-
-def _language_of(text: str) -> str:
-    return detect_language(text)
 
 
 def _versions() -> dict[str, str]:

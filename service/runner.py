@@ -25,6 +25,7 @@ from typing import Any
 import soundfile as sf
 
 from common.errors import InputError
+from dialogue import detect_language
 from inference.checkpoint.weights import WeightPaths
 from inference.parallel.groups import ReplicaGroup
 from inference.render.settings import GenerationSettings
@@ -378,6 +379,12 @@ def wav_bytes(audio, sample_rate: int) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, audio, sample_rate, format="WAV", subtype="PCM_16")
     return buf.getvalue()
+
+
+def preview_wav(tts: Any, voice: str, text: str | None) -> bytes:
+    """A voice preview as WAV bytes: ``voice``'s sample line, or ``text`` spoken (its language detected)."""
+    audio = tts.preview(voice) if not text else tts.synthesize(text, voice, detect_language(text), seed=0)
+    return wav_bytes(audio, tts.sample_rate)
 
 
 def weights_report(root: Path, preset: str) -> dict[str, Any]:

@@ -31,7 +31,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dialogue import detect_language
 from inference.checkpoint.weights import WeightPaths, make_tiny
 from inference.cluster.gang import join_gang, member_location
 from inference.cluster.transfer import Bundle, FolderMirror, pack, unpack
@@ -43,7 +42,7 @@ from inference.render.settings import GenerationSettings
 from inference.render.spec import JobSpec
 from inference.render.worker import RenderJob, Runtime, RuntimeOptions, setup_logging
 from service.jobs import INPUTS_DIRNAME
-from service.runner import EngineMonitor, wav_bytes, weights_report
+from service.runner import EngineMonitor, preview_wav, weights_report
 
 logger = logging.getLogger(__name__)
 
@@ -267,9 +266,7 @@ class GangMember:
         renderer = self.runtime.renderer if self.runtime is not None else None
         if renderer is None:
             raise RuntimeError("voice previews are made by a group's leader")
-        audio = renderer.tts.preview(voice) if not text else renderer.tts.synthesize(
-            text, voice, detect_language(text), seed=0)  # fmt: skip
-        return wav_bytes(audio, renderer.tts.sample_rate)
+        return preview_wav(renderer.tts, voice, text)
 
     def _leader(self) -> Relay:
         if self.relay is None:
