@@ -167,9 +167,8 @@ class UiHandlers(PreviewHandlers, JobHandlers):
             if session is not None:
                 seen = self._recent.get(session)
                 if seen is not None and seen[0] == key and time.monotonic() - seen[1] < DEDUPE_WINDOW_S:
-                    return seen[
-                        2
-                    ], f"Already submitted as job `{short_id(seen[2])}`; this is the same request."
+                    first = seen[2]
+                    return first, f"Already submitted as job `{short_id(first)}`; this is the same request."
             try:
                 job_id = self._send(form, files, owner)
             except (ValueError, QueueFullError, DiskFullError) as exc:
