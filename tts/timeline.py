@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 import soundfile as sf
 
-from common.files import atomic_write
+from common.files import atomic_write, atomic_write_text
 from tts.errors import TTSInputError, UnknownVoiceError
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ class Timeline:
             ("subtitles.vtt", self.to_vtt()),
             ("timeline.json", self.to_json()),
         ):
-            written[name] = atomic_write(out / name, lambda f, s=text: f.write(s.encode("utf-8")))
+            written[name] = atomic_write_text(out / name, text)
         return written
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from common.files import atomic_write
+from common.files import atomic_write, atomic_write_text
 from tts.engine import REPO_ID
 from tts.voices import get_voice
 
@@ -121,10 +121,6 @@ def _atomic_save(obj: object, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
 def _marker(seed: int, voices: tuple[str, ...]) -> dict:
     return {"format": TINY_FORMAT_VERSION, "seed": seed, "voices": list(voices), "random_weights": True}
 
@@ -175,9 +171,9 @@ def write_tiny_kokoro(
     _atomic_save(state, out / "kokoro-v1_0.pth")
     for vid in voices:
         _atomic_save(_voice_pack(vid, seed), out / "voices" / f"{vid}.pt")
-    _atomic_text(out / "config.json", json.dumps(config, ensure_ascii=False, indent=1))
+    atomic_write_text(out / "config.json", json.dumps(config, ensure_ascii=False, indent=1))
     # The marker goes last: its presence says every other file is complete.
-    _atomic_text(marker_path, json.dumps(_marker(seed, voices), indent=1))
+    atomic_write_text(marker_path, json.dumps(_marker(seed, voices), indent=1))
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("wrote tiny Kokoro (%.1f M random parameters, seed %d) to %s", n_params / 1e6, seed, out)
     return out
