@@ -440,3 +440,12 @@ def test_cli_checks_installed_voices_without_loading_anything(tmp_path: Path) ->
     with expect("input", "not valid JSON", "job.json"):
         (tmp_path / "job.json").write_text('{"left_image": "left.png", "script": ')
         load_job(args)
+
+
+def test_cli_audio_mode_must_agree_with_the_job_file(tmp_path: Path) -> None:
+    (tmp_path / "left.png").write_bytes(LEFT)
+    (tmp_path / "right.png").write_bytes(RIGHT)
+    job = {"left_image": "left.png", "right_image": "right.png", "script": "(s1) Hi.\n(s2) Hello."}
+    assert load_job(_args(tmp_path, job, "--audio_mode", "tts")).spec.audio_source == "tts"  # agrees
+    with expect("--audio_mode", "cond_audio", "script"):
+        load_job(_args(tmp_path, job, "--audio_mode", "localfile"))

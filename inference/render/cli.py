@@ -172,7 +172,17 @@ def load_job(args: argparse.Namespace) -> Submission:
     options = RuntimeOptions(preset=args.preset, weights=args.weights, speed=speed_options(args))
     default = default_quality(options.speed.lora_state)
     req = dataclasses.replace(req, preset=args.quality or req.preset or default, settings=overrides)
-    return build_job(req, local_limits(options))
+    submission = build_job(req, local_limits(options))
+    # Upstream's --audio_mode says where the speech comes from; the job file must agree with it.
+    wanted = {"tts": "tts", "localfile": "files"}.get(args.audio_mode or "")
+    if wanted is not None and submission.spec.audio_source != wanted:
+        raise JobInputError(
+            "--audio_mode",
+            f"{args.audio_mode} asks for "
+            + ("a tts_audio block (text and voices)" if wanted == "tts" else "recordings in cond_audio")
+            + f", but the job file gives {'a script' if submission.spec.audio_source == 'tts' else 'recordings'}",
+        )
+    return submission
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,9 +16,9 @@ maps onto this project's own option:
   ``--num_persistent_param_in_dit``, ``--t5_fsdp`` under the service's option names
   (``RuntimeOptions``): a flag whose option this build does not have yet, or that the runtime refuses,
   says so and the command exits 2;
-- ``--task`` (only ``multitalk-14B``) and ``--audio_mode`` (``localfile`` | ``tts``; the job file decides,
-  as its ``tts_audio`` block is read either way) are accepted; ``--audio_save_dir`` (upstream's cache of
-  wav2vec2 features) is refused.
+- ``--task`` (only ``multitalk-14B``) is accepted; ``--audio_mode localfile|tts`` must agree with the
+  job file (recordings in ``cond_audio`` or a ``tts_audio`` block), else the command exits 2 naming it;
+  ``--audio_save_dir`` (upstream's cache of wav2vec2 features) is refused.
 """
 
 from __future__ import annotations
@@ -63,7 +63,10 @@ def add_upstream_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save_file", default=None, help="upstream's name: output NAME (NAME.mp4 is written)")
     p.add_argument("--audio_save_dir", default=None, help="refused: wav2vec2 features are not cached")
     p.add_argument(
-        "--audio_mode", choices=("localfile", "tts"), default=None, help="accepted; the job decides"
+        "--audio_mode",
+        choices=("localfile", "tts"),
+        default=None,
+        help="must match the job file: cond_audio recordings or a tts_audio block",
     )
     p.add_argument("--base_seed", type=int, default=None, help="noise seed (negative: random)")
     p.add_argument("--size", choices=tuple(SIZES), default=None, help="resolution family")
