@@ -258,13 +258,18 @@ def render_overlay(
     return out
 
 
+def _check_name(name: object) -> str:
+    """``name`` stripped; a SceneError naming "names" unless that is 1 to 64 characters."""
+    clean = str(name).strip()
+    if not clean or len(clean) > 64:
+        raise SceneError("names", f"speaker names must be 1 to 64 characters, got {name!r}")
+    return clean
+
+
 def _check_names(names: Sequence[str]) -> tuple[str, str]:
     if isinstance(names, str) or len(names) != 2:
         raise SceneError("names", f"expected two speaker names, got {names!r}")
-    clean = tuple(str(n).strip() for n in names)
-    if not all(clean) or any(len(n) > 64 for n in clean):
-        raise SceneError("names", f"speaker names must be 1 to 64 characters, got {list(names)!r}")
-    return clean[0], clean[1]
+    return _check_name(names[0]), _check_name(names[1])
 
 
 def _build_scene(

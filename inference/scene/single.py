@@ -18,8 +18,8 @@ from inference.scene.buckets import nearest_bucket, resize_and_center_crop
 from inference.scene.compose import (
     DEFAULT_NAMES,
     Scene,
-    SceneError,
     _as_rgb_image,
+    _check_name,
     _check_size,
     latent_masks_from,
     render_overlay,
@@ -41,9 +41,7 @@ def single_scene(
     ``layout`` "single". Errors are SceneError naming ``field``.
     """
     size = _check_size(size)
-    clean = str(name).strip()
-    if not clean or len(clean) > 64:
-        raise SceneError("names", f"the speaker name must be 1 to 64 characters, got {name!r}")
+    clean = _check_name(name)
     src = _as_rgb_image(image, field)
     bucket = nearest_bucket(src.height, src.width, size)
     scene_img = resize_and_center_crop(src, bucket)
