@@ -18,7 +18,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -209,13 +209,8 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any], sto
     producer, prepare_on = start_producer(args, runtime, store)
     log_placement(runtime, prepare_on)
     learn_from_history(store, monitor)  # estimates in the UI come from this service's own past jobs
-    installed = frozenset(runtime.paths.voices())  # the tiny demo has 4 voices, the real folder 54
-    limits = Limits(
-        max_upload_bytes=int(args.max_upload_mb * 2**20),
-        installed_voices=installed,
-        job_defaults=defaults,
-        lora=runtime.speed.lora,
-    )
+    # installed voices: the tiny demo has 4, the real folder 54
+    limits = web_limits(args, runtime.paths.voices(), defaults, runtime.speed.lora)
     renderer = producer.renderer if producer is not None else runtime.renderer  # whose Kokoro speaks previews
 
     def tts_preview(voice: str, text: str | None) -> bytes:
@@ -246,9 +241,7 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any], sto
         lora=runtime.speed.lora,
         default_preset=default_preset(runtime.speed.lora),
     )
-    info_dict = {"model": args.preset, "world_size": runtime.world.world_size, "ulysses_size": ctx.parallel_layout.ulysses,
-                 "engine": "tiny random weights (demo)" if args.preset == "tiny" else "MultiTalk 14B",
-                 "default_preset": info.default_preset}  # fmt: skip
+    info_dict = page_facts(args, info)
     ui_info = info.engine_status
 
     def page_info() -> dict[str, Any]:  # the page's header shows each replica group's state
@@ -275,6 +268,21 @@ def serve_rank0(args: argparse.Namespace, runtime, defaults: dict[str, Any], sto
         server.should_exit = True
         web.join(timeout=5)
     monitor.stopped("shut down")
+
+
+def web_limits(
+    args: argparse.Namespace, voices: Iterable[str], defaults: dict[str, Any], lora: Any
+) -> Limits:
+    """What a submission may carry (upload size, installed voices) and the defaults it gets."""
+    return Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), installed_voices=frozenset(voices),
+                  job_defaults=defaults, lora=lora)  # fmt: skip
+
+
+def page_facts(args: argparse.Namespace, info: ServiceInfo) -> dict[str, Any]:
+    """The page header's fixed facts (model, layout, engine, default preset)."""
+    return {"model": args.preset, "world_size": info.world_size, "ulysses_size": info.ulysses_size,
+            "engine": "tiny random weights (demo)" if args.preset == "tiny" else "MultiTalk 14B",
+            "default_preset": info.default_preset}  # fmt: skip
 
 
 def start_web(

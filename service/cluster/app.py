@@ -42,12 +42,14 @@ from distributed_app import (  # noqa: E402
     check_flags,
     job_defaults,
     open_store,
+    page_facts,
     runtime_options,
     start_web,
+    web_limits,
 )
 from inference.cluster.connect import ClusterError, RayOptions, connect, disconnect  # noqa: E402
 from inference.cluster.gang import GangError, GangShape  # noqa: E402
-from inference.render.intake import Limits, default_preset  # noqa: E402
+from inference.render.intake import default_preset  # noqa: E402
 from inference.render.worker import StartupError, setup_logging  # noqa: E402
 from service.api import ServiceInfo  # noqa: E402
 from service.cluster.member import MemberSpec  # noqa: E402
@@ -121,8 +123,7 @@ def serve_head(args: argparse.Namespace, pool: ClusterPool, store: Any, defaults
     """The web on a thread; the main thread waits for SIGTERM/SIGINT, then stops the groups and the web."""
     learn_from_history(store, pool.monitor)
     lora = facts["lora"]
-    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), installed_voices=frozenset(facts["voices"]),
-                    job_defaults=defaults, lora=lora)  # fmt: skip
+    limits = web_limits(args, facts["voices"], defaults, lora)
     previews = PreviewPool(tts_preview_via(pool))
     groups = lambda: [s.gang.group.to_json() for s in pool.slots() if s.gang is not None]  # noqa: E731
     info = ServiceInfo(
@@ -151,9 +152,7 @@ def serve_head(args: argparse.Namespace, pool: ClusterPool, store: Any, defaults
         lora=lora,
         default_preset=default_preset(lora),
     )
-    ui_info = {"model": args.preset, "world_size": info.world_size, "ulysses_size": info.ulysses_size,
-               "engine": "tiny random weights (demo)" if args.preset == "tiny" else "MultiTalk 14B",
-               "default_preset": info.default_preset}  # fmt: skip
+    ui_info = page_facts(args, info)
     server, web = start_web(args, store, info, limits, previews, lambda: {**ui_info, **pool.monitor.speed()})
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda signum, _f: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
