@@ -273,11 +273,6 @@ class BlockStreamer:
             h.remove()
         self._handles.clear()
 
-    @property
-    def host_bytes(self) -> int:
-        copies = [*self._copies.values(), *([self._root] if self._root is not None else [])]
-        return sum(c.nbytes for c in copies)
-
     def _prefetch(self, i: int) -> None:
         if i in self._pending:
             return
