@@ -514,3 +514,27 @@ def test_scene_from_a_reduced_copy_keeps_the_originals_geometry(tmp_path):
         ).mean()
         > 20
     )
+
+
+def test_one_person_image_is_decoded_at_a_working_size_with_the_original_geometry() -> None:
+    import io
+
+    from inference.scene.images import PORTRAIT_SHORT_SIDE
+    from inference.scene.single import single_scene
+
+    big = Image.new(
+        "RGB", (2 * PORTRAIT_SHORT_SIDE + 512, 3 * PORTRAIT_SHORT_SIDE)
+    )  # 4.6k x 6.1k, under 40 MP
+    big.paste((200, 40, 40), (0, 0, big.width // 2, big.height))  # left half red, right half black
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    from_bytes = single_scene(buf.getvalue(), size=480)
+    from_image = single_scene(big, size=480)  # a decoded image takes the same path
+    assert from_bytes.bucket == from_image.bucket == (from_bytes.image.height, from_bytes.image.width)
+    assert from_bytes.boxes == ((0, 0, *from_bytes.bucket),)
+    a = np.asarray(from_bytes.image, dtype=np.int16)
+    b = np.asarray(from_image.image, dtype=np.int16)
+    assert np.abs(a - b).max() <= 2
+    # The red/black edge sits where the original's crop puts it (reduced copy, same geometry).
+    row = a[a.shape[0] // 2, :, 0]
+    assert row[: a.shape[1] // 2 - 2].min() > 150 and row[a.shape[1] // 2 + 2 :].max() < 50

@@ -24,6 +24,7 @@ from inference.scene.compose import (
     latent_masks_from,
     render_overlay,
 )
+from inference.scene.images import PORTRAIT_SHORT_SIDE, _cover_crop_reduced, image_size
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +43,19 @@ def single_scene(
     """
     size = _check_size(size)
     clean = _check_name(name)
-    src = _as_rgb_image(image, field)
-    bucket = nearest_bucket(src.height, src.width, size)
-    scene_img = resize_and_center_crop(src, bucket)
+    # Decoded at a working size like the portraits; the bucket and the crop follow the original's geometry.
+    w0, h0 = image.size if isinstance(image, Image.Image) else image_size(image, field)
+    src = _as_rgb_image(image, field, min_short_side=PORTRAIT_SHORT_SIDE)
+    bucket = nearest_bucket(h0, w0, size)
+    if src.size == (w0, h0):
+        scene_img = resize_and_center_crop(src, bucket)
+    else:
+        scene_img = _cover_crop_reduced(src, (h0, w0), bucket)
     h, w = bucket
     masks = np.zeros((3, h, w), dtype=np.uint8)
     masks[0] = 1
     box = (0, 0, h, w)
-    logger.info("one-person scene %dx%d from an image of %dx%d", w, h, src.width, src.height)
+    logger.info("one-person scene %dx%d from an image of %dx%d", w, h, w0, h0)
     return Scene(
         image=scene_img,
         bucket=bucket,
